@@ -1,0 +1,200 @@
+//! Command-line flags and their environment variables, for both servers.
+//!
+//! Owns: every flag's name, default, environment variable and parsing (durations, sizes,
+//! Redis URLs), so a bad value is refused by clap with exit code 2 before anything starts.
+//! Must not: open sockets, talk to Redis or read files; it only describes what to do.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+
+/// Flags shared by `lightrelay-publish` and `lightrelay-subscribe`, defined once and
+/// flattened into both.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Redis to use: redis://[user:pass@]host:port[/db], or rediss:// for TLS.
+    #[arg(long, env = "LIGHTRELAY_REDIS_URL", default_value = "redis://127.0.0.1:6379",
+          value_parser = parse_redis_url)]
+    pub redis_url: RedisUrl,
+
+    /// How long publishing may wait for an unreachable Redis before the client is closed
+    /// with 1013.
+    #[arg(long, env = "LIGHTRELAY_REDIS_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Prepended to the request path to name the Redis channel.
+    #[arg(long, env = "LIGHTRELAY_CHANNEL_PREFIX", default_value = "lightlevel")]
+    pub channel_prefix: String,
+
+    /// Longest accepted request path, in bytes (longer: HTTP 400).
+    #[arg(long, env = "LIGHTRELAY_MAX_PATH_BYTES", default_value_t = 256)]
+    pub max_path_bytes: usize,
+
+    /// Largest WebSocket message or POST body, in bytes (also 64KiB, 1MiB). Larger: close 1009 / HTTP 413.
+    #[arg(long, env = "LIGHTRELAY_MAX_MESSAGE_BYTES", default_value = "1MiB", value_parser = parse_size)]
+    pub max_message_bytes: usize,
+
+    /// Interval between WebSocket pings to each client, and between health PINGs to Redis.
+    #[arg(long, env = "LIGHTRELAY_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A client silent for this long (no frame, no pong) is closed.
+    #[arg(long, env = "LIGHTRELAY_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// A connection that has not finished its HTTP request or WebSocket handshake by then is dropped.
+    #[arg(long, env = "LIGHTRELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most WebSocket clients at once; past it, upgrades are answered 503.
+    #[arg(long, env = "LIGHTRELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Publishes in flight per client before the server stops reading from it (back-pressure).
+    #[arg(long, env = "LIGHTRELAY_PUBLISH_WINDOW", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub publish_window: u32,
+
+    /// Redis connections used for PUBLISH (each client sticks to one, keeping its order).
+    #[arg(long, env = "LIGHTRELAY_REDIS_CONNECTIONS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub redis_connections: u32,
+
+    /// How long SIGTERM/SIGINT waits for clients to be closed and publishes to finish.
+    #[arg(long, env = "LIGHTRELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log format on stderr (the filter comes from RUST_LOG, default info).
+    #[arg(long, env = "LIGHTRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `lightrelay-publish`: WebSocket and HTTP POST in, Redis PUBLISH out.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "lightrelay-publish", version, about)]
+pub struct PublishArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LIGHTRELAY_LISTEN", default_value = "127.0.0.1:8765")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `lightrelay-subscribe`: Redis SUBSCRIBE in, WebSocket out.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "lightrelay-subscribe", version, about)]
+pub struct SubscribeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LIGHTRELAY_LISTEN", default_value = "127.0.0.1:8767")]
+    pub listen: SocketAddr,
+
+    /// Messages a client may fall behind before --slow-consumer applies.
+    #[arg(long, env = "LIGHTRELAY_CLIENT_QUEUE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub client_queue: u32,
+
+    /// What to do with a client whose queue is full: close it (1008) or skip to the newest message.
+    #[arg(long, env = "LIGHTRELAY_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumer::Close)]
+    pub slow_consumer: SlowConsumer,
+
+    /// Publish what subscribers send on their own channel (otherwise it is read and discarded).
+    #[arg(long, env = "LIGHTRELAY_ACCEPT_PUBLISH")]
+    pub accept_publish: bool,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The `--slow-consumer` policy.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowConsumer {
+    /// Close the client with 1008 `slow consumer`.
+    Close,
+    /// Drop its backlog but the newest message, and count what was dropped.
+    Skip,
+}
+
+/// A Redis URL that fred accepted, kept with its text for logs (password hidden).
+#[derive(Debug, Clone)]
+pub struct RedisUrl {
+    pub config: fred::types::config::Config,
+    pub display: String,
+}
+
+fn parse_redis_url(s: &str) -> Result<RedisUrl, String> {
+    if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+        return Err("expected redis://[user:pass@]host:port[/db] or rediss://…".into());
+    }
+    let config = fred::types::config::Config::from_url(s).map_err(|e| e.details().to_string())?;
+    let display = match (s.find("://"), s.rfind('@')) {
+        (Some(scheme), Some(at)) => format!("{}://***{}", &s[..scheme], &s[at..]),
+        _ => s.to_string(),
+    };
+    Ok(RedisUrl { config, display })
+}
+
+/// Seconds (`30`) or a number with a unit (`30s`, `500ms`, `2m`, `1h`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use 30, 30s, 500ms, 2m)"))
+}
+
+/// Bytes (`1048576`) or with a binary unit (`64KiB`, `1MiB`; `K`/`M` mean the same).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (use 1048576, 64KiB, 1MiB)"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "k" | "KiB" | "KB" | "kB" => 1024,
+        "M" | "MiB" | "MB" => 1024 * 1024,
+        other => return Err(format!("unknown size unit '{other}' (use KiB or MiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_bare_seconds_and_units() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn sizes_accept_bytes_and_binary_units() {
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        assert!(parse_size("1GiB").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn redis_urls_hide_passwords_and_refuse_other_schemes() {
+        let url = parse_redis_url("redis://user:secret@127.0.0.1:6380/2").unwrap();
+        assert!(!url.display.contains("secret"));
+        assert!(parse_redis_url("http://127.0.0.1").is_err());
+        assert!(parse_redis_url("redis://127.0.0.1:notaport").is_err());
+    }
+}

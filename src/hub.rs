@@ -1,0 +1,255 @@
+//! The hub: which clients of this process listen to which Redis channel (SPEC §4).
+//!
+//! Owns: the map topic → subscribers, the one Redis subscription per topic per process
+//! (first client in SUBSCRIBEs, last one out UNSUBSCRIBEs), and fan-out: a message from Redis
+//! becomes one frame, built once, pushed to every subscriber's [`Outbox`].
+//!
+//! Invariants:
+//! - The hub's lock is a plain mutex, never held across an await. Joining and leaving only
+//!   mark a topic *dirty*; a single reconciler task compares "has subscribers" with "is
+//!   subscribed in Redis" and issues SUBSCRIBE/UNSUBSCRIBE one at a time. A client that joins
+//!   while an UNSUBSCRIBE of its topic is in flight marks it dirty again, so the reconciler
+//!   subscribes it right after: it always ends up subscribed.
+//! - Messages are read from fred's broadcast channel as fast as they come; when the hub falls
+//!   behind, fred overwrites the oldest and the loss is counted (`redis_lagged`), never silent,
+//!   and the loop goes on.
+//!
+//! Must not: write to sockets or block on a client; a slow client only fills its own outbox.
+//! Room left: `Topic` is where pattern (PSUBSCRIBE) and sharded (SSUBSCRIBE) topics go.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::SubscriberClient;
+use fred::interfaces::{EventInterface, PubsubInterface};
+use fred::types::Value;
+use slab::Slab;
+use tokio::sync::{broadcast::error::RecvError, Notify};
+use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::ChannelName;
+use crate::metrics::{DropReason, Metrics};
+use crate::outbox::{Outbox, Pushed};
+
+/// What a client listens to. Today a plain channel; patterns and shard channels come later.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Channel(ChannelName),
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    dirty: Notify,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct State {
+    topics: HashMap<Topic, Slab<Arc<Outbox>>>,
+    dirty: HashSet<Topic>,
+}
+
+/// A client's place in the hub; leaving is dropping it.
+pub struct Membership {
+    hub: Arc<Hub>,
+    topic: Topic,
+    key: usize,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.hub.leave(&self.topic, self.key);
+    }
+}
+
+impl Hub {
+    pub fn new(metrics: Metrics) -> Arc<Self> {
+        Arc::new(Hub {
+            state: Mutex::new(State::default()),
+            dirty: Notify::new(),
+            metrics,
+        })
+    }
+
+    /// Add a client to a topic; the topic is subscribed in Redis if it was not already.
+    pub fn join(self: &Arc<Self>, topic: Topic, outbox: Arc<Outbox>) -> Membership {
+        let mut state = self.lock();
+        let subscribers = state.topics.entry(topic.clone()).or_default();
+        let key = subscribers.insert(outbox);
+        if subscribers.len() == 1 {
+            state.dirty.insert(topic.clone());
+            drop(state);
+            self.dirty.notify_one();
+        }
+        Membership {
+            hub: Arc::clone(self),
+            topic,
+            key,
+        }
+    }
+
+    fn leave(&self, topic: &Topic, key: usize) {
+        let mut state = self.lock();
+        let Some(subscribers) = state.topics.get_mut(topic) else {
+            return;
+        };
+        subscribers.try_remove(key);
+        if subscribers.is_empty() {
+            state.topics.remove(topic);
+            state.dirty.insert(topic.clone());
+            drop(state);
+            self.dirty.notify_one();
+        }
+    }
+
+    /// Push one message to every subscriber of `topic`. Returns how many received it.
+    pub fn publish_local(&self, topic: &Topic, frame: Message) -> usize {
+        let state = self.lock();
+        let Some(subscribers) = state.topics.get(topic) else {
+            return 0;
+        };
+        let (mut skipped, mut discarded) = (0, 0);
+        for (_, outbox) in subscribers.iter() {
+            match outbox.push(frame.clone()) {
+                Pushed::Queued | Pushed::Closed => {}
+                Pushed::Skipped(n) => skipped += n,
+                Pushed::Overflowed(n) => discarded += n + 1,
+            }
+        }
+        let n = subscribers.len();
+        drop(state);
+        self.metrics
+            .dropped(DropReason::SlowConsumerSkip, skipped as u64);
+        self.metrics
+            .dropped(DropReason::SlowConsumerClose, discarded as u64);
+        n
+    }
+
+    /// (topics, queued messages, queued bytes) across every client, for `/metrics`.
+    pub fn stats(&self) -> (usize, usize, usize) {
+        let state = self.lock();
+        let (mut messages, mut bytes) = (0, 0);
+        for subscribers in state.topics.values() {
+            for (_, outbox) in subscribers.iter() {
+                let (m, b) = outbox.queued();
+                messages += m;
+                bytes += b;
+            }
+        }
+        (state.topics.len(), messages, bytes)
+    }
+
+    /// Run the hub against Redis until shutdown: the reconciler and the message reader.
+    pub async fn run(self: Arc<Self>, redis: SubscriberClient, shutdown: CancellationToken) {
+        let reader = self.clone().read_messages(redis.clone());
+        let reconciler = self.reconcile(redis);
+        tokio::select! {
+            () = reader => {},
+            () = reconciler => {},
+            () = shutdown.cancelled() => {},
+        }
+    }
+
+    async fn read_messages(self: Arc<Self>, redis: SubscriberClient) {
+        let mut messages = redis.message_rx();
+        loop {
+            match messages.recv().await {
+                Ok(message) => {
+                    let Some(frame) = frame_of(message.value) else {
+                        continue;
+                    };
+                    self.metrics.redis_in.add(1, frame.len() as u64);
+                    let topic =
+                        Topic::Channel(ChannelName::from_redis(message.channel.into_inner()));
+                    self.publish_local(&topic, frame);
+                }
+                Err(RecvError::Lagged(n)) => {
+                    self.metrics.dropped(DropReason::RedisLagged, n);
+                    tracing::warn!(lost = n, "hub fell behind Redis; messages were dropped");
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Bring Redis subscriptions in line with the hub, one command at a time.
+    async fn reconcile(&self, redis: SubscriberClient) {
+        let mut subscribed: HashSet<Topic> = HashSet::new();
+        loop {
+            let work: Vec<(Topic, bool)> = {
+                let mut state = self.lock();
+                let dirty: Vec<Topic> = state.dirty.drain().collect();
+                dirty
+                    .into_iter()
+                    .map(|t| {
+                        let wanted = state.topics.contains_key(&t);
+                        (t, wanted)
+                    })
+                    .filter(|(t, wanted)| *wanted != subscribed.contains(t))
+                    .collect()
+            };
+            if work.is_empty() {
+                self.metrics.channels.set(subscribed.len() as i64);
+                self.dirty.notified().await;
+                continue;
+            }
+            let (joins, leaves): (Vec<_>, Vec<_>) =
+                work.into_iter().partition(|(_, wanted)| *wanted);
+            let joins: Vec<Topic> = joins.into_iter().map(|(t, _)| t).collect();
+            let leaves: Vec<Topic> = leaves.into_iter().map(|(t, _)| t).collect();
+            for (topics, subscribe) in [(joins, true), (leaves, false)] {
+                if topics.is_empty() {
+                    continue;
+                }
+                let names: Vec<Bytes> = topics
+                    .iter()
+                    .map(|Topic::Channel(c)| c.to_bytes())
+                    .collect();
+                let names: Vec<fred::types::Key> = names.into_iter().map(Into::into).collect();
+                let result = if subscribe {
+                    redis.subscribe(names).await
+                } else {
+                    redis.unsubscribe(names).await
+                };
+                match result {
+                    Ok(()) => {
+                        for t in topics {
+                            if subscribe {
+                                subscribed.insert(t);
+                            } else {
+                                subscribed.remove(&t);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, subscribe, "Redis (un)subscribe failed; will retry");
+                        self.lock().dirty.extend(topics);
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+            }
+            self.metrics.channels.set(subscribed.len() as i64);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update under this lock is a single insert/remove; a poisoned lock is consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One frame per message: text when the payload is valid UTF-8, binary otherwise.
+fn frame_of(value: Value) -> Option<Message> {
+    match value {
+        // Checked once per message here, then shared by every subscriber.
+        Value::String(s) => Some(match Utf8Bytes::try_from(s.into_inner()) {
+            Ok(text) => Message::Text(text),
+            Err(_) => return None,
+        }),
+        Value::Bytes(b) => Some(Message::Binary(b)),
+        other => other.into_bytes().map(Message::Binary),
+    }
+}

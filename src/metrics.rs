@@ -1,0 +1,217 @@
+//! Prometheus metrics: one registry per server process, rendered by `GET /metrics`.
+//!
+//! Owns: metric names, help texts, label values and the handles the hot paths increment.
+//! Must not: compute anything on the message path beyond an atomic add per batch; gauges
+//! that need a walk over the hub (queued messages and bytes) are filled in at scrape time.
+//!
+//! Directions of `lightrelay_messages_total` and `lightrelay_bytes_total`: `ws_in` (messages
+//! read from WebSocket clients and POST bodies), `redis_out` (PUBLISHes Redis accepted),
+//! `redis_in` (messages received on subscriptions), `ws_out` (frames written to clients).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// Why a message did not reach a client or Redis. Every loss has one of these reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// `--slow-consumer skip` dropped a client's backlog.
+    SlowConsumerSkip,
+    /// `--slow-consumer close` discarded the queue of the client it closed.
+    SlowConsumerClose,
+    /// The Redis reader outran the hub; fred's broadcast buffer overwrote messages.
+    RedisLagged,
+    /// A publish was abandoned (Redis unreachable past --redis-timeout, or an error).
+    PublishFailed,
+}
+
+impl DropReason {
+    fn label(self) -> &'static str {
+        match self {
+            DropReason::SlowConsumerSkip => "slow_consumer_skip",
+            DropReason::SlowConsumerClose => "slow_consumer_close",
+            DropReason::RedisLagged => "redis_lagged",
+            DropReason::PublishFailed => "publish_failed",
+        }
+    }
+}
+
+/// Messages and their payload bytes in one direction.
+#[derive(Clone)]
+pub struct Flow {
+    messages: Counter,
+    bytes: Counter,
+}
+
+impl Flow {
+    fn new(
+        messages: &Family<Labels, Counter>,
+        bytes: &Family<Labels, Counter>,
+        direction: &'static str,
+    ) -> Self {
+        Flow {
+            messages: messages.get_or_create(&[("direction", direction)]).clone(),
+            bytes: bytes.get_or_create(&[("direction", direction)]).clone(),
+        }
+    }
+
+    pub fn add(&self, messages: u64, bytes: u64) {
+        self.messages.inc_by(messages);
+        self.bytes.inc_by(bytes);
+    }
+}
+
+/// The handles every part of a server increments. Cloning is cheap (all are `Arc`s).
+#[derive(Clone)]
+pub struct Metrics {
+    pub connections: Gauge,
+    pub ws_in: Flow,
+    pub ws_out: Flow,
+    pub redis_in: Flow,
+    pub redis_out: Flow,
+    dropped: Family<Labels, Counter>,
+    refused: Family<Labels, Counter>,
+    closed: Family<Labels, Counter>,
+    pub redis_up: Gauge,
+    pub publish_latency: Histogram,
+    pub channels: Gauge,
+    pub queued_messages: Gauge,
+    pub queued_bytes: Gauge,
+    registry: std::sync::Arc<Registry>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let connections = Gauge::default();
+        let messages = Family::<Labels, Counter>::default();
+        let bytes = Family::<Labels, Counter>::default();
+        let dropped = Family::<Labels, Counter>::default();
+        let refused = Family::<Labels, Counter>::default();
+        let closed = Family::<Labels, Counter>::default();
+        let redis_up = Gauge::default();
+        let publish_latency = Histogram::new(exponential_buckets(0.000_1, 2.0, 17));
+        let channels = Gauge::default();
+        let queued_messages = Gauge::default();
+        let queued_bytes = Gauge::default();
+
+        registry.register(
+            "lightrelay_connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
+        registry.register(
+            "lightrelay_messages",
+            "Messages relayed, by direction",
+            messages.clone(),
+        );
+        registry.register(
+            "lightrelay_bytes",
+            "Payload bytes relayed, by direction",
+            bytes.clone(),
+        );
+        registry.register(
+            "lightrelay_dropped",
+            "Messages that did not reach their destination, by reason",
+            dropped.clone(),
+        );
+        registry.register(
+            "lightrelay_refused",
+            "Requests refused before the upgrade, by reason",
+            refused.clone(),
+        );
+        registry.register(
+            "lightrelay_closed",
+            "WebSocket connections closed, by close reason",
+            closed.clone(),
+        );
+        registry.register(
+            "lightrelay_redis_up",
+            "1 while Redis answers on every connection this server uses",
+            redis_up.clone(),
+        );
+        registry.register(
+            "lightrelay_publish_latency_seconds",
+            "From a message read off a client to Redis accepting its PUBLISH",
+            publish_latency.clone(),
+        );
+        registry.register(
+            "lightrelay_channels",
+            "Channels this process is subscribed to",
+            channels.clone(),
+        );
+        registry.register(
+            "lightrelay_queued_messages",
+            "Messages waiting in client queues",
+            queued_messages.clone(),
+        );
+        registry.register(
+            "lightrelay_queued_bytes",
+            "Payload bytes waiting in client queues",
+            queued_bytes.clone(),
+        );
+
+        // Created up front so every series shows from the first scrape, at zero.
+        for reason in [
+            DropReason::SlowConsumerSkip,
+            DropReason::SlowConsumerClose,
+            DropReason::RedisLagged,
+            DropReason::PublishFailed,
+        ] {
+            let _ = dropped.get_or_create(&[("reason", reason.label())]);
+        }
+        Metrics {
+            connections,
+            ws_in: Flow::new(&messages, &bytes, "ws_in"),
+            ws_out: Flow::new(&messages, &bytes, "ws_out"),
+            redis_in: Flow::new(&messages, &bytes, "redis_in"),
+            redis_out: Flow::new(&messages, &bytes, "redis_out"),
+            dropped,
+            refused,
+            closed,
+            redis_up,
+            publish_latency,
+            channels,
+            queued_messages,
+            queued_bytes,
+            registry: std::sync::Arc::new(registry),
+        }
+    }
+
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        if n > 0 {
+            self.dropped
+                .get_or_create(&[("reason", reason.label())])
+                .inc_by(n);
+        }
+    }
+
+    /// A request refused before the upgrade (`bad_path`, `over_capacity`, …).
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// A WebSocket connection ended (`client`, `going_away`, `slow_consumer`, …).
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
