@@ -1,0 +1,466 @@
+//! Real parts for the contract tests: a private `redis-server` per test on a free loopback
+//! port (killable and restartable on the same port), our servers started as the built
+//! binaries, a WebSocket client, a plain Redis client, and a minimal HTTP client.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long any wait in a test may last before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private redis-server on 127.0.0.1, killed when dropped.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "lightrelay-test-redis-{port}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Redis {
+            port,
+            child: None,
+            dir,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (bin/test installs it)");
+        self.child = Some(child);
+        wait_for_port(self.port).await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: Redis vanishes with every connection and subscription.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same port, empty.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// A plain client, as redis-cli would be.
+    pub async fn client(&self) -> Client {
+        let config = Config::from_url(&self.url()).unwrap();
+        let client = Builder::from_config(config).build().unwrap();
+        client.init().await.unwrap();
+        client
+    }
+
+    /// A plain subscriber on `channel`: what `redis-cli SUBSCRIBE` would see.
+    pub async fn subscribe(&self, channel: &str) -> RedisWatcher {
+        let config = Config::from_url(&self.url()).unwrap();
+        let client = Builder::from_config(config)
+            .build_subscriber_client()
+            .unwrap();
+        client.init().await.unwrap();
+        let rx = client.message_rx();
+        client.subscribe(channel).await.unwrap();
+        RedisWatcher {
+            _client: client,
+            rx,
+        }
+    }
+
+    /// PUBSUB NUMSUB for one channel.
+    pub async fn numsub(&self, channel: &str) -> i64 {
+        let client = self.client().await;
+        let counts: Vec<Value> = client.pubsub_numsub(channel).await.unwrap();
+        let n = counts.get(1).and_then(|v| v.as_i64()).unwrap_or(0);
+        let _ = client.quit().await;
+        n
+    }
+
+    /// Wait until `channel` has exactly `n` Redis subscribers.
+    pub async fn wait_numsub(&self, channel: &str, n: i64) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let now = self.numsub(channel).await;
+            if now == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "NUMSUB {channel} stayed {now}, expected {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn publish(&self, channel: &str, payload: impl Into<Bytes>) -> i64 {
+        let client = self.client().await;
+        let n: i64 = client.publish(channel, payload.into()).await.unwrap();
+        let _ = client.quit().await;
+        n
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct RedisWatcher {
+    _client: SubscriberClient,
+    rx: tokio::sync::broadcast::Receiver<fred::types::Message>,
+}
+
+impl RedisWatcher {
+    /// The next payload published on the channel, as bytes.
+    pub async fn next(&mut self) -> Bytes {
+        let message = tokio::time::timeout(PATIENCE, self.rx.recv())
+            .await
+            .expect("no message on Redis")
+            .unwrap();
+        match message.value {
+            Value::String(s) => s.into_inner(),
+            Value::Bytes(b) => b,
+            other => panic!("unexpected payload {other:?}"),
+        }
+    }
+}
+
+pub async fn wait_for_port(port: u16) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listens on port {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One of our servers, started from the built binary; SIGKILLed when dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+pub enum Kind {
+    Publish,
+    Subscribe,
+}
+
+impl Server {
+    pub async fn start(kind: Kind, redis_url: &str, extra: &[&str]) -> Server {
+        Self::start_with_env(kind, redis_url, extra, &[]).await
+    }
+
+    pub async fn start_with_env(
+        kind: Kind,
+        redis_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = server_command(kind)
+            .args(["--listen", &addr.to_string(), "--redis-url", redis_url])
+            .args(extra)
+            .envs(env.iter().copied())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()
+            .unwrap();
+        wait_for_port(port).await;
+        let server = Server { addr, child };
+        server.wait_healthy().await;
+        server
+    }
+
+    /// Start without waiting for Redis (for tests where Redis is down at start-up).
+    pub async fn start_unhealthy(kind: Kind, redis_url: &str, extra: &[&str]) -> Server {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = server_command(kind)
+            .args(["--listen", &addr.to_string(), "--redis-url", redis_url])
+            .args(extra)
+            .spawn()
+            .unwrap();
+        wait_for_port(port).await;
+        Server { addr, child }
+    }
+
+    pub fn ws(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    pub async fn wait_healthy(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if http(self.addr, "GET", "/healthz", &[], b"").await.0 == 200 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server never became healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The value of one metric line, e.g. `lightrelay_channels` or
+    /// `lightrelay_dropped_total{reason="slow_consumer_skip"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (status, body) = http(self.addr, "GET", "/metrics", &[], b"").await;
+        assert_eq!(status, 200);
+        let body = String::from_utf8(body).unwrap();
+        body.lines()
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .unwrap_or_else(|| panic!("no series {series} in:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Wait until a metric satisfies `ok`.
+    pub async fn wait_metric(&self, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let value = self.metric(series).await;
+            if ok(value) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} stayed at {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send a signal to this server (only ever to the process we started).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait for the process to exit and return its exit code.
+    pub async fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn server_command(kind: Kind) -> Command {
+    Command::new(match kind {
+        Kind::Publish => env!("CARGO_BIN_EXE_lightrelay-publish"),
+        Kind::Subscribe => env!("CARGO_BIN_EXE_lightrelay-subscribe"),
+    })
+}
+
+pub async fn connect(url: &str) -> Ws {
+    let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap()
+        .unwrap();
+    ws
+}
+
+/// Connect offering the `lightrelay.ack` subprotocol; asserts the server selected it.
+pub async fn connect_ack(url: &str) -> Ws {
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "lightrelay.ack".parse().unwrap());
+    let (ws, response) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        response.headers().get("Sec-WebSocket-Protocol").unwrap(),
+        "lightrelay.ack"
+    );
+    ws
+}
+
+/// The next data or close frame (pings and pongs are skipped).
+pub async fn next_frame(ws: &mut Ws) -> Message {
+    loop {
+        let frame = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("connection ended without a close frame")
+            .expect("websocket error");
+        if !matches!(frame, Message::Ping(_) | Message::Pong(_)) {
+            return frame;
+        }
+    }
+}
+
+pub async fn next_text(ws: &mut Ws) -> String {
+    match next_frame(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+/// Read until the close frame and return it.
+pub async fn close_frame(ws: &mut Ws) -> CloseFrame {
+    loop {
+        match next_frame(ws).await {
+            Message::Close(Some(frame)) => return frame,
+            Message::Close(None) => panic!("close frame without a code"),
+            _ => {}
+        }
+    }
+}
+
+pub async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+}
+
+/// A minimal HTTP/1.1 request; returns (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body_at = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |i| i + 4);
+    (status, response[body_at..].to_vec())
+}
+
+/// An upgrade request sent by hand, to see refusals that come before the upgrade.
+pub async fn upgrade_status(addr: SocketAddr, target: &str) -> (u16, String) {
+    let headers = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
