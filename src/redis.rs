@@ -23,9 +23,11 @@ use crate::config::CommonArgs;
 use crate::metrics::Metrics;
 
 /// How many messages fred may hold for the hub before it overwrites the oldest (counted as
-/// `redis_lagged`). fred's default of 32 loses messages in any burst; each slot costs about
-/// 200 bytes, so 16,384 is ~3 MiB of headroom for a process.
-const MESSAGE_BUFFER: usize = 16_384;
+/// `redis_lagged`). fred's default of 32 loses messages in any burst. fred allocates every
+/// one of a client's event channels (messages, errors, reconnects, keyspace, …) at this size,
+/// about 150 bytes a slot, so it is set on the subscriber only: 4,096 costs ~4 MiB there
+/// (16,384 on all three clients cost 36 MiB of RSS at idle).
+const MESSAGE_BUFFER: usize = 4_096;
 
 fn builder(args: &CommonArgs) -> Builder {
     let mut config = args.redis_url.config.clone();
@@ -34,7 +36,6 @@ fn builder(args: &CommonArgs) -> Builder {
     let mut builder = Builder::from_config(config);
     builder
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-        .with_performance_config(|perf| perf.broadcast_channel_capacity = MESSAGE_BUFFER)
         .with_connection_config(|conn| {
             conn.connection_timeout = Duration::from_secs(5);
             // Retries are bounded by --redis-timeout in the publish window, not by a count.
@@ -58,7 +59,9 @@ pub fn connect_publisher(args: &CommonArgs) -> Result<Pool, fred::error::Error> 
 /// The SUBSCRIBE connection, connecting in the background and re-subscribing every tracked
 /// channel after each reconnect.
 pub fn connect_subscriber(args: &CommonArgs) -> Result<SubscriberClient, fred::error::Error> {
-    let client = builder(args).build_subscriber_client()?;
+    let client = builder(args)
+        .with_performance_config(|perf| perf.broadcast_channel_capacity = MESSAGE_BUFFER)
+        .build_subscriber_client()?;
     client.connect();
     client.manage_subscriptions();
     Ok(client)
