@@ -18,6 +18,7 @@
 //! [`metrics`], [`shutdown`], [`telemetry`]. `ARCHITECTURE.md` is the longer map.
 
 pub mod channel;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod hub;

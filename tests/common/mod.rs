@@ -107,7 +107,9 @@ impl Redis {
     /// A plain subscriber on `channel`: what `redis-cli SUBSCRIBE` would see.
     pub async fn subscribe(&self, channel: &str) -> RedisWatcher {
         let config = Config::from_url(&self.url()).unwrap();
+        // fred's default broadcast buffer (32) would lose messages in any burst.
         let client = Builder::from_config(config)
+            .with_performance_config(|perf| perf.broadcast_channel_capacity = 1 << 16)
             .build_subscriber_client()
             .unwrap();
         client.init().await.unwrap();
@@ -225,6 +227,23 @@ impl Server {
             .spawn()
             .unwrap();
         wait_for_port(port).await;
+        let server = Server { addr, child };
+        server.wait_healthy().await;
+        server
+    }
+
+    /// Start on a chosen address (to restart a server where its clients expect it).
+    pub async fn start_at(kind: Kind, addr: SocketAddr, redis_url: &str, extra: &[&str]) -> Server {
+        let child = server_command(kind)
+            .args(["--listen", &addr.to_string(), "--redis-url", redis_url])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()
+            .unwrap();
+        wait_for_port(addr.port()).await;
         let server = Server { addr, child };
         server.wait_healthy().await;
         server

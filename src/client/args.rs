@@ -1,0 +1,83 @@
+//! The client's flags. Owns: parsing and validating them (bad ones exit 2 through clap).
+//! Must not: connect or read input.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  sensor-reader | lightrelay pub ws://127.0.0.1:8765/office
+  lightrelay pub wss://relay.example/publish/cam --binary still-*.jpg
+  lightrelay sub ws://127.0.0.1:8767/office
+  lightrelay sub --count 1 --raw wss://relay.example/subscribe/cam > frame.jpg
+
+Exit codes: 0 done, 1 failure, 2 bad usage, 130 interrupted (Ctrl-C).";
+
+/// The lightrelay client: publish to and subscribe from a lightrelay server.
+#[derive(Parser, Debug)]
+#[command(name = "lightrelay", version, about, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Also trust the certificates in this PEM file (a self-signed relay) for wss://.
+    #[arg(long, global = true, env = "LIGHTRELAY_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Publish each line of standard input (or each --binary file) as one message; resend
+    /// what was not acknowledged after a reconnect; exit 0 once everything was acknowledged.
+    Pub(PubArgs),
+    /// Print each message on its own line (binary as base64 unless --raw).
+    Sub(SubArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PubArgs {
+    /// The publish URL: ws://host:port/path or wss://…
+    #[arg(value_parser = parse_url)]
+    pub url: String,
+
+    /// Messages kept while disconnected; beyond that the oldest are dropped (and counted on stderr).
+    #[arg(long, env = "LIGHTRELAY_BUFFER", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub buffer: u32,
+
+    /// Send these files, each as one binary message, instead of reading standard input.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub binary: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SubArgs {
+    /// The subscribe URL: ws://host:port/path or wss://…
+    #[arg(value_parser = parse_url)]
+    pub url: String,
+
+    /// Stop after this many messages.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Exit when the connection ends instead of reconnecting.
+    #[arg(long)]
+    pub once: bool,
+
+    /// Write binary payloads as they are (no base64, no newline); text lines keep their newline.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+fn parse_url(s: &str) -> Result<String, String> {
+    let uri: hyper::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("ws") | Some("wss") => {}
+        _ => return Err("the URL must start with ws:// or wss://".into()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("the URL has no host".into());
+    }
+    Ok(s.to_string())
+}

@@ -1,0 +1,50 @@
+//! The `lightrelay` client: `pub` (stdin or files → acknowledged publishing) and `sub`
+//! (messages → stdout), over `ws://` or `wss://` (SPEC §6).
+//!
+//! Owns: the client's flags ([`args`]), connecting with TLS and back-off ([`connect`]), the
+//! resend-until-acknowledged publisher ([`publisher`]) and the printing subscriber
+//! ([`subscriber`]). Must not: depend on the server modules; it speaks only the wire
+//! protocol (WebSocket + the `lightrelay.ack` subprotocol), like any third-party client.
+//!
+//! Exit codes: 0 done (end of input all acknowledged, `--count` reached, `--once` closed
+//! normally); 1 failure (could not connect with `--once`, unreadable input, a TLS or I/O
+//! error); 2 bad usage; 130 interrupted by Ctrl-C.
+
+pub mod args;
+pub mod connect;
+pub mod publisher;
+pub mod subscriber;
+
+use std::process::ExitCode;
+
+use args::{Cli, Command};
+
+/// Exit code for Ctrl-C, as shells report a process killed by SIGINT.
+pub const INTERRUPTED: u8 = 130;
+
+/// Run the client. This is all `src/bin/lightrelay.rs` calls.
+pub fn main(cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("lightrelay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let tls = match connect::Tls::new(cli.ca.as_deref()) {
+            Ok(tls) => tls,
+            Err(e) => {
+                eprintln!("lightrelay: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match cli.command {
+            Command::Pub(args) => publisher::run(args, tls).await,
+            Command::Sub(args) => subscriber::run(args, tls).await,
+        }
+    })
+}

@@ -1,0 +1,306 @@
+//! `lightrelay pub`: input → acknowledged messages, with nothing lost or duplicated by a
+//! relay restart.
+//!
+//! Owns: the [`Pending`] queue (every message not yet acknowledged, oldest first, at most
+//! `--buffer`), the resend of everything unacknowledged after each reconnect, and the drop
+//! accounting while disconnected. While connected, input is read only when the queue has
+//! room, so back-pressure reaches the producer; while disconnected, input keeps being read
+//! and the oldest messages are dropped past `--buffer` (a sensor should never block), with
+//! the count reported on stderr.
+//! Must not: print anything on stdout.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, BufReader, Stdin};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::args::PubArgs;
+use super::connect::{open, Backoff, Tls, Ws};
+use super::INTERRUPTED;
+
+const ACK_PROTOCOL: &str = "lightrelay.ack";
+
+/// Where messages come from: lines of standard input, or whole files.
+enum Source {
+    Lines {
+        reader: BufReader<Stdin>,
+        line: Vec<u8>,
+        done: bool,
+    },
+    Files(VecDeque<PathBuf>),
+}
+
+impl Source {
+    fn new(binary: Vec<PathBuf>) -> Source {
+        if binary.is_empty() {
+            Source::Lines {
+                reader: BufReader::new(tokio::io::stdin()),
+                line: Vec::new(),
+                done: false,
+            }
+        } else {
+            Source::Files(binary.into())
+        }
+    }
+
+    fn done(&self) -> bool {
+        match self {
+            Source::Lines { done, .. } => *done,
+            Source::Files(paths) => paths.is_empty(),
+        }
+    }
+
+    /// The next message, `None` at the end of input. Cancel-safe: a partly read line stays
+    /// in `line` and a file is only taken off the list once read.
+    async fn next(&mut self) -> io::Result<Option<Message>> {
+        match self {
+            Source::Lines { reader, line, done } => {
+                let n = reader.read_until(b'\n', line).await?;
+                if n == 0 && line.is_empty() {
+                    *done = true;
+                    return Ok(None);
+                }
+                let mut bytes = std::mem::take(line);
+                if bytes.last() == Some(&b'\n') {
+                    bytes.pop();
+                    if bytes.last() == Some(&b'\r') {
+                        bytes.pop();
+                    }
+                }
+                Ok(Some(match String::from_utf8(bytes) {
+                    Ok(text) => Message::text(text),
+                    Err(e) => Message::Binary(Bytes::from(e.into_bytes())),
+                }))
+            }
+            Source::Files(paths) => {
+                let Some(path) = paths.front() else {
+                    return Ok(None);
+                };
+                let data = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+                paths.pop_front();
+                Ok(Some(Message::Binary(Bytes::from(data))))
+            }
+        }
+    }
+}
+
+/// Messages not yet acknowledged, oldest first; the first `sent` went out on this connection.
+struct Pending {
+    messages: VecDeque<Message>,
+    sent: usize,
+    capacity: usize,
+    dropped: u64,
+    dropped_unreported: u64,
+}
+
+impl Pending {
+    fn push(&mut self, message: Message) {
+        if self.messages.len() >= self.capacity {
+            self.messages.pop_front();
+            self.sent = self.sent.saturating_sub(1);
+            self.dropped += 1;
+            self.dropped_unreported += 1;
+        }
+        self.messages.push_back(message);
+    }
+
+    fn report_drops(&mut self) {
+        if self.dropped_unreported > 0 {
+            eprintln!(
+                "lightrelay: dropped the {} oldest messages while disconnected (--buffer {})",
+                self.dropped_unreported, self.capacity
+            );
+            self.dropped_unreported = 0;
+        }
+    }
+}
+
+enum End {
+    /// Input ended and everything was acknowledged.
+    Done,
+    /// The connection was lost; reconnect and resend.
+    Lost(String),
+    Interrupted,
+    Failed(String),
+}
+
+pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
+    let mut source = Source::new(args.binary);
+    let mut pending = Pending {
+        messages: VecDeque::new(),
+        sent: 0,
+        capacity: args.buffer as usize,
+        dropped: 0,
+        dropped_unreported: 0,
+    };
+    let mut backoff = Backoff::default();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+
+    loop {
+        if source.done() && pending.messages.is_empty() {
+            return finish(&mut pending);
+        }
+        let connected = tokio::select! {
+            connected = open(&args.url, Some(ACK_PROTOCOL), &tls) => connected,
+            _ = &mut ctrl_c => return interrupted(&pending),
+        };
+        let problem = match connected {
+            Ok((ws, true)) => {
+                backoff.reset();
+                pending.report_drops();
+                match session(ws, &mut source, &mut pending, &mut ctrl_c).await {
+                    End::Done => return finish(&mut pending),
+                    End::Interrupted => return interrupted(&pending),
+                    End::Failed(e) => {
+                        eprintln!("lightrelay: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                    End::Lost(why) => why,
+                }
+            }
+            Ok((_, false)) => {
+                eprintln!("lightrelay: {} did not accept the {ACK_PROTOCOL} subprotocol: not a lightrelay server?", args.url);
+                return ExitCode::FAILURE;
+            }
+            Err(e) => e,
+        };
+        let wait = backoff.next_wait();
+        eprintln!(
+            "lightrelay: {}: {problem}; {} unacknowledged, retrying in {:.1}s",
+            args.url,
+            pending.messages.len(),
+            wait.as_secs_f64()
+        );
+        // Keep reading input while waiting, dropping the oldest past --buffer.
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                _ = &mut ctrl_c => return interrupted(&pending),
+                next = source.next(), if !source.done() => match next {
+                    Ok(Some(message)) => pending.push(message),
+                    Ok(None) => {}
+                    Err(e) => {
+                        eprintln!("lightrelay: reading input: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
+        }
+    }
+}
+
+enum Step {
+    Fed,
+    Flushed,
+}
+
+async fn step(
+    sink: &mut futures_util::stream::SplitSink<Ws, Message>,
+    next: Option<Message>,
+) -> Result<Step, String> {
+    match next {
+        Some(message) => sink.feed(message).await.map(|()| Step::Fed),
+        None => sink.flush().await.map(|()| Step::Flushed),
+    }
+    .map_err(|e| e.to_string())
+}
+
+async fn session<F>(
+    ws: Ws,
+    source: &mut Source,
+    pending: &mut Pending,
+    ctrl_c: &mut std::pin::Pin<&mut F>,
+) -> End
+where
+    F: std::future::Future<Output = io::Result<()>>,
+{
+    let (mut sink, mut stream) = ws.split();
+    // Everything not acknowledged is sent again on the new connection, in order.
+    pending.sent = 0;
+    let mut unflushed = false;
+    loop {
+        if source.done() && pending.messages.is_empty() {
+            let _ = sink
+                .send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "done".into(),
+                })))
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while stream.next().await.is_some() {}
+            })
+            .await;
+            return End::Done;
+        }
+        let unsent = pending.messages.get(pending.sent).cloned();
+        let can_step = unsent.is_some() || unflushed;
+        let can_read = !source.done() && pending.messages.len() < pending.capacity;
+        tokio::select! {
+            biased;
+            _ = &mut *ctrl_c => return End::Interrupted,
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(_))) => {
+                    if pending.sent == 0 {
+                        return End::Failed("the server acknowledged a message that was never sent".into());
+                    }
+                    pending.messages.pop_front();
+                    pending.sent -= 1;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let why = frame.map_or("closed by the server".to_string(), |f| format!("closed by the server: {} {}", u16::from(f.code), f.reason));
+                    return End::Lost(why);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return End::Lost(e.to_string()),
+                None => return End::Lost("connection ended".into()),
+            },
+            stepped = step(&mut sink, unsent), if can_step => match stepped {
+                Ok(Step::Fed) => {
+                    pending.sent += 1;
+                    unflushed = true;
+                }
+                Ok(Step::Flushed) => unflushed = false,
+                Err(e) => return End::Lost(e),
+            },
+            next = source.next(), if can_read => match next {
+                Ok(Some(message)) => pending.push(message),
+                Ok(None) => {}
+                Err(e) => return End::Failed(format!("reading input: {e}")),
+            },
+        }
+    }
+}
+
+fn finish(pending: &mut Pending) -> ExitCode {
+    pending.report_drops();
+    if pending.dropped > 0 {
+        eprintln!(
+            "lightrelay: done; {} messages were dropped in all",
+            pending.dropped
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn interrupted(pending: &Pending) -> ExitCode {
+    if !pending.messages.is_empty() {
+        eprintln!(
+            "lightrelay: interrupted with {} messages not acknowledged",
+            pending.messages.len()
+        );
+    }
+    ExitCode::from(INTERRUPTED)
+}
