@@ -1,0 +1,339 @@
+//! SPEC §6: the `lightrelay` client. `pub` resends what was not acknowledged and loses
+//! nothing across a relay restart; `sub` prints one line per message; ws:// and wss://.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::net::{TcpListener, TcpStream};
+
+fn lightrelay(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lightrelay"));
+    command.args(args);
+    command
+}
+
+fn spawn_pub(args: &[&str]) -> Child {
+    lightrelay(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn spawn_sub(args: &[&str]) -> Child {
+    lightrelay(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Wait for a child to exit; returns (code, stdout, stderr).
+async fn finish(child: Child) -> (Option<i32>, Vec<u8>, String) {
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("client did not exit in time")
+    .unwrap()
+    .unwrap();
+    (
+        output.status.code(),
+        output.stdout,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Assert the watcher's next messages are exactly `expected`, then that nothing else came
+/// (a marker published afterwards is the very next message).
+async fn expect_exactly(
+    redis: &Redis,
+    watcher: &mut RedisWatcher,
+    channel: &str,
+    expected: &[String],
+) {
+    for (i, want) in expected.iter().enumerate() {
+        assert_eq!(watcher.next().await, want.as_bytes(), "message {i}");
+    }
+    redis.publish(channel, "end-marker").await;
+    assert_eq!(
+        &watcher.next().await[..],
+        b"end-marker",
+        "an extra (duplicated) message arrived"
+    );
+}
+
+#[tokio::test]
+async fn pub_sends_each_input_line_as_one_message_and_exits_0_once_all_are_acknowledged() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let mut watcher = redis.subscribe("lightlevel/office").await;
+    let mut client = spawn_pub(&["pub", &publish.ws("/office")]);
+    let mut expected: Vec<String> = (0..500).map(|i| format!("{}", 400 + i)).collect();
+    expected.extend([
+        "".to_string(),
+        "crlf line".to_string(),
+        "last line without newline".to_string(),
+    ]);
+    let mut input = String::new();
+    for line in &expected[..500] {
+        input.push_str(line);
+        input.push('\n');
+    }
+    input.push_str("\ncrlf line\r\nlast line without newline");
+    client
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    expect_exactly(&redis, &mut watcher, "lightlevel/office", &expected).await;
+}
+
+#[tokio::test]
+async fn pub_loses_and_duplicates_nothing_across_a_relay_restart() {
+    let redis = Redis::start().await;
+    let mut publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let addr = publish.addr;
+    let mut watcher = redis.subscribe("lightlevel/pi").await;
+    let mut client = spawn_pub(&["pub", &publish.ws("/pi")]);
+    let mut stdin = client.stdin.take().unwrap();
+    let lines: Vec<String> = (0..300).map(|i| format!("reading {i}")).collect();
+
+    for line in &lines[..100] {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    for line in &lines[..100] {
+        assert_eq!(watcher.next().await, line.as_bytes());
+    }
+    publish.signal("TERM");
+    assert_eq!(publish.wait_exit().await, Some(0));
+    for line in &lines[100..200] {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    drop(publish);
+    let _restarted = Server::start_at(Kind::Publish, addr, &redis.url(), &[]).await;
+    for line in &lines[200..] {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    drop(stdin);
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    expect_exactly(&redis, &mut watcher, "lightlevel/pi", &lines[100..]).await;
+}
+
+#[tokio::test]
+async fn pub_keeps_the_newest_buffer_messages_while_disconnected_and_reports_the_drop() {
+    let redis = Redis::start().await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut watcher = redis.subscribe("lightlevel/late").await;
+    let mut client = spawn_pub(&["pub", "--buffer", "10", &format!("ws://{addr}/late")]);
+    let lines: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+    let mut stdin = client.stdin.take().unwrap();
+    for line in &lines {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    drop(stdin);
+    // Nothing listens yet: the client retries with back-off and reads its input meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _publish = Server::start_at(Kind::Publish, addr, &redis.url(), &[]).await;
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert!(
+        stderr.contains("dropped the 40 oldest messages"),
+        "stderr: {stderr}"
+    );
+    expect_exactly(&redis, &mut watcher, "lightlevel/late", &lines[40..]).await;
+}
+
+#[tokio::test]
+async fn pub_binary_sends_each_file_as_one_binary_message_byte_exact() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let mut watcher = redis.subscribe("lightlevel/cam").await;
+    let dir = std::env::temp_dir().join(format!("lightrelay-client-test-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let still: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let tiny = vec![0xffu8, 0x00, b'\n'];
+    std::fs::write(dir.join("a.jpg"), &still).unwrap();
+    std::fs::write(dir.join("b.bin"), &tiny).unwrap();
+    let (a, b) = (dir.join("a.jpg"), dir.join("b.bin"));
+    let client = lightrelay(&[
+        "pub",
+        &publish.ws("/cam"),
+        "--binary",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(&watcher.next().await[..], &still[..]);
+    assert_eq!(&watcher.next().await[..], &tiny[..]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn sub_prints_one_line_per_message_with_binary_as_base64_and_stops_after_count() {
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let client = spawn_sub(&["sub", "--count", "3", &subscribe.ws("/office")]);
+    redis.wait_numsub("lightlevel/office", 1).await;
+    redis.publish("lightlevel/office", "hello").await;
+    redis
+        .publish("lightlevel/office", vec![0u8, 1, 2, 255])
+        .await;
+    redis.publish("lightlevel/office", "42").await;
+    redis.publish("lightlevel/office", "not printed").await;
+    let (code, stdout, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(String::from_utf8(stdout).unwrap(), "hello\nAAEC/w==\n42\n");
+}
+
+#[tokio::test]
+async fn sub_raw_writes_binary_payloads_unchanged() {
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let client = spawn_sub(&["sub", "--raw", "--count", "1", &subscribe.ws("/cam")]);
+    redis.wait_numsub("lightlevel/cam", 1).await;
+    let frame: Vec<u8> = vec![0xff, 0xd8, 0xff, 0x00, b'\n', 0xd9];
+    redis.publish("lightlevel/cam", frame.clone()).await;
+    let (code, stdout, _) = finish(client).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout, frame);
+}
+
+#[tokio::test]
+async fn sub_reconnects_after_a_relay_restart_and_once_exits_when_the_relay_stops() {
+    let redis = Redis::start().await;
+    let mut subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let addr = subscribe.addr;
+    let again = spawn_sub(&["sub", "--count", "2", &subscribe.ws("/r")]);
+    let once = spawn_sub(&["sub", "--once", &subscribe.ws("/r")]);
+    redis.wait_numsub("lightlevel/r", 1).await;
+    subscribe
+        .wait_metric("lightrelay_connections", |n| n == 2.0)
+        .await;
+    redis.publish("lightlevel/r", "before").await;
+    subscribe.signal("TERM");
+    assert_eq!(subscribe.wait_exit().await, Some(0));
+    drop(subscribe);
+
+    let (code, stdout, stderr) = finish(once).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "a 1001 going-away close is a normal end: {stderr}"
+    );
+    assert_eq!(stdout, b"before\n");
+    assert!(stderr.contains("1001"), "stderr: {stderr}");
+
+    let _restarted = Server::start_at(Kind::Subscribe, addr, &redis.url(), &[]).await;
+    redis.wait_numsub("lightlevel/r", 1).await;
+    redis.publish("lightlevel/r", "after").await;
+    let (code, stdout, stderr) = finish(again).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stdout, b"before\nafter\n");
+}
+
+#[tokio::test]
+async fn bad_usage_exits_2_with_the_problem_on_the_first_line() {
+    for args in [
+        &["pub", "http://example"][..],
+        &["sub", "ws://"],
+        &["sub"],
+        &["frobnicate"],
+        &["sub", "--count", "x", "ws://h/p"],
+    ] {
+        let output = lightrelay(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.starts_with("error:"), "{args:?}: {stderr}");
+    }
+    let help = lightrelay(&["--help"]).output().unwrap();
+    assert_eq!(help.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("Examples:") && help.contains("lightrelay pub"),
+        "{help}"
+    );
+}
+
+/// A TLS terminator in front of a relay, with a throwaway self-signed certificate.
+async fn tls_proxy(backend: std::net::SocketAddr) -> (u16, std::path::PathBuf) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let pem = std::env::temp_dir().join(format!("lightrelay-test-ca-{}.pem", free_port()));
+    std::fs::write(&pem, cert.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        for _ in 0..8 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut upstream = TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    (port, pem)
+}
+
+#[tokio::test]
+async fn wss_works_with_a_self_signed_certificate_given_with_ca_and_fails_without() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let (port, pem) = tls_proxy(publish.addr).await;
+    let url = format!("wss://127.0.0.1:{port}/secure");
+    let mut watcher = redis.subscribe("lightlevel/secure").await;
+
+    let untrusted = spawn_sub(&["sub", "--once", &url]);
+    let (code, _, stderr) = finish(untrusted).await;
+    assert_eq!(code, Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains("certificate"),
+        "stderr: {stderr}"
+    );
+
+    let mut client = spawn_pub(&["pub", "--ca", pem.to_str().unwrap(), &url]);
+    client
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"over tls\n")
+        .unwrap();
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(&watcher.next().await[..], b"over tls");
+    let _ = std::fs::remove_file(pem);
+}
