@@ -32,7 +32,11 @@ async fn text_and_binary_messages_reach_redis_byte_exact_and_in_order() {
     assert_eq!(&watcher.next().await[..], &binary[..]);
     assert_eq!(&watcher.next().await[..], b"");
     for i in 0..1000 {
-        assert_eq!(watcher.next().await, i.to_string().as_bytes(), "message {i} out of order");
+        assert_eq!(
+            watcher.next().await,
+            i.to_string().as_bytes(),
+            "message {i} out of order"
+        );
     }
 }
 
@@ -47,7 +51,10 @@ async fn post_publishes_the_body_unchanged_and_answers_the_receiver_count() {
     assert_eq!(status, 200);
     assert_eq!(answer, b"2\n");
     assert_eq!(&first.next().await[..], &body[..]);
-    assert_eq!(http(publish.addr, "POST", "/nobody", &[], b"x").await.1, b"0\n");
+    assert_eq!(
+        http(publish.addr, "POST", "/nobody", &[], b"x").await.1,
+        b"0\n"
+    );
 }
 
 #[tokio::test]
@@ -55,8 +62,14 @@ async fn a_post_body_over_max_message_bytes_is_refused_and_not_published() {
     let redis = Redis::start().await;
     let publish = Server::start(Kind::Publish, &redis.url(), &["--max-message-bytes", "8"]).await;
     let mut watcher = redis.subscribe("lightlevel/p").await;
-    assert_eq!(http(publish.addr, "POST", "/p", &[], b"123456789").await.0, 413);
-    assert_eq!(http(publish.addr, "POST", "/p", &[], b"12345678").await.0, 200);
+    assert_eq!(
+        http(publish.addr, "POST", "/p", &[], b"123456789").await.0,
+        413
+    );
+    assert_eq!(
+        http(publish.addr, "POST", "/p", &[], b"12345678").await.0,
+        200
+    );
     assert_eq!(&watcher.next().await[..], b"12345678");
 }
 
@@ -85,14 +98,23 @@ async fn without_the_ack_subprotocol_no_acks_are_sent() {
     send_text(&mut ws, "1").await;
     assert_eq!(&watcher.next().await[..], b"1");
     // The next frame the server sends is a keep-alive ping, not an ack.
-    let frame = tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut ws)).await.unwrap().unwrap().unwrap();
+    let frame = tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut ws))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(matches!(frame, Message::Ping(_)), "got {frame:?}");
 }
 
 #[tokio::test]
 async fn a_message_over_max_message_bytes_closes_the_connection_with_1009() {
     let redis = Redis::start().await;
-    let publish = Server::start(Kind::Publish, &redis.url(), &["--max-message-bytes", "1KiB"]).await;
+    let publish = Server::start(
+        Kind::Publish,
+        &redis.url(),
+        &["--max-message-bytes", "1KiB"],
+    )
+    .await;
     let mut ws = connect(&publish.ws("/big")).await;
     ws.send(Message::binary(vec![7u8; 1025])).await.unwrap();
     let close = close_frame(&mut ws).await;
@@ -119,7 +141,9 @@ impl HoldingProxy {
         tokio::spawn(async move {
             // Bounded: the relay opens a handful of connections.
             for _ in 0..16 {
-                let Ok((client, _)) = listener.accept().await else { return };
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
                 let server = TcpStream::connect(("127.0.0.1", redis_port)).await.unwrap();
                 let (mut client_rd, mut client_wr) = client.into_split();
                 let (mut server_rd, mut server_wr) = server.into_split();
@@ -130,11 +154,15 @@ impl HoldingProxy {
                         if n == 0 || server_wr.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
-                        let publishes = buf[..n].windows(7).filter(|w| w.eq_ignore_ascii_case(b"PUBLISH")).count();
+                        let publishes = buf[..n]
+                            .windows(7)
+                            .filter(|w| w.eq_ignore_ascii_case(b"PUBLISH"))
+                            .count();
                         seen_up.fetch_add(publishes, Ordering::SeqCst);
                     }
                 });
-                let (seen, released, at_release) = (seen.clone(), released.clone(), at_release.clone());
+                let (seen, released, at_release) =
+                    (seen.clone(), released.clone(), at_release.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     while let Ok(n) = server_rd.read(&mut buf).await {
@@ -143,7 +171,9 @@ impl HoldingProxy {
                         }
                         if seen.load(Ordering::SeqCst) > 0 && !released.load(Ordering::SeqCst) {
                             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                            while seen.load(Ordering::SeqCst) < hold_until && tokio::time::Instant::now() < deadline {
+                            while seen.load(Ordering::SeqCst) < hold_until
+                                && tokio::time::Instant::now() < deadline
+                            {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                             }
                             at_release.store(seen.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -156,7 +186,10 @@ impl HoldingProxy {
                 });
             }
         });
-        HoldingProxy { port, publishes_before_first_reply: report }
+        HoldingProxy {
+            port,
+            publishes_before_first_reply: report,
+        }
     }
 }
 
@@ -176,5 +209,8 @@ async fn publishes_are_pipelined_many_in_flight_on_one_redis_connection() {
         assert_eq!(watcher.next().await, i.to_string().as_bytes());
     }
     let in_flight = proxy.publishes_before_first_reply.load(Ordering::SeqCst);
-    assert!(in_flight >= 50, "only {in_flight} PUBLISHes were sent before the first reply: not pipelined");
+    assert!(
+        in_flight >= 50,
+        "only {in_flight} PUBLISHes were sent before the first reply: not pipelined"
+    );
 }
