@@ -66,9 +66,20 @@ impl Flow {
     }
 }
 
-/// The handles every part of a server increments. Cloning is cheap (all are `Arc`s).
+/// The handles every part of a server increments, behind one `Arc`: a clone is one pointer,
+/// which matters because every connection holds one.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(std::sync::Arc<Handles>);
+
+impl std::ops::Deref for Metrics {
+    type Target = Handles;
+
+    fn deref(&self) -> &Handles {
+        &self.0
+    }
+}
+
+pub struct Handles {
     pub connections: Gauge,
     pub ws_in: Flow,
     pub ws_out: Flow,
@@ -82,7 +93,7 @@ pub struct Metrics {
     pub channels: Gauge,
     pub queued_messages: Gauge,
     pub queued_bytes: Gauge,
-    registry: std::sync::Arc<Registry>,
+    registry: Registry,
 }
 
 impl Metrics {
@@ -165,7 +176,7 @@ impl Metrics {
         ] {
             let _ = dropped.get_or_create(&[("reason", reason.label())]);
         }
-        Metrics {
+        Metrics(std::sync::Arc::new(Handles {
             connections,
             ws_in: Flow::new(&messages, &bytes, "ws_in"),
             ws_out: Flow::new(&messages, &bytes, "ws_out"),
@@ -179,10 +190,12 @@ impl Metrics {
             channels,
             queued_messages,
             queued_bytes,
-            registry: std::sync::Arc::new(registry),
-        }
+            registry,
+        }))
     }
+}
 
+impl Handles {
     pub fn dropped(&self, reason: DropReason, n: u64) {
         if n > 0 {
             self.dropped

@@ -8,9 +8,12 @@
 //! session takes.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use tokio::sync::Notify;
+use std::task::Waker;
+
+use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::config::SlowConsumer;
@@ -29,10 +32,11 @@ pub enum Pushed {
 
 pub struct Outbox {
     state: Mutex<State>,
-    /// Woken when the queue goes from empty to non-empty (the session's writer waits here).
-    ready: Notify,
-    /// Woken once when the queue overflows under the `close` policy.
-    overflow: Notify,
+    /// The session's task: woken when the queue goes from empty to non-empty, or overflows.
+    /// (One waker, no future to store: an idle connection costs a few bytes here.)
+    waker: AtomicWaker,
+    /// Set once, under the state lock, when the `close` policy gives up on this client.
+    overflowed: AtomicBool,
     capacity: usize,
     policy: SlowConsumer,
 }
@@ -41,15 +45,14 @@ pub struct Outbox {
 struct State {
     frames: VecDeque<Message>,
     bytes: usize,
-    overflowed: bool,
 }
 
 impl Outbox {
     pub fn new(capacity: usize, policy: SlowConsumer) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
-            ready: Notify::new(),
-            overflow: Notify::new(),
+            waker: AtomicWaker::new(),
+            overflowed: AtomicBool::new(false),
             capacity: capacity.max(1),
             policy,
         }
@@ -57,7 +60,7 @@ impl Outbox {
 
     pub fn push(&self, frame: Message) -> Pushed {
         let mut state = self.lock();
-        if state.overflowed {
+        if self.overflowed.load(Ordering::Acquire) {
             return Pushed::Closed;
         }
         let mut result = Pushed::Queued;
@@ -68,9 +71,9 @@ impl Outbox {
             match self.policy {
                 SlowConsumer::Skip => result = Pushed::Skipped(dropped),
                 SlowConsumer::Close => {
-                    state.overflowed = true;
+                    self.overflowed.store(true, Ordering::Release);
                     drop(state);
-                    self.overflow.notify_one();
+                    self.waker.wake();
                     return Pushed::Overflowed(dropped);
                 }
             }
@@ -80,41 +83,32 @@ impl Outbox {
         state.frames.push_back(frame);
         drop(state);
         if was_empty {
-            self.ready.notify_one();
+            self.waker.wake();
         }
         result
     }
 
-    /// Move every queued frame into `batch` (which must be empty), waiting until there is one.
-    pub async fn take(&self, batch: &mut VecDeque<Message>) {
-        loop {
-            {
-                let mut state = self.lock();
-                if !state.frames.is_empty() {
-                    std::mem::swap(&mut state.frames, batch);
-                    state.bytes = 0;
-                    return;
-                }
-            }
-            self.ready.notified().await;
+    /// Move every queued frame into `batch` (which must be empty) without waiting, and have
+    /// `waker` woken when more arrive or the queue overflows.
+    pub fn take(&self, batch: &mut VecDeque<Message>, waker: &Waker) {
+        self.waker.register(waker);
+        let mut state = self.lock();
+        if !state.frames.is_empty() {
+            std::mem::swap(&mut state.frames, batch);
+            state.bytes = 0;
         }
     }
 
-    /// Take what is queued without waiting (used to flush acks before a graceful close).
+    /// Take what is queued without registering for more (flushing acks before a close).
     pub fn take_now(&self, batch: &mut VecDeque<Message>) {
         let mut state = self.lock();
         std::mem::swap(&mut state.frames, batch);
         state.bytes = 0;
     }
 
-    /// Resolves once the queue has overflowed under the `close` policy.
-    pub async fn overflowed(&self) {
-        loop {
-            if self.lock().overflowed {
-                return;
-            }
-            self.overflow.notified().await;
-        }
+    /// Whether the queue overflowed under the `close` policy.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
     }
 
     /// (messages, payload bytes) waiting now.
@@ -148,15 +142,15 @@ mod tests {
         assert_eq!(outbox.queued(), (0, 0));
     }
 
-    #[tokio::test]
-    async fn skip_policy_keeps_only_the_newest() {
+    #[test]
+    fn skip_policy_keeps_only_the_newest() {
         let outbox = Outbox::new(2, SlowConsumer::Skip);
         outbox.push(text("a"));
         outbox.push(text("b"));
         assert_eq!(outbox.push(text("c")), Pushed::Skipped(2));
         assert_eq!(outbox.queued(), (1, 1));
         let mut batch = VecDeque::new();
-        outbox.take(&mut batch).await;
+        outbox.take(&mut batch, futures_util::task::noop_waker_ref());
         assert_eq!(batch, VecDeque::from([text("c")]));
     }
 }

@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -116,24 +117,46 @@ impl PublishWindow {
             .push_back(publish_one(&self.client, &self.channel, payload));
     }
 
-    /// The receiver count of the oldest message in flight, once Redis accepted it.
-    /// Cancel-safe: dropping this future loses nothing.
+    /// The receiver count of the oldest message in flight, once Redis accepted it; `Pending`
+    /// while it is not (or nothing is in flight). `--redis-timeout` is the caller's to watch,
+    /// through [`Self::deadline`].
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<i64, PublishError>> {
+        match self.in_flight.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(receivers))) => {
+                if let Some((started, len)) = self.started.pop_front() {
+                    self.metrics
+                        .publish_latency
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.redis_out.add(1, len);
+                }
+                Poll::Ready(Ok(receivers))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(self.fail(e.into()))),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// When the oldest message in flight has waited `--redis-timeout`.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.started
+            .front()
+            .map(|(started, _)| *started + self.timeout)
+    }
+
+    /// Give up on the window: Redis did not answer within `--redis-timeout`.
+    pub fn time_out(&mut self) -> PublishError {
+        self.fail(PublishError::Timeout(self.timeout))
+    }
+
+    /// Wait for the next completion, or the timeout. Cancel-safe.
     pub async fn next(&mut self) -> Result<i64, PublishError> {
-        let Some(&(oldest, len)) = self.started.front() else {
+        let Some(deadline) = self.deadline() else {
             return std::future::pending().await;
         };
-        match tokio::time::timeout_at(oldest + self.timeout, self.in_flight.next()).await {
-            Ok(Some(Ok(receivers))) => {
-                self.started.pop_front();
-                self.metrics
-                    .publish_latency
-                    .observe(oldest.elapsed().as_secs_f64());
-                self.metrics.redis_out.add(1, len);
-                Ok(receivers)
-            }
-            Ok(Some(Err(e))) => Err(self.fail(e.into())),
-            Ok(None) => std::future::pending().await,
-            Err(_) => Err(self.fail(PublishError::Timeout(self.timeout))),
+        match tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| self.poll_next(cx))).await
+        {
+            Ok(result) => result,
+            Err(_) => Err(self.time_out()),
         }
     }
 

@@ -190,14 +190,17 @@ impl Relay {
         self.metrics.render()
     }
 
-    /// Run one upgraded WebSocket connection to its end.
-    pub async fn serve<S>(
+    /// Set up one upgraded WebSocket connection and return the future that runs it to its
+    /// end. Set-up is synchronous so that the connection's state is moved into the returned
+    /// future once, not kept twice as an async fn's argument and local.
+    pub fn serve<S>(
         self: Arc<Self>,
         ws: WebSocketStream<S>,
         channel: ChannelName,
         ack: bool,
         slot: ConnectionSlot,
-    ) where
+    ) -> impl std::future::Future<Output = ()>
+    where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let common = &self.common;
@@ -218,24 +221,15 @@ impl Relay {
                 self.metrics.clone(),
             )
         };
-        let (ending, _membership) = match &self.role {
+        // One call to session::run below (not one per role): each await point of an async
+        // fn keeps its own slot, and this future lives as long as the connection.
+        let (outbox, inbound, membership) = match &self.role {
             Role::Publish => {
                 // A publisher's outbox only holds its acks, at most one per message in flight;
                 // one that never reads them is closed like any slow consumer.
-                let outbox = Arc::new(Outbox::new(
-                    common.publish_window as usize * 4,
-                    SlowConsumer::Close,
-                ));
-                let shutdown = self.shutdown.clone();
-                let ending = session::run(
-                    ws,
-                    outbox,
-                    Inbound::Publish(window()),
-                    settings,
-                    shutdown,
-                    self.metrics.clone(),
-                );
-                (ending.await, None)
+                let size = common.publish_window as usize * 4;
+                let outbox = Arc::new(Outbox::new(size, SlowConsumer::Close));
+                (outbox, Inbound::Publish(window()), None)
             }
             Role::Subscribe {
                 hub,
@@ -250,22 +244,19 @@ impl Relay {
                 } else {
                     Inbound::Discard
                 };
-                let shutdown = self.shutdown.clone();
-                let ending = session::run(
-                    ws,
-                    outbox,
-                    inbound,
-                    settings,
-                    shutdown,
-                    self.metrics.clone(),
-                )
-                .await;
-                (ending, Some(membership))
+                (outbox, inbound, Some(membership))
             }
         };
-        self.metrics.closed(ending.label());
-        tracing::debug!(channel = %channel, ending = ?ending, "connection closed");
-        drop(slot);
+        let shutdown = self.shutdown.clone();
+        let metrics = self.metrics.clone();
+        let session = session::run(ws, outbox, inbound, settings, shutdown, metrics);
+        async move {
+            let ending = session.await;
+            drop(membership);
+            self.metrics.closed(ending.label());
+            tracing::debug!(channel = %channel, ending = ?ending, "connection closed");
+            drop(slot);
+        }
     }
 }
 

@@ -12,14 +12,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{sleep_until, Instant};
+
+use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
@@ -115,108 +119,290 @@ pub enum Inbound {
 }
 
 /// Run one client's connection to its end and say how it ended.
-pub async fn run<S>(
+///
+/// The connection's state is boxed once here: async fns and blocks keep their arguments and
+/// every awaited future in separate slots, so passing a WebSocket by value through a few
+/// layers of futures stores it several times over; passing a `Box` stores a pointer.
+pub fn run<S>(
     ws: WebSocketStream<S>,
     outbox: Arc<Outbox>,
-    mut inbound: Inbound,
+    inbound: Inbound,
     settings: SessionSettings,
     shutdown: CancellationToken,
     metrics: Metrics,
-) -> Ending
+) -> impl Future<Output = Ending>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut sink, mut stream) = ws.split();
-    let mut last_heard = Instant::now();
-    let idle = sleep_until(last_heard + settings.idle_timeout);
-    tokio::pin!(idle);
-    let mut draining = false;
+    let now = Instant::now();
+    let conn = Box::new(Connection {
+        ws,
+        outbox,
+        inbound,
+        batch: VecDeque::new(),
+        unflushed: false,
+        ping_due: false,
+        last_heard: now,
+        next_ping: now + settings.ping_interval,
+        draining: false,
+        settings,
+        metrics,
+    });
+    conn.drive(shutdown)
+}
 
-    let ending = {
-        let writer = write_outbox(&mut sink, &outbox, settings.ping_interval, &metrics);
-        tokio::pin!(writer);
-        loop {
-            let window = match &mut inbound {
-                Inbound::Publish(w) => Some(w),
-                Inbound::Discard => None,
+/// How many rounds of read/write one poll may make before letting other tasks run.
+const POLL_BUDGET: usize = 16;
+/// How many frames one round may read from a client.
+const READ_BUDGET: usize = 64;
+
+/// One connection's state. Everything is polled by hand from a single task, on the unsplit
+/// WebSocket: no lock between a reader and a writer half, no stored futures besides one
+/// timer and the shutdown signal, so an idle connection costs little more than its socket.
+struct Connection<S> {
+    ws: WebSocketStream<S>,
+    outbox: Arc<Outbox>,
+    inbound: Inbound,
+    /// Frames taken from the outbox and not yet handed to tungstenite.
+    batch: VecDeque<Message>,
+    /// Frames were handed to tungstenite since the last completed flush.
+    unflushed: bool,
+    ping_due: bool,
+    last_heard: Instant,
+    next_ping: Instant,
+    /// Shutdown began: no more reading; finish the publishes in flight, then 1001.
+    draining: bool,
+    settings: SessionSettings,
+    metrics: Metrics,
+}
+
+impl<S> Connection<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn drive(mut self: Box<Self>, shutdown: CancellationToken) -> Ending {
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let timer = tokio::time::sleep_until(self.next_deadline());
+        tokio::pin!(timer);
+        let ending =
+            std::future::poll_fn(|cx| self.poll(cx, cancelled.as_mut(), timer.as_mut())).await;
+        self.close(ending).await
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Poll<Ending> {
+        if !self.draining && cancelled.poll(cx).is_ready() {
+            self.draining = true;
+        }
+        for _ in 0..POLL_BUDGET {
+            if self.outbox.overflowed() {
+                return Poll::Ready(Ending::SlowConsumer);
+            }
+            let mut progress = match self.poll_acks(cx) {
+                Ok(progress) => progress,
+                Err(ending) => return Poll::Ready(ending),
             };
-            let in_flight = window.as_ref().is_some_and(|w| !w.is_empty());
-            let can_read = !draining && !window.as_ref().is_some_and(|w| w.is_full());
-            if draining && !in_flight {
-                break Ending::GoingAway;
+            if self.draining && self.window().is_none_or(PublishWindow::is_empty) {
+                return Poll::Ready(Ending::GoingAway);
             }
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled(), if !draining => draining = true,
-                () = outbox.overflowed() => break Ending::SlowConsumer,
-                ending = &mut writer => break ending,
-                done = next_ack(window), if in_flight => match done {
-                    Ok(receivers) => {
-                        if settings.ack {
-                            outbox.push(Message::text(receivers.to_string()));
-                        }
-                    }
-                    Err(e) => break Ending::RedisUnavailable(e),
-                },
-                frame = stream.next(), if can_read => {
-                    last_heard = Instant::now();
-                    match frame {
-                        Some(Ok(Message::Text(text))) => accept(&mut inbound, Bytes::from(text)),
-                        Some(Ok(Message::Binary(data))) => accept(&mut inbound, data),
-                        Some(Ok(Message::Close(_))) | None => break Ending::ClientClosed,
-                        Some(Ok(_)) => {} // ping (answered by tungstenite), pong, raw frame
-                        Some(Err(e)) => break ending_of(e, settings.max_message_bytes),
-                    }
-                }
-                () = &mut idle => {
-                    // Re-armed lazily: one timer update per idle period, not one per frame.
-                    let deadline = last_heard + settings.idle_timeout;
-                    if deadline <= Instant::now() {
-                        break Ending::IdleTimeout;
-                    }
-                    idle.as_mut().reset(deadline);
-                }
+            match self.poll_write(cx) {
+                Ok(wrote) => progress |= wrote,
+                Err(ending) => return Poll::Ready(ending),
+            }
+            match self.poll_read(cx) {
+                Ok(read) => progress |= read,
+                Err(ending) => return Poll::Ready(ending),
+            }
+            // Timers: one sleep serves the ping, the idle timeout and --redis-timeout. It may
+            // fire early (a frame moved the idle deadline on); it is then simply re-armed.
+            let now = Instant::now();
+            if now >= self.last_heard + self.settings.idle_timeout {
+                return Poll::Ready(Ending::IdleTimeout);
+            }
+            if self
+                .window()
+                .and_then(PublishWindow::deadline)
+                .is_some_and(|d| now >= d)
+            {
+                let error = self.window_mut().map(PublishWindow::time_out);
+                return Poll::Ready(error.map_or(Ending::Broken, Ending::RedisUnavailable));
+            }
+            if now >= self.next_ping {
+                self.ping_due = true;
+                self.next_ping = now + self.settings.ping_interval;
+                progress = true;
+            }
+            let deadline = self.next_deadline();
+            if deadline < timer.deadline() || timer.is_elapsed() {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                progress = true;
+            }
+            if !progress {
+                return Poll::Pending;
             }
         }
-    };
+        // Busy: let other connections run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 
-    // Closing. Pending acks go out before a graceful close; a slow consumer's backlog does not.
-    let close = async {
-        if matches!(ending, Ending::GoingAway | Ending::RedisUnavailable(_)) {
-            let mut rest = VecDeque::new();
-            outbox.take_now(&mut rest);
-            for frame in rest {
-                sink.feed(frame).await?;
-            }
+    fn window(&self) -> Option<&PublishWindow> {
+        match &self.inbound {
+            Inbound::Publish(window) => Some(window),
+            Inbound::Discard => None,
         }
-        if let Some(frame) = ending.close_frame() {
-            sink.send(Message::Close(Some(frame))).await?;
-            // Wait for the client's answering close frame so the TCP close is clean.
-            while let Some(Ok(frame)) = stream.next().await {
-                if matches!(frame, Message::Close(_)) {
+    }
+
+    fn window_mut(&mut self) -> Option<&mut PublishWindow> {
+        match &mut self.inbound {
+            Inbound::Publish(window) => Some(window),
+            Inbound::Discard => None,
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let idle = self.last_heard + self.settings.idle_timeout;
+        let publish = self
+            .window()
+            .and_then(PublishWindow::deadline)
+            .unwrap_or(idle);
+        self.next_ping.min(idle).min(publish)
+    }
+
+    /// Publishes Redis accepted: one ack each (in ack mode), in order.
+    fn poll_acks(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
+        let ack = self.settings.ack;
+        let Inbound::Publish(window) = &mut self.inbound else {
+            return Ok(false);
+        };
+        let mut progress = false;
+        while let Poll::Ready(done) = window.poll_next(cx) {
+            let receivers = done.map_err(Ending::RedisUnavailable)?;
+            if ack {
+                self.outbox.push(Message::text(receivers.to_string()));
+            }
+            progress = true;
+        }
+        Ok(progress)
+    }
+
+    /// Hand queued frames to tungstenite (it writes once 16 KiB have gathered), then flush:
+    /// a burst goes out in few write calls.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
+        let mut progress = false;
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        loop {
+            if self.batch.is_empty() && !self.ping_due {
+                self.outbox.take(&mut self.batch, cx.waker());
+                if self.batch.is_empty() {
                     break;
                 }
             }
-        } else {
-            sink.flush().await?;
+            match Pin::new(&mut self.ws).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Err(Ending::Broken),
+                Poll::Pending => break,
+            }
+            let frame = if self.ping_due {
+                self.ping_due = false;
+                Message::Ping(Bytes::new())
+            } else {
+                let Some(frame) = self.batch.pop_front() else {
+                    break;
+                };
+                frames += 1;
+                bytes += frame.len() as u64;
+                frame
+            };
+            Pin::new(&mut self.ws)
+                .start_send(frame)
+                .map_err(|_| Ending::Broken)?;
+            self.unflushed = true;
+            progress = true;
         }
-        Ok::<(), tungstenite::Error>(())
-    };
-    let _ = tokio::time::timeout(settings.close_timeout, close).await;
-    ending
-}
-
-fn accept(inbound: &mut Inbound, payload: Bytes) {
-    match inbound {
-        Inbound::Discard => {}
-        Inbound::Publish(window) => window.push(payload),
+        if frames > 0 {
+            self.metrics.ws_out.add(frames, bytes);
+        }
+        if self.unflushed {
+            match Pin::new(&mut self.ws).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(_)) => return Err(Ending::Broken),
+                Poll::Pending => {}
+            }
+        }
+        Ok(progress)
     }
-}
 
-async fn next_ack(window: Option<&mut PublishWindow>) -> Result<i64, PublishError> {
-    match window {
-        Some(window) => window.next().await,
-        None => std::future::pending().await,
+    /// Read what the client sent: publish it, or discard it.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
+        let mut progress = false;
+        for _ in 0..READ_BUDGET {
+            if self.draining || self.window().is_some_and(PublishWindow::is_full) {
+                break;
+            }
+            let frame = match Pin::new(&mut self.ws).poll_next(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => return Err(Ending::ClientClosed),
+                Poll::Ready(Some(Err(e))) => {
+                    return Err(ending_of(e, self.settings.max_message_bytes))
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            self.last_heard = Instant::now();
+            progress = true;
+            match frame {
+                Message::Text(text) => self.accept(Bytes::from(text)),
+                Message::Binary(data) => self.accept(data),
+                Message::Close(_) => return Err(Ending::ClientClosed),
+                // tungstenite queued a pong: make sure a flush sends it.
+                Message::Ping(_) => self.unflushed = true,
+                Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+        Ok(progress)
+    }
+
+    fn accept(&mut self, payload: Bytes) {
+        if let Inbound::Publish(window) = &mut self.inbound {
+            window.push(payload);
+        }
+    }
+
+    /// Send the close frame that says why (pending acks first on a graceful end), wait for
+    /// the client's answer, all within the close timeout.
+    async fn close(&mut self, ending: Ending) -> Ending {
+        let ws = &mut self.ws;
+        let outbox = &self.outbox;
+        let closing = async {
+            if matches!(ending, Ending::GoingAway | Ending::RedisUnavailable(_)) {
+                let mut rest = std::mem::take(&mut self.batch);
+                outbox.take_now(&mut rest);
+                for frame in rest {
+                    ws.feed(frame).await?;
+                }
+            }
+            if let Some(frame) = ending.close_frame() {
+                ws.send(Message::Close(Some(frame))).await?;
+                // Wait for the client's answering close frame so the TCP close is clean.
+                while let Some(Ok(frame)) = ws.next().await {
+                    if matches!(frame, Message::Close(_)) {
+                        break;
+                    }
+                }
+            } else {
+                ws.flush().await?;
+            }
+            Ok::<(), tungstenite::Error>(())
+        };
+        let _ = tokio::time::timeout(self.settings.close_timeout, closing).await;
+        ending
     }
 }
 
@@ -228,44 +414,5 @@ fn ending_of(error: tungstenite::Error, max_message_bytes: usize) -> Ending {
         E::Protocol(e) => Ending::Protocol(CloseCode::Protocol, e.to_string()),
         E::Utf8(_) => Ending::Protocol(CloseCode::Invalid, "text frame is not valid UTF-8".into()),
         _ => Ending::Broken,
-    }
-}
-
-/// Write what the outbox holds, several frames per write, and ping on schedule.
-/// Returns only when the connection is broken.
-async fn write_outbox<S>(
-    sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    outbox: &Outbox,
-    ping_interval: Duration,
-    metrics: &Metrics,
-) -> Ending
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut batch = VecDeque::new();
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let sent = tokio::select! {
-            () = outbox.take(&mut batch) => {
-                let (frames, bytes) = (batch.len() as u64, batch.iter().map(|f| f.len() as u64).sum::<u64>());
-                // feed() only encodes into tungstenite's write buffer (flushed when it passes
-                // WRITE_BUFFER bytes); one flush at the end sends the whole batch.
-                let result = async {
-                    for frame in batch.drain(..) {
-                        sink.feed(frame).await?;
-                    }
-                    sink.flush().await
-                }
-                .await;
-                metrics.ws_out.add(frames, bytes);
-                result
-            }
-            _ = ping.tick() => sink.send(Message::Ping(Bytes::new())).await,
-        };
-        if sent.is_err() {
-            batch.clear();
-            return Ending::Broken;
-        }
     }
 }
