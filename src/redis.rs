@@ -123,29 +123,39 @@ impl Health {
             };
             loop {
                 let answer = if client.is_connected() {
-                    client
-                        .with_options(&options)
-                        .ping::<Value>(None)
-                        .await
-                        .map_err(|e| e.to_string())
+                    // fred does not apply `options.timeout` to every command on every kind of
+                    // connection (a PING on a subscriber waiting on a deaf Redis was seen to
+                    // hang), so the deadline is enforced here too.
+                    let with_options = client.with_options(&options);
+                    match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
+                        Ok(answer) => answer.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+                    }
                 } else {
                     Err("not connected".to_string())
                 };
                 let up = answer.is_ok();
-                if let Err(reason) = answer {
-                    if check.up.load(Ordering::Relaxed) {
+                match &answer {
+                    Err(reason) if check.up.load(Ordering::Relaxed) => {
                         tracing::warn!(connection = %check.name, %reason, "Redis stopped answering");
                     }
-                    if client.is_connected() {
-                        // Open but deaf: reconnecting is the only way back to a live subscription.
-                        let _ = client.force_reconnection().await;
+                    Ok(_) if !check.up.load(Ordering::Relaxed) => {
+                        tracing::info!(connection = %check.name, "Redis answers");
                     }
+                    _ => {}
+                }
+                // Record the verdict before trying to repair anything: /healthz must say 503
+                // while Redis is deaf, not only once it answers again.
+                if let Err(reason) = answer {
                     *check.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
-                } else if !check.up.load(Ordering::Relaxed) {
-                    tracing::info!(connection = %check.name, "Redis answers");
                 }
                 check.up.store(up, Ordering::Relaxed);
                 metrics.redis_up.set(i64::from(health.status().is_ok()));
+                if !up && client.is_connected() {
+                    // Open but deaf: reconnecting is the only way back to a live subscription
+                    // (fred re-subscribes every tracked channel once connected again).
+                    let _ = tokio::time::timeout(timeout, client.force_reconnection()).await;
+                }
                 let wait = if up {
                     interval
                 } else {
