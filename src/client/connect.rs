@@ -70,7 +70,7 @@ pub async fn open(url: &str, protocol: Option<&str>, tls: &Tls) -> Result<(Ws, b
     let (ws, response) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| describe(e))?;
+        .map_err(describe)?;
     let selected = protocol.is_some_and(|p| {
         response
             .headers()
