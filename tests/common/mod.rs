@@ -383,8 +383,10 @@ pub async fn connect_ack(url: &str) -> Ws {
 
 /// The next data or close frame (pings and pongs are skipped).
 pub async fn next_frame(ws: &mut Ws) -> Message {
+    // One deadline for the whole wait: pings from the server must not extend it.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let frame = tokio::time::timeout(PATIENCE, ws.next())
+        let frame = tokio::time::timeout_at(deadline, ws.next())
             .await
             .expect("no frame in time")
             .expect("connection ended without a close frame")
@@ -482,4 +484,169 @@ pub async fn upgrade_status(addr: SocketAddr, target: &str) -> (u16, String) {
         .unwrap_or(0);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
+}
+
+// Helpers for the subscribe and Redis-outage tests (SPEC §3–5).
+
+impl Redis {
+    /// A private redis-server on a chosen port: for a server that was told where Redis is
+    /// before Redis ran there.
+    pub async fn start_on(port: u16) -> Redis {
+        let dir = std::env::temp_dir().join(format!(
+            "lightrelay-test-redis-{port}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Redis {
+            port,
+            child: None,
+            dir,
+        };
+        redis.spawn().await;
+        redis
+    }
+}
+
+impl Server {
+    /// Whether the process has exited (checked without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// The whole `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        let (status, body) = http(self.addr, "GET", "/metrics", &[], b"").await;
+        assert_eq!(status, 200);
+        String::from_utf8(body).unwrap()
+    }
+
+    /// Poll `/healthz` until it answers `status`; returns that answer's body.
+    pub async fn wait_health(&self, status: u16) -> String {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let (now, body) = http(self.addr, "GET", "/healthz", &[], b"").await;
+            if now == status {
+                return String::from_utf8(body).unwrap();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/healthz stayed {now}, expected {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Like [`Server::wait_metric`], for a series that only appears once it counted something
+    /// (e.g. `lightrelay_closed_total{reason="slow_consumer"}`): absent reads as 0.
+    pub async fn wait_series(&self, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let text = self.metrics_text().await;
+            let value = text
+                .lines()
+                .find_map(|line| {
+                    line.strip_prefix(series)
+                        .and_then(|rest| rest.strip_prefix(' '))
+                })
+                .map_or(0.0, |v| v.trim().parse().unwrap());
+            if ok(value) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} stayed at {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The text every probe carries; [`next_data`] skips it.
+pub const PROBE: &str = "probe";
+
+/// Publish [`PROBE`] through Redis until `ws` receives one: its subscription is then active.
+/// Other clients of the channel get the probes too (and `ws` may get more than one), so
+/// readers use [`next_data`].
+pub async fn until_receiving(redis: &Redis, channel: &str, ws: &mut Ws) {
+    let client = redis.client().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let _: i64 = client.publish(channel, PROBE).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(100), next_frame(ws)).await {
+            Ok(Message::Text(t)) if t.as_str() == PROBE => break,
+            Ok(other) => panic!("expected a probe on {channel}, got {other:?}"),
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{channel}: the client never received a message"
+            ),
+        }
+    }
+    let _ = client.quit().await;
+}
+
+/// The next data or close frame that is not a [`PROBE`], within [`PATIENCE`] in all (unlike
+/// [`next_frame`], a server pinging every second cannot stretch the wait).
+pub async fn next_data(ws: &mut Ws) -> Message {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    // Bounded in count too: a test publishes far fewer probes than this.
+    for _ in 0..100_000 {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("connection ended without a close frame")
+            .expect("websocket error");
+        match frame {
+            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Text(t) if t.as_str() == PROBE => {}
+            frame => return frame,
+        }
+    }
+    panic!("only probes and pings arrived");
+}
+
+/// The next data frame, which must be text (e.g. an ack), as with [`next_data`].
+pub async fn next_data_text(ws: &mut Ws) -> String {
+    match next_data(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+/// Send a ping and read until its pong: the server has then read every frame sent before.
+/// Returns the data frames (probes skipped) that arrived meanwhile.
+pub async fn sync(ws: &mut Ws) -> Vec<Message> {
+    ws.send(Message::Ping(Bytes::from_static(b"sync")))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut data = Vec::new();
+    for _ in 0..100_000 {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("no pong in time")
+            .expect("connection ended before the pong")
+            .expect("websocket error");
+        match frame {
+            Message::Pong(p) if &p[..] == b"sync" => return data,
+            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Text(t) if t.as_str() == PROBE => {}
+            Message::Close(c) => panic!("closed while waiting for the pong: {c:?}"),
+            other => data.push(other),
+        }
+    }
+    panic!("no pong among 100000 frames");
+}
+
+/// After the server's close frame: keep polling so the client's answering close frame goes
+/// out (tungstenite sends it on the next poll), until the connection ends.
+pub async fn finish_close(ws: &mut Ws) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for _ in 0..10_000 {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => return,
+            Err(_) => panic!("the connection did not end after its close frame"),
+        }
+    }
+    panic!("frames kept coming after the close frame");
 }

@@ -1,0 +1,495 @@
+//! SPEC §4: the subscribe server. One frame per message (text for UTF-8, binary otherwise),
+//! publish order, one Redis subscription per channel per process, bounded client queues with
+//! `--slow-consumer close|skip`, and what becomes of the frames a subscriber sends.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use fred::interfaces::{ClientLike, PubsubInterface};
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn utf8_payloads_arrive_as_text_frames_and_other_bytes_as_binary_frames_byte_exact() {
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let mut ws = connect(&subscribe.ws("/mixed")).await;
+    redis.wait_numsub("lightlevel/mixed", 1).await;
+
+    let not_utf8 = vec![0xff, 0x00, 0x80];
+    let every_byte: Vec<u8> = (0..=255).collect();
+    // As redis-cli would publish them.
+    for payload in [
+        Bytes::from("héllo, wörld"),
+        Bytes::from(not_utf8.clone()),
+        Bytes::from(""),
+        Bytes::from("nul\0inside"),
+    ] {
+        assert_eq!(redis.publish("lightlevel/mixed", payload).await, 1);
+    }
+    // Through the publish server: the frame type a publisher used does not matter, the bytes do.
+    let mut publisher = connect_ack(&publish.ws("/mixed")).await;
+    for frame in [
+        Message::text("ünïcode ✓"),
+        Message::binary(not_utf8.clone()),
+        Message::binary(&b"a binary frame holding UTF-8"[..]),
+        Message::binary(every_byte.clone()),
+    ] {
+        publisher.send(frame).await.unwrap();
+        assert_eq!(next_text(&mut publisher).await, "1");
+    }
+
+    let expected = [
+        Message::text("héllo, wörld"),
+        Message::binary(not_utf8.clone()),
+        Message::text(""),
+        Message::text("nul\0inside"),
+        Message::text("ünïcode ✓"),
+        Message::binary(not_utf8),
+        Message::text("a binary frame holding UTF-8"),
+        Message::binary(every_byte),
+    ];
+    for (i, want) in expected.into_iter().enumerate() {
+        assert_eq!(next_frame(&mut ws).await, want, "frame {i}");
+    }
+}
+
+#[tokio::test]
+async fn messages_arrive_in_publish_order() {
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let mut ws = connect(&subscribe.ws("/order")).await;
+    redis.wait_numsub("lightlevel/order", 1).await;
+
+    let client = redis.client().await;
+    let publishing = tokio::spawn(async move {
+        for i in 0..2000 {
+            let n: i64 = client
+                .publish("lightlevel/order", i.to_string())
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+    });
+    for i in 0..2000 {
+        assert_eq!(next_text(&mut ws).await, i.to_string(), "message {i}");
+    }
+    publishing.await.unwrap();
+}
+
+#[tokio::test]
+async fn one_redis_subscription_per_channel_whatever_the_number_of_clients() {
+    const CHANNEL: &str = "lightlevel/office";
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut ws = connect(&subscribe.ws("/office")).await;
+        until_receiving(&redis, CHANNEL, &mut ws).await;
+        clients.push(ws);
+    }
+    assert_eq!(redis.numsub(CHANNEL).await, 1);
+    assert_eq!(subscribe.metric("lightrelay_channels").await, 1.0);
+    // Redis sees one receiver; the relay hands the message to all three.
+    assert_eq!(redis.publish(CHANNEL, "shared").await, 1);
+    for (i, ws) in clients.iter_mut().enumerate() {
+        assert_eq!(next_data(ws).await, Message::text("shared"), "client {i}");
+    }
+
+    // The last client out unsubscribes.
+    drop(clients);
+    redis.wait_numsub(CHANNEL, 0).await;
+    subscribe
+        .wait_metric("lightrelay_channels", |v| v == 0.0)
+        .await;
+    subscribe
+        .wait_metric("lightrelay_connections", |v| v == 0.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_client_that_joins_as_the_last_one_leaves_ends_up_subscribed() {
+    const CHANNEL: &str = "lightlevel/door";
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let mut current = connect(&subscribe.ws("/door")).await;
+    until_receiving(&redis, CHANNEL, &mut current).await;
+    // Each round races a leave (UNSUBSCRIBE) with a join on the same channel.
+    for _round in 0..20 {
+        drop(current);
+        current = connect(&subscribe.ws("/door")).await;
+        until_receiving(&redis, CHANNEL, &mut current).await;
+    }
+    redis.wait_numsub(CHANNEL, 1).await;
+    subscribe
+        .wait_metric("lightrelay_channels", |v| v == 1.0)
+        .await;
+    subscribe
+        .wait_metric("lightrelay_connections", |v| v == 1.0)
+        .await;
+}
+
+// Slow consumers: one client never reads while another reads everything.
+
+const CHUNK: usize = 16 * 1024;
+const BATCH: u32 = 16;
+/// 64 MiB at most: far more than a loopback connection's kernel buffers absorb.
+const MAX_MESSAGES: u32 = 4096;
+
+/// A 16 KiB binary payload carrying its index (0xff first: never valid UTF-8).
+fn chunk(i: u32) -> Vec<u8> {
+    let mut payload = vec![0xff];
+    payload.extend(i.to_be_bytes());
+    payload.resize(CHUNK, b'.');
+    payload
+}
+
+fn index_of(frame: &Message) -> u32 {
+    match frame {
+        Message::Binary(b) if b.len() == CHUNK && b[0] == 0xff => {
+            u32::from_be_bytes(b[1..5].try_into().unwrap())
+        }
+        other => panic!("expected a chunk, got {other:?}"),
+    }
+}
+
+/// Publish chunks through Redis in batches until `overflow` (a dropped-messages series) is
+/// above zero. `healthy` reads every batch before the next is published and must get every
+/// chunk in order; the server's queues are checked to stay bounded after every batch.
+/// Returns how many chunks were published.
+async fn flood_until_overflow(
+    redis: &Redis,
+    server: &Server,
+    channel: &str,
+    healthy: &mut Ws,
+    overflow: &str,
+    queue: usize,
+) -> u32 {
+    flood(
+        redis,
+        server,
+        channel,
+        healthy,
+        Some(overflow),
+        MAX_MESSAGES,
+        queue,
+    )
+    .await
+}
+
+/// [`flood_until_overflow`]'s loop: publish up to `total` chunks, stopping early once `stop`
+/// (when given) is above zero; with `stop` given, reaching `total` fails the test.
+async fn flood(
+    redis: &Redis,
+    server: &Server,
+    channel: &str,
+    healthy: &mut Ws,
+    stop: Option<&str>,
+    total: u32,
+    queue: usize,
+) -> u32 {
+    let client = redis.client().await;
+    let mut sent = 0;
+    while sent < total {
+        for _ in 0..BATCH {
+            let n: i64 = client.publish(channel, chunk(sent)).await.unwrap();
+            assert_eq!(n, 1, "one Redis subscriber: the relay");
+            sent += 1;
+        }
+        for i in sent - BATCH..sent {
+            assert_eq!(index_of(&next_data(healthy).await), i, "healthy client");
+        }
+        let queued = server.metric("lightrelay_queued_messages").await;
+        assert!(queued <= (2 * queue) as f64, "{queued} messages queued");
+        let bytes = server.metric("lightrelay_queued_bytes").await;
+        assert!(bytes <= (2 * queue * CHUNK) as f64, "{bytes} bytes queued");
+        if let Some(stop) = stop {
+            if server.metric(stop).await > 0.0 {
+                let _ = client.quit().await;
+                return sent;
+            }
+        }
+    }
+    let _ = client.quit().await;
+    if let Some(stop) = stop {
+        panic!("{stop} still 0 after {sent} messages of {CHUNK} bytes");
+    }
+    sent
+}
+
+/// `redis-cli -p PORT ARGS…`, as an operator would type it; returns its output.
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli must be installed with redis-server");
+    assert!(out.status.success(), "redis-cli {args:?} failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The ids of Redis's pub/sub client connections.
+fn pubsub_client_ids(redis: &Redis) -> Vec<String> {
+    redis_cli(redis, &["CLIENT", "LIST", "TYPE", "pubsub"])
+        .lines()
+        .filter_map(|line| line.split(' ').next()?.strip_prefix("id="))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stalled_client_never_gets_the_relay_cut_off_by_redis_output_buffer_limits() {
+    const CHANNEL: &str = "lightlevel/burst";
+    let redis = Redis::start().await;
+    // Redis drops a pub/sub connection that has more than 2 MiB waiting for it.
+    redis_cli(
+        &redis,
+        &[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 2mb 2mb 0",
+        ],
+    );
+    let subscribe = Server::start(
+        Kind::Subscribe,
+        &redis.url(),
+        &["--client-queue", "64", "--slow-consumer", "skip"],
+    )
+    .await;
+    let mut healthy = connect(&subscribe.ws("/burst")).await;
+    until_receiving(&redis, CHANNEL, &mut healthy).await;
+    let _stalled = connect(&subscribe.ws("/burst")).await;
+    redis.wait_numsub(CHANNEL, 1).await;
+    subscribe
+        .wait_metric("lightrelay_connections", |v| v == 2.0)
+        .await;
+    let relay = pubsub_client_ids(&redis);
+    assert_eq!(relay.len(), 1, "{relay:?}");
+
+    // 32 MiB, 16 times the limit, while one client reads nothing at all.
+    let sent = flood(&redis, &subscribe, CHANNEL, &mut healthy, None, 2048, 64).await;
+    assert_eq!(sent, 2048);
+    // The same connection all along: Redis never cut the relay off.
+    assert_eq!(pubsub_client_ids(&redis), relay);
+    assert_eq!(
+        subscribe
+            .metric("lightrelay_dropped_total{reason=\"redis_lagged\"}")
+            .await,
+        0.0
+    );
+    assert!(
+        subscribe
+            .metric("lightrelay_dropped_total{reason=\"slow_consumer_skip\"}")
+            .await
+            > 0.0,
+        "the stalled client did fall behind"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_with_1008_while_the_others_get_everything() {
+    const CHANNEL: &str = "lightlevel/fast";
+    let redis = Redis::start().await;
+    let subscribe = Server::start(
+        Kind::Subscribe,
+        &redis.url(),
+        &["--client-queue", "64", "--slow-consumer", "close"],
+    )
+    .await;
+    let mut healthy = connect(&subscribe.ws("/fast")).await;
+    until_receiving(&redis, CHANNEL, &mut healthy).await;
+    let mut slow = connect(&subscribe.ws("/fast")).await;
+    until_receiving(&redis, CHANNEL, &mut slow).await;
+    // From here on `slow` is not read until the server has given up on it.
+
+    let published = flood_until_overflow(
+        &redis,
+        &subscribe,
+        CHANNEL,
+        &mut healthy,
+        "lightrelay_dropped_total{reason=\"slow_consumer_close\"}",
+        64,
+    )
+    .await;
+
+    // The slow client reads at last: what the kernel buffered (a prefix, in order), then 1008.
+    let mut received = 0;
+    let close = loop {
+        assert!(received <= published, "more chunks than were published");
+        match next_data(&mut slow).await {
+            Message::Close(Some(close)) => break close,
+            Message::Close(None) => panic!("close frame without a code"),
+            frame => {
+                assert_eq!(index_of(&frame), received, "slow client");
+                received += 1;
+            }
+        }
+    };
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason.as_str(), "slow consumer");
+    finish_close(&mut slow).await;
+    assert!(
+        received < published,
+        "the slow client got all {published} chunks: it was not slow"
+    );
+    subscribe
+        .wait_series("lightrelay_closed_total{reason=\"slow_consumer\"}", |v| {
+            v == 1.0
+        })
+        .await;
+    subscribe
+        .wait_metric("lightrelay_connections", |v| v == 1.0)
+        .await;
+
+    // The healthy client is still subscribed and served.
+    assert_eq!(redis.publish(CHANNEL, "after").await, 1);
+    assert_eq!(next_data(&mut healthy).await, Message::text("after"));
+    subscribe
+        .wait_metric("lightrelay_queued_messages", |v| v == 0.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_slow_consumer_under_skip_keeps_its_connection_and_gets_the_newest_message_last() {
+    const CHANNEL: &str = "lightlevel/dash";
+    let redis = Redis::start().await;
+    let subscribe = Server::start(
+        Kind::Subscribe,
+        &redis.url(),
+        &["--client-queue", "64", "--slow-consumer", "skip"],
+    )
+    .await;
+    let mut healthy = connect(&subscribe.ws("/dash")).await;
+    until_receiving(&redis, CHANNEL, &mut healthy).await;
+    let mut slow = connect(&subscribe.ws("/dash")).await;
+    until_receiving(&redis, CHANNEL, &mut slow).await;
+
+    let published = flood_until_overflow(
+        &redis,
+        &subscribe,
+        CHANNEL,
+        &mut healthy,
+        "lightrelay_dropped_total{reason=\"slow_consumer_skip\"}",
+        64,
+    )
+    .await;
+    assert_eq!(redis.publish(CHANNEL, "newest").await, 1);
+    assert_eq!(next_data(&mut healthy).await, Message::text("newest"));
+
+    // The slow client reads at last: chunks in order with a gap where its backlog was
+    // dropped, and the newest message last.
+    let mut received = 0;
+    let mut last: Option<u32> = None;
+    loop {
+        assert!(received <= published, "more chunks than were published");
+        match next_data(&mut slow).await {
+            Message::Text(t) if t.as_str() == "newest" => break,
+            Message::Close(close) => panic!("a skipping client was closed: {close:?}"),
+            frame => {
+                let i = index_of(&frame);
+                assert!(last.is_none_or(|l| i > l), "chunk {i} after {last:?}");
+                last = Some(i);
+                received += 1;
+            }
+        }
+    }
+    assert!(
+        received < published,
+        "the slow client got all {published} chunks: nothing was skipped"
+    );
+    let dropped = subscribe
+        .metric("lightrelay_dropped_total{reason=\"slow_consumer_skip\"}")
+        .await;
+    // Every chunk was either delivered or counted as dropped.
+    assert_eq!(f64::from(received) + dropped, f64::from(published));
+
+    // Still connected and subscribed.
+    assert_eq!(redis.publish(CHANNEL, "still here").await, 1);
+    assert_eq!(next_data(&mut slow).await, Message::text("still here"));
+    assert_eq!(next_data(&mut healthy).await, Message::text("still here"));
+    assert_eq!(subscribe.metric("lightrelay_connections").await, 2.0);
+    let metrics = subscribe.metrics_text().await;
+    assert!(
+        !metrics.contains("lightrelay_closed_total{reason=\"slow_consumer\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn frames_from_subscribers_are_discarded_without_accept_publish() {
+    const CHANNEL: &str = "lightlevel/room";
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let mut ws = connect(&subscribe.ws("/room")).await;
+    redis.wait_numsub(CHANNEL, 1).await;
+    let mut watcher = redis.subscribe(CHANNEL).await;
+
+    send_text(&mut ws, "from a subscriber").await;
+    ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    // Once the pong is back, the server has read (and discarded) both frames.
+    assert_eq!(sync(&mut ws).await, Vec::<Message>::new());
+    assert_eq!(redis.publish(CHANNEL, "marker").await, 2);
+    assert_eq!(&watcher.next().await[..], b"marker");
+    assert_eq!(next_frame(&mut ws).await, Message::text("marker"));
+    assert_eq!(
+        subscribe
+            .metric("lightrelay_messages_total{direction=\"redis_out\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn with_accept_publish_frames_from_subscribers_are_published_and_come_back() {
+    const CHANNEL: &str = "lightlevel/chat";
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &["--accept-publish"]).await;
+    let mut sender = connect(&subscribe.ws("/chat")).await;
+    redis.wait_numsub(CHANNEL, 1).await;
+    let mut other = connect(&subscribe.ws("/chat")).await;
+    until_receiving(&redis, CHANNEL, &mut other).await;
+    let mut watcher = redis.subscribe(CHANNEL).await;
+
+    send_text(&mut sender, "hello from the browser").await;
+    sender
+        .send(Message::binary(vec![0xfe, 0x00, 0x01]))
+        .await
+        .unwrap();
+    assert_eq!(&watcher.next().await[..], b"hello from the browser");
+    assert_eq!(&watcher.next().await[..], &[0xfe, 0x00, 0x01]);
+    for ws in [&mut sender, &mut other] {
+        assert_eq!(next_data(ws).await, Message::text("hello from the browser"));
+        assert_eq!(next_data(ws).await, Message::binary(vec![0xfe, 0x00, 0x01]));
+    }
+    assert_eq!(
+        subscribe
+            .metric("lightrelay_messages_total{direction=\"redis_out\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_frame_over_max_message_bytes_from_a_subscriber_closes_it_with_1009() {
+    let redis = Redis::start().await;
+    for extra in [&[][..], &["--accept-publish"][..]] {
+        let flags = [&["--max-message-bytes", "1KiB"][..], extra].concat();
+        let subscribe = Server::start(Kind::Subscribe, &redis.url(), &flags).await;
+        let mut ws = connect(&subscribe.ws("/limit")).await;
+        // At the limit: still connected.
+        ws.send(Message::binary(vec![b'a'; 1024])).await.unwrap();
+        sync(&mut ws).await;
+        ws.send(Message::binary(vec![b'b'; 1025])).await.unwrap();
+        let close = close_frame(&mut ws).await;
+        assert_eq!(close.code, CloseCode::Size, "flags {flags:?}");
+        assert!(close.reason.contains("1024"), "reason: {}", close.reason);
+        finish_close(&mut ws).await;
+        subscribe
+            .wait_series("lightrelay_closed_total{reason=\"too_big\"}", |v| v == 1.0)
+            .await;
+    }
+}
