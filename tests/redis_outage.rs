@@ -288,3 +288,38 @@ async fn servers_started_while_redis_is_down_listen_at_once_and_work_once_it_is_
     assert_eq!(next_data(&mut early).await, Message::text("hello"));
     assert!(!publish.has_exited() && !subscribe.has_exited());
 }
+
+#[tokio::test]
+async fn a_deaf_redis_turns_healthz_503_and_the_subscription_still_works_after() {
+    let redis = Redis::start().await;
+    let subscribe =
+        Server::start(Kind::Subscribe, &redis.url(), &["--ping-interval", "500ms"]).await;
+    let mut ws = connect(&subscribe.ws("/deaf")).await;
+    until_receiving(&redis, "lightlevel/deaf", &mut ws).await;
+
+    // Redis stops answering but keeps every connection open: only a PING can tell.
+    use fred::interfaces::ClientLike as _;
+    let sleeper = redis.client().await;
+    let deaf = tokio::spawn(async move {
+        let _: fred::types::Value = sleeper
+            .custom(
+                fred::types::CustomCommand::new_static("DEBUG", None, false),
+                vec!["SLEEP", "4"],
+            )
+            .await
+            .unwrap();
+    });
+    let reason = subscribe.wait_health(503).await;
+    assert!(reason.starts_with("redis subscriber"), "reason: {reason}");
+    assert!(
+        !deaf.is_finished(),
+        "503 must come while Redis is deaf, not after it answers again"
+    );
+    deaf.await.unwrap();
+    subscribe.wait_health(200).await;
+
+    // The subscriber connection was reconnected and re-subscribed: messages flow again.
+    redis.wait_numsub("lightlevel/deaf", 1).await;
+    redis.publish("lightlevel/deaf", "awake").await;
+    assert_eq!(next_data_text(&mut ws).await, "awake");
+}

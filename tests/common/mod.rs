@@ -67,6 +67,9 @@ impl Redis {
                 "",
                 "--appendonly",
                 "no",
+                // DEBUG SLEEP lets a test make Redis deaf without closing its connections.
+                "--enable-debug-command",
+                "yes",
             ])
             .arg("--dir")
             .arg(&self.dir)
