@@ -1,6 +1,7 @@
 //! The HTTP face of both servers: every request that arrives, upgraded or not (SPEC §2, §5).
 //!
-//! Owns: routing (`/healthz`, `/metrics`, `POST /PATH`, WebSocket upgrades, 426 for the rest),
+//! Owns: routing (`/healthz`, `/metrics`, `POST /PATH`, the live page's files on the subscribe
+//! server, WebSocket upgrades, 426 for the rest),
 //! the refusals that happen before an upgrade (400 bad path, 503 over `--max-connections`),
 //! the WebSocket handshake itself (accept key, `lightrelay.ack` subprotocol, buffer sizes) and
 //! handing the upgraded connection to its session.
@@ -22,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::channel::ChannelName;
+use crate::page;
 use crate::publish::{publish_once, PublishError};
 use crate::server::Relay;
 
@@ -46,6 +48,13 @@ pub async fn handle(relay: Arc<Relay>, req: Request<Incoming>) -> Result<Reply, 
         return Ok(upgrade(relay, req));
     }
     let path = req.uri().path();
+    // The live page (SPEC §7) belongs to the subscribe server; the publish server's `GET /`
+    // stays a 426 like any other plain request there.
+    if !relay.is_publish() && matches!(*req.method(), Method::GET | Method::HEAD) {
+        if let Some(page) = page::serve(path) {
+            return Ok(page);
+        }
+    }
     let answer = match (req.method(), path) {
         (&Method::GET, "/healthz") => match relay.health.status() {
             Ok(()) => reply(StatusCode::OK, "ok\n"),
@@ -89,12 +98,14 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-fn channel_of(relay: &Relay, req: &Request<Incoming>) -> Result<ChannelName, Reply> {
+/// The request's channel, or the 400 that refuses it (boxed: a response is large, and this is
+/// the path every upgrade takes).
+fn channel_of(relay: &Relay, req: &Request<Incoming>) -> Result<ChannelName, Box<Reply>> {
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let common = relay.common();
     ChannelName::from_target(&common.channel_prefix, target, common.max_path_bytes).map_err(|e| {
         relay.metrics.refused("bad_path");
-        reply(StatusCode::BAD_REQUEST, format!("{e}\n"))
+        Box::new(reply(StatusCode::BAD_REQUEST, format!("{e}\n")))
     })
 }
 
@@ -102,10 +113,22 @@ fn channel_of(relay: &Relay, req: &Request<Incoming>) -> Result<ChannelName, Rep
 async fn post(relay: Arc<Relay>, req: Request<Incoming>) -> Reply {
     let channel = match channel_of(&relay, &req) {
         Ok(channel) => channel,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let max = relay.common().max_message_bytes;
-    let body = match Limited::new(req.into_body(), max).collect().await {
+    // The body is part of the request: hyper's header timeout does not cover it, so a body
+    // that stalls is bounded here by the same --handshake-timeout (else it holds the
+    // connection forever).
+    let patience = relay.common().handshake_timeout;
+    let collected =
+        tokio::time::timeout(patience, Limited::new(req.into_body(), max).collect()).await;
+    let Ok(collected) = collected else {
+        return reply(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("body not received within {patience:?} (--handshake-timeout)\n"),
+        );
+    };
+    let body = match collected {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return reply(
@@ -139,7 +162,7 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Reply {
     }
     let channel = match channel_of(&relay, &req) {
         Ok(channel) => channel,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     if req
         .headers()
@@ -173,7 +196,11 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Reply {
             ),
         );
     };
-    let ack = header_has_token(&req, header::SEC_WEBSOCKET_PROTOCOL, ACK_PROTOCOL);
+    // Acks only where messages are published: a subscribe server without --accept-publish
+    // does not select the subprotocol, so an ack publisher pointed at it fails at once
+    // instead of waiting for acks that never come.
+    let ack = relay.accepts_post()
+        && header_has_token(&req, header::SEC_WEBSOCKET_PROTOCOL, ACK_PROTOCOL);
     let accept = derive_accept_key(key.as_bytes());
 
     let on_upgrade = hyper::upgrade::on(&mut req);

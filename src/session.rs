@@ -144,7 +144,7 @@ where
         ping_due: false,
         last_heard: now,
         next_ping: now + settings.ping_interval,
-        draining: false,
+        ending: None,
         settings,
         metrics,
     });
@@ -170,8 +170,9 @@ struct Connection<S> {
     ping_due: bool,
     last_heard: Instant,
     next_ping: Instant,
-    /// Shutdown began: no more reading; finish the publishes in flight, then 1001.
-    draining: bool,
+    /// How the connection is ending, once it is: nothing more is read, the publishes in
+    /// flight finish, then the session returns this (shutdown: 1001 after the acks).
+    ending: Option<Ending>,
     settings: SessionSettings,
     metrics: Metrics,
 }
@@ -196,33 +197,46 @@ where
         cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
         mut timer: Pin<&mut Sleep>,
     ) -> Poll<Ending> {
-        if !self.draining && cancelled.poll(cx).is_ready() {
-            self.draining = true;
+        if self.ending.is_none() && cancelled.poll(cx).is_ready() {
+            self.ending = Some(Ending::GoingAway);
         }
         for _ in 0..POLL_BUDGET {
-            if self.outbox.overflowed() {
-                return Poll::Ready(Ending::SlowConsumer);
+            if self.ending.is_none() && self.outbox.overflowed() {
+                self.ending = Some(Ending::SlowConsumer);
             }
             let mut progress = match self.poll_acks(cx) {
                 Ok(progress) => progress,
                 Err(ending) => return Poll::Ready(ending),
             };
-            if self.draining && self.window().is_none_or(PublishWindow::is_empty) {
-                return Poll::Ready(Ending::GoingAway);
+            // However the connection ends, what was read from it is published first: frames
+            // already taken off the socket must not be dropped (bounded by --redis-timeout).
+            if self.ending.is_some() && self.window().is_none_or(PublishWindow::is_empty) {
+                return Poll::Ready(self.ending.take().unwrap_or(Ending::Broken));
             }
-            match self.poll_write(cx) {
-                Ok(wrote) => progress |= wrote,
-                Err(ending) => return Poll::Ready(ending),
+            if self.can_write() {
+                match self.poll_write(cx) {
+                    Ok(wrote) => progress |= wrote,
+                    Err(ending) => {
+                        self.ending.get_or_insert(ending);
+                        continue;
+                    }
+                }
             }
-            match self.poll_read(cx) {
-                Ok(read) => progress |= read,
-                Err(ending) => return Poll::Ready(ending),
+            if self.ending.is_none() {
+                match self.poll_read(cx) {
+                    Ok(read) => progress |= read,
+                    Err(ending) => {
+                        self.ending = Some(ending);
+                        continue;
+                    }
+                }
             }
             // Timers: one sleep serves the ping, the idle timeout and --redis-timeout. It may
             // fire early (a frame moved the idle deadline on); it is then simply re-armed.
             let now = Instant::now();
-            if now >= self.last_heard + self.settings.idle_timeout {
-                return Poll::Ready(Ending::IdleTimeout);
+            if self.ending.is_none() && now >= self.last_heard + self.settings.idle_timeout {
+                self.ending = Some(Ending::IdleTimeout);
+                continue;
             }
             if self
                 .window()
@@ -265,6 +279,15 @@ where
             Inbound::Publish(window) => Some(window),
             Inbound::Discard => None,
         }
+    }
+
+    /// Whether frames can still go out: not once the client closed, the socket broke or the
+    /// client stopped reading (its outbox overflowed).
+    fn can_write(&self) -> bool {
+        !matches!(
+            self.ending,
+            Some(Ending::ClientClosed | Ending::Broken | Ending::SlowConsumer)
+        )
     }
 
     fn next_deadline(&self) -> Instant {
@@ -344,7 +367,7 @@ where
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
         let mut progress = false;
         for _ in 0..READ_BUDGET {
-            if self.draining || self.window().is_some_and(PublishWindow::is_full) {
+            if self.window().is_some_and(PublishWindow::is_full) {
                 break;
             }
             let frame = match Pin::new(&mut self.ws).poll_next(cx) {

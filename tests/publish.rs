@@ -214,3 +214,32 @@ async fn publishes_are_pipelined_many_in_flight_on_one_redis_connection() {
         "only {in_flight} PUBLISHes were sent before the first reply: not pipelined"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_closes_right_after_sending_still_has_every_message_published() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let mut watcher = redis.subscribe("lightlevel/bye").await;
+    for round in 0..20 {
+        let mut ws = connect(&publish.ws("/bye")).await;
+        for i in 0..10 {
+            ws.feed(Message::text(format!("{round}.{i}")))
+                .await
+                .unwrap();
+        }
+        // Close in the same write as the messages: the server reads them and the close together.
+        ws.feed(Message::Close(None)).await.unwrap();
+        ws.flush().await.unwrap();
+        for i in 0..10 {
+            assert_eq!(
+                watcher.next().await,
+                format!("{round}.{i}").as_bytes(),
+                "round {round}"
+            );
+        }
+    }
+    let published = publish
+        .metric("lightrelay_messages_total{direction=\"redis_out\"}")
+        .await;
+    assert_eq!(published, 200.0);
+}

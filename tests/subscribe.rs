@@ -493,3 +493,37 @@ async fn a_frame_over_max_message_bytes_from_a_subscriber_closes_it_with_1009() 
             .await;
     }
 }
+
+/// The raw response head of an upgrade that offers `lightrelay.ack`.
+async fn upgrade_offering_ack(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /acks HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: lightrelay.ack\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_lowercase()
+}
+
+#[tokio::test]
+async fn the_ack_subprotocol_is_selected_only_where_messages_are_published() {
+    let redis = Redis::start().await;
+    let plain = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let head = upgrade_offering_ack(plain.addr).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(!head.contains("sec-websocket-protocol"), "{head}");
+
+    let publishing = Server::start(Kind::Subscribe, &redis.url(), &["--accept-publish"]).await;
+    let head = upgrade_offering_ack(publishing.addr).await;
+    assert!(
+        head.contains("sec-websocket-protocol: lightrelay.ack"),
+        "{head}"
+    );
+}
