@@ -14,7 +14,8 @@
 //! Modules, in the order data flows: [`config`] (flags), [`server`] (listener, shared state,
 //! shutdown), [`http`] (requests, refusals, upgrades), [`channel`] (path → channel),
 //! [`session`] (one WebSocket's life), [`publish`] (pipelined PUBLISH), [`hub`] (subscriptions
-//! and fan-out), [`outbox`] (per-client bounded queue), [`redis`] (connections and health),
+//! and fan-out), [`outbox`] (per-client bounded queue), [`page`] (the live page's embedded
+//! files), [`redis`] (connections and health),
 //! [`metrics`], [`shutdown`], [`telemetry`]. `ARCHITECTURE.md` is the longer map.
 
 pub mod channel;
@@ -24,6 +25,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod page;
 pub mod publish;
 pub mod redis;
 pub mod server;

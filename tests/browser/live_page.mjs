@@ -1,0 +1,321 @@
+// The live page (SPEC §7) in real headless Chromium, driven by playwright-core.
+//
+//   node tests/browser/live_page.mjs --subscribe http://127.0.0.1:P --publish http://127.0.0.1:Q \
+//        --screenshot target/live-page.png [--phone-screenshot target/live-page-phone.png]
+//
+// Run by tests/live_page.rs, which owns Redis and both servers. The two talk over this
+// process's stdin/stdout: a line `@COMMAND ARG` asks the Rust side to do something (stop or
+// start the subscribe server, wait for a Redis subscription) and this script waits for its
+// `ok`. Lines starting with `#` are progress; the last line is `PASS …` (exit 0) or the failure
+// goes to stderr (exit 1). Every wait is bounded; the whole run is bounded by TOTAL_MS.
+
+import { chromium } from 'playwright-core';
+import { parseArgs } from 'node:util';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import http from 'node:http';
+import net from 'node:net';
+import readline from 'node:readline';
+
+const TOTAL_MS = 150_000;
+const WAIT_MS = 20_000;
+const RECONNECT_WAIT_MS = 45_000; // back-off after a restart: 1 s, 2 s, 4 s, ... plus start-up
+const PATH = '/live-page-test';
+
+const { values: opt } = parseArgs({
+  options: {
+    subscribe: { type: 'string' },
+    publish: { type: 'string' },
+    screenshot: { type: 'string' },
+    'phone-screenshot': { type: 'string' },
+    chromium: { type: 'string', default: process.env.LIGHTRELAY_CHROMIUM || '/usr/bin/chromium' },
+  },
+});
+for (const name of ['subscribe', 'publish', 'screenshot']) {
+  if (!opt[name]) usage(`--${name} is required`);
+}
+const subscribeUrl = opt.subscribe.replace(/\/+$/, '');
+const publishUrl = opt.publish.replace(/\/+$/, '');
+const toWs = (u) => u.replace(/^http/, 'ws');
+
+function usage(problem) {
+  process.stderr.write(`live_page.mjs: ${problem}\n`);
+  process.exit(2);
+}
+
+let checks = 0;
+function check(ok, what) {
+  if (!ok) throw new Error(`check failed: ${what}`);
+  checks += 1;
+}
+const step = (text) => process.stdout.write(`# ${text}\n`);
+
+// ---- talking to the Rust side ------------------------------------------------------------
+const replies = [];
+let replyWaiter = null;
+readline.createInterface({ input: process.stdin }).on('line', (line) => {
+  if (replyWaiter) { const w = replyWaiter; replyWaiter = null; w(line); } else replies.push(line);
+});
+async function ask(command) {
+  process.stdout.write(`@${command}\n`);
+  const line = replies.length
+    ? replies.shift()
+    : await withTimeout(new Promise((resolve) => { replyWaiter = resolve; }), WAIT_MS * 2, `reply to @${command}`);
+  if (line !== 'ok') throw new Error(`@${command} answered ${JSON.stringify(line)}`);
+}
+
+function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), ms); });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+// ---- a reverse proxy that serves the relay under /subscribe/ (as nginx/lightrelay-tls.conf) --
+function startProxy(target) {
+  const { hostname, port } = new URL(target);
+  const sockets = new Set();
+  const strip = (url) => /^\/subscribe(\/.*)$/.exec(url)?.[1];
+  const server = http.createServer((req, res) => {
+    const path = strip(req.url);
+    if (!path) { res.writeHead(404).end('not under /subscribe/\n'); return; }
+    const upstream = http.request({ host: hostname, port, method: req.method, path, headers: req.headers }, (r) => {
+      res.writeHead(r.statusCode, r.headers);
+      r.pipe(res);
+    });
+    upstream.on('error', () => res.writeHead(502).end());
+    req.pipe(upstream);
+  });
+  server.on('connection', (s) => { sockets.add(s); s.on('close', () => sockets.delete(s)); });
+  server.on('upgrade', (req, client, head) => {
+    const path = strip(req.url);
+    if (!path) { client.destroy(); return; }
+    const upstream = net.connect(Number(port), hostname, () => {
+      let request = `${req.method} ${path} HTTP/1.1\r\n`;
+      for (let i = 0; i < req.rawHeaders.length; i += 2) request += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`;
+      upstream.write(request + '\r\n');
+      upstream.write(head);
+      client.pipe(upstream);
+      upstream.pipe(client);
+    });
+    sockets.add(upstream);
+    upstream.on('close', () => { sockets.delete(upstream); client.destroy(); });
+    upstream.on('error', () => client.destroy());
+    client.on('error', () => upstream.destroy());
+  });
+  return new Promise((resolve) => {
+    server.listen(0, '127.0.0.1', () => resolve({
+      url: `http://127.0.0.1:${server.address().port}/subscribe`,
+      close: () => { for (const s of sockets) s.destroy(); server.close(); },
+    }));
+  });
+}
+
+// ---- publishing through the publish server -------------------------------------------------
+async function post(body) {
+  const response = await withTimeout(fetch(publishUrl + PATH, { method: 'POST', body }), WAIT_MS, 'POST');
+  const text = await response.text();
+  check(response.status === 200, `POST answers 200 (got ${response.status} ${text.trim()})`);
+  return Number(text.trim());
+}
+
+// A real browser WebSocket to the publish server, with the lightrelay.ack subprotocol: resolves
+// once every message was acknowledged, so each one is known to be PUBLISHed.
+async function publishWs(page, messages, paceMs = 0) {
+  return page.evaluate(async ({ url, messages, paceMs, waitMs }) => {
+    const ws = new WebSocket(url, 'lightrelay.ack');
+    ws.binaryType = 'arraybuffer';
+    await new Promise((resolve, reject) => {
+      ws.onopen = resolve;
+      ws.onclose = (e) => reject(new Error(`publish socket closed ${e.code} before opening`));
+    });
+    if (ws.protocol !== 'lightrelay.ack') throw new Error(`subprotocol ${ws.protocol}`);
+    let acks = 0;
+    const acked = new Promise((resolve, reject) => {
+      ws.onmessage = () => { acks += 1; if (acks === messages.length) resolve(); };
+      ws.onclose = (e) => reject(new Error(`publish socket closed ${e.code} after ${acks} acks`));
+      setTimeout(() => reject(new Error(`${acks} of ${messages.length} acks`)), waitMs);
+    });
+    for (const m of messages) {
+      ws.send(typeof m === 'string' ? m : new Uint8Array(m));
+      if (paceMs) await new Promise((r) => setTimeout(r, paceMs));
+    }
+    await acked;
+    ws.onclose = null;
+    ws.close(1000);
+    return acks;
+  }, { url: toWs(publishUrl) + PATH, messages, paceMs, waitMs: WAIT_MS });
+}
+
+// ---- the page ----------------------------------------------------------------------------
+const pageErrors = [];
+function watchConsole(page, name) {
+  page.on('pageerror', (e) => pageErrors.push(`${name}: ${e.message}`));
+  page.on('console', (m) => {
+    if (m.type() !== 'error') return;
+    // Chromium logs each refused reconnect attempt while the relay is down: expected.
+    if (/WebSocket connection to .* failed/.test(m.text()) || /ERR_CONNECTION_REFUSED/.test(m.text())) return;
+    pageErrors.push(`${name}: ${m.text()}`);
+  });
+}
+
+const state = (page) => page.evaluate(() => window.lightrelay?.state);
+async function waitState(page, wanted, ms = WAIT_MS) {
+  try {
+    await page.waitForFunction((s) => window.lightrelay?.state === s, wanted, { timeout: ms, polling: 50 });
+  } catch {
+    throw new Error(`the page never showed state ${wanted} (it shows ${await state(page)}: ${await page.textContent('#detail')})`);
+  }
+  checks += 1;
+}
+async function waitFor(page, what, fn, arg) {
+  try {
+    await page.waitForFunction(fn, arg, { timeout: WAIT_MS, polling: 50 });
+  } catch {
+    throw new Error(`timed out waiting for ${what}`);
+  }
+  checks += 1;
+}
+const payloads = (page) => page.$$eval('#rows tr:not(.empty) td.payload', (tds) => tds.map((td) => td.textContent));
+
+async function main() {
+  const profile = mkdtempSync(join(tmpdir(), 'lightrelay-chromium-'));
+  let context = null;
+  let proxy = null;
+  try {
+    step(`starting ${opt.chromium}`);
+    context = await chromium.launchPersistentContext(profile, {
+      executablePath: opt.chromium,
+      headless: true,
+      args: [
+        '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+        '--disable-sync', '--no-first-run', '--disable-quic',
+      ],
+      viewport: { width: 1200, height: 900 },
+      timeout: WAIT_MS,
+    });
+    context.setDefaultTimeout(WAIT_MS);
+    const page = context.pages()[0] ?? await context.newPage();
+    watchConsole(page, 'page');
+
+    // 1. The page loads from the subscribe server and goes live on ?path=.
+    step('open the page');
+    const response = await page.goto(`${subscribeUrl}/?path=${PATH}`);
+    check(response.status() === 200, 'GET / answers 200');
+    check(response.headers()['content-type'].startsWith('text/html'), 'the page is text/html');
+    await waitState(page, 'live');
+    check(await page.evaluate(() => typeof uPlot === 'function'), 'the vendored uPlot loaded');
+    check(await page.evaluate(() => window.lightrelay.url) === toWs(subscribeUrl) + PATH, 'the socket URL is same-origin + path');
+    check(await page.inputValue('#path') === PATH, 'the path box shows ?path=');
+    check((await page.title()).includes(PATH), 'the title names the path');
+    await ask(`subscribed ${PATH}`);
+
+    // 2. Messages published through the publish server appear, newest first.
+    step('publish by POST and by a browser WebSocket');
+    const publisher = await context.newPage();
+    watchConsole(publisher, 'publisher');
+    check(await post('417') === 1, 'POST reaches one Redis receiver (the subscribe server)');
+    await publishWs(publisher, ['{"lux": 420.5, "temp": 21.25}', [0x00, 0x01, 0xfe, 0xff, 0x80], '<b>not bold</b>']);
+    await waitFor(page, '4 rows', () => window.lightrelay.rows() >= 4);
+    const rows = await payloads(page);
+    check(JSON.stringify(rows) === JSON.stringify(['<b>not bold</b>', 'binary00 01 fe ff 80', '{"lux": 420.5, "temp": 21.25}', '417']),
+      `rows newest first, binary as hex, markup as text: ${JSON.stringify(rows)}`);
+    check(await page.$$eval('#rows b', (b) => b.length) === 0, 'a message is never parsed as HTML');
+    check(await page.textContent('#rows tr:nth-child(2) td.size') === '5 B', 'a binary row shows its size');
+    check(await page.textContent('#count') === '4', 'the received count is 4');
+    await waitFor(page, 'two chart points', () => window.lightrelay.chartPoints() === 2);
+    const series = await page.evaluate(() => window.lightrelay.series());
+    check(JSON.stringify(series) === '["value","lux","temp"]', `a series per numeric field: ${series}`);
+    check((await page.textContent('#latest')) === 'lux 420.5 · temp 21.25', 'the latest value shows the JSON fields');
+
+    // 3. A stream of readings: the chart grows and the rate shows.
+    step('publish 60 readings, 25 ms apart');
+    const readings = Array.from({ length: 60 }, (_, i) =>
+      JSON.stringify({ lux: Math.round(500 + 300 * Math.sin(i / 6)), temp: +(21 + Math.sin(i / 15)).toFixed(2) }));
+    await publishWs(publisher, readings, 25);
+    await waitFor(page, '64 messages', () => window.lightrelay.received === 64);
+    await waitFor(page, '62 chart points', () => window.lightrelay.chartPoints() === 62);
+    await waitFor(page, 'a non-zero rate', () => /^[1-9][\d.,]* msg\/s$/.test(document.getElementById('rate').textContent));
+
+    // 4. Phone width: nothing wider than the screen.
+    step('phone width');
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.waitForTimeout(300);
+    const [overflow, culprits] = await page.evaluate(() => [
+      document.documentElement.scrollWidth - window.innerWidth,
+      [...document.querySelectorAll('body *')]
+        .filter((e) => e.getBoundingClientRect().right > window.innerWidth + 0.5)
+        .slice(0, 5)
+        .map((e) => `${e.tagName.toLowerCase()}#${e.id}.${e.className} right=${e.getBoundingClientRect().right}`),
+    ]);
+    check(overflow <= 0, `no horizontal scrolling at 390 px (${overflow} px too wide: ${culprits.join(', ')})`);
+    if (opt['phone-screenshot']) await page.screenshot({ path: opt['phone-screenshot'], fullPage: false });
+    await page.setViewportSize({ width: 1200, height: 900 });
+
+    // 5. The subscribe server goes away: reconnecting with back-off; back: live, and new
+    // messages arrive again on the same page.
+    step('stop the subscribe server');
+    await ask('stop-subscribe');
+    await waitState(page, 'reconnecting');
+    check(/^in \d+ s$/.test(await page.textContent('#countdown')), 'a countdown to the next attempt');
+    check(/1006/.test(await page.textContent('#detail')), 'the close code is shown');
+    step('start it again on the same address');
+    await ask('start-subscribe');
+    await waitState(page, 'live', RECONNECT_WAIT_MS);
+    await ask(`subscribed ${PATH}`);
+    check(await post('555') === 1, 'POST after the restart reaches the new subscription');
+    await waitFor(page, 'the message after the restart as the newest row',
+      () => document.querySelector('#rows td.payload')?.textContent === '555');
+    check(await page.evaluate(() => window.lightrelay.received) === 65, 'nothing else arrived');
+    await waitFor(page, '63 chart points', () => window.lightrelay.chartPoints() === 63);
+
+    // 6. Behind a proxy that serves the relay under /subscribe/ (nginx/lightrelay-tls.conf): the
+    // page's links and its socket keep the prefix; ?ws= points a page at another base.
+    step('behind a path prefix, and with ?ws=');
+    proxy = await startProxy(subscribeUrl);
+    const prefixed = await context.newPage();
+    watchConsole(prefixed, 'prefixed');
+    await prefixed.goto(`${proxy.url}/?path=${PATH}`);
+    await waitState(prefixed, 'live');
+    check(await prefixed.evaluate(() => typeof uPlot === 'function'), 'uPlot loads under the prefix');
+    check(await prefixed.evaluate(() => window.lightrelay.url) === toWs(proxy.url) + PATH, 'the socket keeps the prefix');
+    const pointed = await context.newPage();
+    watchConsole(pointed, 'pointed');
+    await pointed.goto(`${subscribeUrl}/?path=${PATH}&ws=${encodeURIComponent(proxy.url + '/')}`);
+    await waitState(pointed, 'live');
+    check(await pointed.evaluate(() => window.lightrelay.url) === toWs(proxy.url) + PATH, '?ws= sets the socket base');
+    check(await post('777') === 1, 'one Redis subscription for every page of the path');
+    for (const p of [page, prefixed, pointed]) {
+      await waitFor(p, 'the message through the proxy', () => document.querySelector('#rows td.payload')?.textContent === '777');
+    }
+    await waitFor(prefixed, 'a chart point under the prefix', () => window.lightrelay.chartPoints() === 1);
+    await prefixed.close();
+    await pointed.close();
+
+    // 7. A picture for a person to look at.
+    await page.bringToFront();
+    await page.screenshot({ path: opt.screenshot, fullPage: false });
+    step(`screenshot: ${opt.screenshot}`);
+
+    check(pageErrors.length === 0, `no errors in the browser console:\n  ${pageErrors.join('\n  ')}`);
+    process.stdout.write(`PASS live page: ${checks} checks\n`);
+  } finally {
+    proxy?.close();
+    if (context) await context.close().catch(() => {});
+    rmSync(profile, { recursive: true, force: true });
+  }
+}
+
+const overall = setTimeout(() => {
+  process.stderr.write(`live_page.mjs: gave up after ${TOTAL_MS / 1000} s\n`);
+  process.exit(1);
+}, TOTAL_MS);
+
+main().then(
+  () => { clearTimeout(overall); process.exit(0); },
+  (e) => {
+    process.stderr.write(`live_page.mjs: ${e.stack || e}\n`);
+    if (pageErrors.length) process.stderr.write(`browser console:\n  ${pageErrors.join('\n  ')}\n`);
+    process.exit(1);
+  },
+);
