@@ -494,22 +494,10 @@ async fn a_frame_over_max_message_bytes_from_a_subscriber_closes_it_with_1009() 
     }
 }
 
-/// The raw response head of an upgrade that offers `lightrelay.ack`.
+/// The response to an upgrade that offers `lightrelay.ack`, lower-cased.
 async fn upgrade_offering_ack(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "GET /acks HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Protocol: lightrelay.ack\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8_lossy(&buf[..n]).to_lowercase()
+    let offer = [("Sec-WebSocket-Protocol", "lightrelay.ack")];
+    upgrade_response(addr, "/acks", &offer).await.to_lowercase()
 }
 
 #[tokio::test]

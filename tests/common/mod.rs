@@ -41,19 +41,7 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!(
-            "lightrelay-test-redis-{port}-{}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut redis = Redis {
-            port,
-            child: None,
-            dir,
-        };
-        redis.spawn().await;
-        redis
+        Redis::start_on(free_port()).await
     }
 
     async fn spawn(&mut self) {
@@ -461,6 +449,18 @@ pub async fn http(
 
 /// An upgrade request sent by hand, to see refusals that come before the upgrade.
 pub async fn upgrade_status(addr: SocketAddr, target: &str) -> (u16, String) {
+    let text = upgrade_response(addr, target, &[]).await;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// The raw first response to a hand-made upgrade request with `extra` headers.
+pub async fn upgrade_response(addr: SocketAddr, target: &str, extra: &[(&str, &str)]) -> String {
     let headers = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
@@ -469,7 +469,7 @@ pub async fn upgrade_status(addr: SocketAddr, target: &str) -> (u16, String) {
     ];
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\n");
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(extra) {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
@@ -479,14 +479,7 @@ pub async fn upgrade_status(addr: SocketAddr, target: &str) -> (u16, String) {
         .await
         .unwrap()
         .unwrap();
-    let text = String::from_utf8_lossy(&buf[..n]).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
+    String::from_utf8_lossy(&buf[..n]).to_string()
 }
 
 // Helpers for the subscribe and Redis-outage tests (SPEC §3–5).
