@@ -24,7 +24,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::channel::ChannelName;
 use crate::page;
-use crate::publish::{publish_once, PublishError};
+use crate::publish::publish_once;
 use crate::server::Relay;
 
 /// The subprotocol a publisher offers to get one ack per message.
@@ -146,9 +146,7 @@ async fn post(relay: Arc<Relay>, req: Request<Incoming>) -> Reply {
     let timeout = relay.common().redis_timeout;
     match publish_once(&relay.publisher, &channel, body, timeout, &relay.metrics).await {
         Ok(receivers) => reply(StatusCode::OK, format!("{receivers}\n")),
-        Err(e @ PublishError::Timeout(_)) | Err(e @ PublishError::Redis(_)) => {
-            reply(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
-        }
+        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }
 
