@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use super::bench::args::BenchArgs;
+
 const EXAMPLES: &str = "\
 Examples:
   sensor-reader | lightrelay pub ws://127.0.0.1:8765/office
@@ -33,6 +35,9 @@ pub enum Command {
     Pub(PubArgs),
     /// Print each message on its own line (binary as base64 unless --raw).
     Sub(SubArgs),
+    /// The load generator: fan-out, latency, ingest and idle-connection runs against a relay
+    /// (or a peer), with loss, latency and the server's CPU time and memory.
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Debug)]

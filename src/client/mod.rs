@@ -2,8 +2,8 @@
 //! (messages → stdout), over `ws://` or `wss://` (SPEC §6).
 //!
 //! Owns: the client's flags ([`args`]), connecting with TLS and back-off ([`connect`]), the
-//! resend-until-acknowledged publisher ([`publisher`]) and the printing subscriber
-//! ([`subscriber`]). Must not: depend on the server modules; it speaks only the wire
+//! resend-until-acknowledged publisher ([`publisher`]), the printing subscriber
+//! ([`subscriber`]) and the load generator ([`bench`], issue 6). Must not: depend on the server modules; it speaks only the wire
 //! protocol (WebSocket + the `lightrelay.ack` subprotocol), like any third-party client.
 //!
 //! Exit codes: 0 done (end of input all acknowledged, `--count` reached, `--once` closed
@@ -11,6 +11,7 @@
 //! error); 2 bad usage; 130 interrupted by Ctrl-C.
 
 pub mod args;
+pub mod bench;
 pub mod connect;
 pub mod publisher;
 pub mod subscriber;
@@ -24,10 +25,15 @@ pub const INTERRUPTED: u8 = 130;
 
 /// Run the client. This is all `src/bin/lightrelay.rs` calls.
 pub fn main(cli: Cli) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // `bench` drives thousands of connections: it gets every core. `pub` and `sub` are one
+    // connection each: one thread is plenty.
+    let runtime = match &cli.command {
+        Command::Bench(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("lightrelay: cannot start the runtime: {e}");
@@ -45,6 +51,7 @@ pub fn main(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Pub(args) => publisher::run(args, tls).await,
             Command::Sub(args) => subscriber::run(args, tls).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     })
 }

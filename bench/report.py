@@ -1,0 +1,320 @@
+"""Turn bin/bench's runs into target/bench/report.md, report.json and chart.png.
+
+Reads OUT/machine.txt, OUT/runs/SCENARIO.PEER.json (one `lightrelay bench --json` object
+each) and OUT/runs/ceiling.txt (redis-benchmark's output); writes the report with each figure,
+our ratio to each peer and whether each target of issue 6 was met. Standard library only;
+the chart is drawn by gnuplot. Usage: python3 bench/report.py target/bench
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+PEERS = ["lightrelay", "nchan", "python"]
+PEER_NAMES = {
+    "lightrelay": "lightrelay",
+    "nchan": "nchan (1 worker)",
+    "python": "classic Python relay",
+}
+SCENARIOS = [
+    ("idle", "idle connections (100 channels), server RSS per connection"),
+    ("fanout-1k", "fan-out 1 channel × 1,000 subscribers, 100 B, max rate"),
+    ("fanout-10k", "fan-out 1 channel × 10,000 subscribers, 100 B, max rate"),
+    ("channels", "fan-out 1,000 channels × 10 subscribers, 100 B, max rate"),
+    ("latency", "20 messages/s to 1,000 subscribers, 100 B"),
+    ("ingest-plain", "ingest, 50 publisher connections, 100 B"),
+    ("ingest-ack", "ingest, 50 publishers, acknowledged"),
+    ("frames-256k", "256 KiB binary frames to 100 subscribers, max rate"),
+]
+
+
+def load(out):
+    machine = {}
+    path = os.path.join(out, "machine.txt")
+    if os.path.exists(path):
+        for line in open(path):
+            key, _, value = line.rstrip("\n").partition("=")
+            machine[key] = value
+    runs = {}
+    errors = {}
+    rundir = os.path.join(out, "runs")
+    for name in sorted(os.listdir(rundir)) if os.path.isdir(rundir) else []:
+        scenario, _, rest = name.partition(".")
+        peer = rest.split(".")[0]
+        full = os.path.join(rundir, name)
+        if name.endswith(".json"):
+            runs[(scenario, peer)] = json.load(open(full))
+        elif name.endswith(".err") and (scenario, peer) not in runs:
+            text = open(full).read().strip()
+            if text:
+                errors[(scenario, peer)] = text.splitlines()[-1][:200]
+    ceiling = None
+    path = os.path.join(rundir, "ceiling.txt")
+    if os.path.exists(path):
+        text = open(path).read().replace("\r", "\n")
+        m = re.findall(r"([\d.]+) requests per second", text)
+        if m:
+            ceiling = float(m[-1])
+    return machine, runs, errors, ceiling
+
+
+def num(x, digits=0):
+    if x is None:
+        return "—"
+    if digits == 0:
+        return f"{x:,.0f}"
+    return f"{x:,.{digits}f}"
+
+
+def ms(us):
+    if us is None:
+        return "—"
+    return f"{us / 1000:.1f} ms" if us < 100_000 else f"{us / 1000:,.0f} ms"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fmt_ratio(r):
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def counted(run):
+    return run is not None and run.get("ok")
+
+
+def main(out):
+    machine, runs, errors, ceiling = load(out)
+
+    def run(scenario, peer):
+        return runs.get((scenario, peer))
+
+    def figure(scenario, peer, key):
+        r = run(scenario, peer)
+        if not counted(r):
+            return None
+        if key == "p99":
+            return r["latency"]["p99_us"] if r["latency"]["count"] else None
+        return r.get(key)
+
+    # ---- the targets table ------------------------------------------------------------------
+    targets = []
+
+    def target_row(name, scenario, key, fmt, goal_text, check, lower_is_better=False):
+        values = {p: figure(scenario, p, key) for p in PEERS}
+        ours = values["lightrelay"]
+        ratios = {p: ratio(ours, values[p]) for p in PEERS if p != "lightrelay"}
+        met = check(values, ratios)
+        targets.append({
+            "figure": name,
+            "scenario": scenario,
+            "values": values,
+            "ratios": ratios,
+            "target": goal_text,
+            "met": met,
+            "format": fmt,
+            "lower_is_better": lower_is_better,
+        })
+
+    target_row(
+        "fan-out 1 × 1,000, deliveries per server CPU-second, max rate",
+        "fanout-1k", "per_server_cpu_s", "count", "≥ 4× nchan",
+        lambda v, r: None if r["nchan"] is None else r["nchan"] >= 4)
+    target_row(
+        "same at 20 msg/s (nothing queues, one write per delivery)",
+        "latency", "per_server_cpu_s", "count", "≥ 1.2× nchan",
+        lambda v, r: None if r["nchan"] is None else r["nchan"] >= 1.2)
+    target_row(
+        "p99 latency, 20 msg/s to 1,000 subscribers",
+        "latency", "p99", "ms", "≤ 0.75× nchan's",
+        lambda v, r: None if r["nchan"] is None else r["nchan"] <= 0.75,
+        lower_is_better=True)
+    target_row(
+        "idle subscriber, KiB per connection (server RSS)",
+        "idle", "kib_per_connection", "kib", "≤ 4, nothing in Redis",
+        lambda v, r: None if v["lightrelay"] is None else (
+            v["lightrelay"] <= 4
+            and (figure("idle", "lightrelay", "redis_kib_per_connection") or 0) < 0.5),
+        lower_is_better=True)
+    ingest_ours = figure("ingest-plain", "lightrelay", "per_s")
+    target_row(
+        "ingest, 50 publishers, messages/s reaching Redis",
+        "ingest-plain", "per_s", "count",
+        "≥ 25% of the redis-benchmark -P 16 ceiling"
+        + (f" ({ceiling * 0.25:,.0f}/s)" if ceiling else ""),
+        lambda v, r: None if (ceiling is None or v["lightrelay"] is None)
+        else v["lightrelay"] >= 0.25 * ceiling)
+
+    def cell(value, fmt, scenario=None, peer=None):
+        if value is None:
+            r = run(scenario, peer) if scenario else None
+            if r is not None and not r.get("ok"):
+                return "not counted: " + "; ".join(r.get("problems", []))[:80]
+            if scenario and (scenario, peer) in errors:
+                return "failed"
+            return "—"
+        if fmt == "ms":
+            return ms(value)
+        if fmt == "kib":
+            extra = ""
+            if scenario:
+                red = figure(scenario, peer, "redis_kib_per_connection")
+                if red is not None:
+                    extra = f" (+{max(red, 0):.1f} in Redis)"
+            return f"{value:.2f}{extra}"
+        return num(value)
+
+    lines = []
+    add = lines.append
+    quick = machine.get("quick") == "1"
+    add("# lightrelay benchmarks, side by side" + (" (quick smoke run: not figures to quote)" if quick else ""))
+    add("")
+    add(f"Machine: {machine.get('nproc', '?')} cores, {machine.get('cpu', '?')}, Linux "
+        f"{machine.get('kernel', '?')}; {machine.get('date', '?')}; load average at the start "
+        f"{machine.get('load', '?')}. Redis {machine.get('redis', '?')}, nginx "
+        f"{machine.get('nginx', '?')} with libnginx-mod-nchan {machine.get('nchan', '?')}, "
+        f"Python {machine.get('python', '?')} with {machine.get('python_packages', '?').strip()}.")
+    add("")
+    add("Servers are compared by their own CPU time per delivery (utime + stime from "
+        "/proc/PID/stat), because on two cores the load generator shares the machine and caps "
+        "the raw rates any server can show. Only runs with zero loss count. nchan runs with "
+        "`nchan_message_buffer_length 1000` (its default of 10 loses part of a burst) and "
+        "`nchan_subscriber_first_message newest`; its figures include its own publishing "
+        "(HTTP POST into its Redis store), since nchan cannot take a plain Redis PUBLISH. "
+        "lightrelay and the Python relay are fed by PUBLISH straight to Redis and measured on "
+        "their subscribe process (ingest: their publish process). The classic Python relay "
+        "holds two files per subscriber (its WebSocket and its own Redis connection), so "
+        "under this machine's 20,000 open-file limit it runs 9,000 subscribers where the "
+        "others run 10,000.")
+    add("")
+    add("## Targets (issue 6)")
+    add("")
+    add("| figure | lightrelay | nchan (1 worker) | classic Python relay | ours ÷ nchan | ours ÷ Python | target | met |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for t in targets:
+        v = t["values"]
+        met = {True: "yes", False: "**no**", None: "—"}[t["met"]]
+        add(f"| {t['figure']} | "
+            + " | ".join(cell(v[p], t["format"], t["scenario"], p) for p in PEERS)
+            + f" | {fmt_ratio(t['ratios']['nchan'])} | {fmt_ratio(t['ratios']['python'])}"
+            + f" | {t['target']} | {met} |")
+    if ceiling:
+        ack = figure("ingest-ack", "lightrelay", "per_s")
+        add("")
+        add(f"Ingest ceiling: `redis-benchmark -c 50 -P 16` PUBLISH of 100 bytes reached "
+            f"{ceiling:,.0f}/s on this machine. lightrelay reached "
+            f"{num(ingest_ours)}/s plain ({num(100 * ingest_ours / ceiling, 1) if ingest_ours else '—'}%) "
+            f"and {num(ack)}/s with acks ({num(100 * ack / ceiling, 1) if ack else '—'}%).")
+
+    # ---- every run ------------------------------------------------------------------------------
+    add("")
+    add("## Every run")
+    add("")
+    add("| scenario | server | delivered/s | lost | p50 | p99 | p99.9 | max | server CPU-s | per server CPU-s | server RSS peak | note |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for scenario, title in SCENARIOS:
+        for peer in PEERS:
+            r = run(scenario, peer)
+            if r is None:
+                if (scenario, peer) in errors:
+                    add(f"| {title} | {PEER_NAMES[peer]} | failed: {errors[(scenario, peer)]} |||||||||| |")
+                continue
+            peak = sum(p["rss_kib_peak"] for p in r["servers"])
+            note = "OK" if r["ok"] else "NOT COUNTED: " + "; ".join(r["problems"])[:120]
+            if scenario == "idle":
+                red = r.get("redis_kib_per_connection")
+                note = (f"{r['connections']:,} connections: {r.get('kib_per_connection', 0):.2f} KiB each"
+                        f" (+{max(red or 0, 0):.2f} in Redis); " + note)
+                add(f"| {title} | {PEER_NAMES[peer]} | | | | | | | {r['server_cpu_s']:.2f} | | {peak:,} KiB | {note} |")
+                continue
+            l = r["latency"]
+            has_l = l["count"] > 0
+            if scenario.startswith("fanout") or scenario in ("channels", "frames-256k", "latency"):
+                note = f"{r['connections']:,} subscribers; " + note
+            add(f"| {title} | {PEER_NAMES[peer]} | {num(r['per_s'])} | {r['lost']:,} | "
+                + " | ".join(ms(l[k]) if has_l else "—" for k in ("p50_us", "p99_us", "p999_us", "max_us"))
+                + f" | {r['server_cpu_s']:.2f} | {num(r.get('per_server_cpu_s'))} | {peak:,} KiB | {note} |")
+    add("")
+    add("Latency is from the publisher's send to the subscriber's read, in one process with one "
+        "clock. At max rate the publisher keeps a window of messages per channel not yet "
+        "delivered to every subscriber (100, or 20 with 1,000 channels; 16 for 256 KiB), so "
+        "latency there is mostly queueing by design; the 20 msg/s run is the latency figure. "
+        "Ingest latency is from send to ack (or HTTP response).")
+    add("")
+    add("![deliveries per server CPU-second](chart.png)")
+    add("")
+    add("Run it: `bin/bench` (full, ~15 minutes), `bin/bench --quick` (smoke), "
+        "`bin/bench --only latency --peers lightrelay,nchan`.")
+
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({
+            "machine": machine,
+            "ceiling_publish_per_s": ceiling,
+            "targets": targets,
+            "runs": {f"{s}.{p}": r for (s, p), r in sorted(runs.items())},
+            "failed": {f"{s}.{p}": e for (s, p), e in sorted(errors.items())},
+        }, f, indent=2)
+    chart(out, run)
+    print("\n".join(lines[:lines.index("## Every run")]))
+    print(f"wrote {out}/report.md, {out}/report.json, {out}/chart.png")
+
+
+def chart(out, run):
+    """Grouped bars: per server CPU-second for each scenario (log scale), one bar per server."""
+    rows = []
+    not_counted = []
+    for scenario, _ in SCENARIOS:
+        if scenario == "idle":
+            continue
+        values = []
+        for peer in PEERS:
+            r = run(scenario, peer)
+            if r is not None and not r.get("ok"):
+                not_counted.append(f"{scenario} · {peer}")
+            v = r.get("per_server_cpu_s") if counted(r) else None
+            values.append("?" if v is None or v <= 0 else f"{v:.0f}")
+        if any(v != "?" for v in values):
+            rows.append(f'"{scenario}" ' + " ".join(values))
+    if not rows:
+        return
+    data = os.path.join(out, "chart.dat")
+    with open(data, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    note = ("no bar: not counted (lost messages): " + ", ".join(not_counted)) if not_counted else ""
+    script = f"""
+set terminal pngcairo size 1200,640 font "sans,11"
+set label 1 "{note}" at screen 0.01, screen 0.02 font "sans,10" noenhanced
+set bmargin 4
+set output "{os.path.join(out, 'chart.png')}"
+set title "Deliveries (ingest: messages) per server CPU-second — higher is better"
+set style data histogram
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set logscale y
+set format y "%.0s%c"
+set yrange [1000:*]
+set grid ytics
+set key top right
+set datafile missing "?"
+set xtics noenhanced
+plot "{data}" using 2:xtic(1) title "lightrelay" lc rgb "#1f77b4", \\
+     "" using 3 title "nchan (1 worker)" lc rgb "#ff7f0e", \\
+     "" using 4 title "classic Python relay" lc rgb "#2ca02c"
+"""
+    try:
+        subprocess.run(["gnuplot"], input=script, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"chart: gnuplot failed: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "target/bench")

@@ -1,0 +1,177 @@
+//! `lightrelay bench` flags. Owns: parsing and checking them (bad ones exit 2 through clap).
+//! Must not: connect anywhere.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples (servers on loopback; the bench refuses any other address):
+  lightrelay bench fanout --subscribe 'ws://127.0.0.1:8767/bench/{n}' \\
+      --publish 'redis://127.0.0.1:6379/lightlevel/bench/{n}' --subscribers 1000 --pid 4242
+  lightrelay bench latency --subscribe 'ws://127.0.0.1:8767/bench/{n}' \\
+      --publish 'redis://127.0.0.1:6379/lightlevel/bench/{n}' --rate 20 --subscribers 1000
+  lightrelay bench fanout --subscribe 'ws://127.0.0.1:8080/sub/b{n}' --publish 'http://127.0.0.1:8080/pub/b{n}'
+  lightrelay bench ingest --publish 'ws://127.0.0.1:8765/in/{n}' --publishers 50 --ack \\
+      --redis redis://127.0.0.1:6379 --pid 4241
+  lightrelay bench idle --subscribe 'ws://127.0.0.1:8767/idle/{n}' --connections 10000 --pid 4242
+
+`{n}` in a URL is replaced by the channel (or publisher) number, from 0. A redis:// URL's path
+is the channel name, not a database number. Messages are binary: an 8-byte sequence number,
+an 8-byte send time, then padding to --size. With --json, one JSON object on stdout.
+Exit codes: 0 the run counts; 3 it ran but lost messages or a connection ended (figures do
+not count; the report says why); 1 it could not run; 2 bad usage.";
+
+#[derive(Args, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Fan-out: --channels × --subscribers connections; messages published as fast as they are
+    /// delivered (within --window per channel) or at --rate; deliveries/s, loss, latency.
+    Fanout(FanoutArgs),
+    /// Fan-out at a moderate fixed rate (default 20 messages/s), for latency percentiles.
+    Latency(FanoutArgs),
+    /// Ingest: --publishers connections publishing as fast as the server takes them;
+    /// counts the messages that reached Redis.
+    Ingest(IngestArgs),
+    /// Idle: open --connections subscribers, hold them, report server RSS per connection.
+    Idle(IdleArgs),
+}
+
+/// What every subcommand measures and how long.
+#[derive(Args, Debug, Clone)]
+pub struct Measure {
+    /// A server process to measure (CPU time, RSS from /proc); repeat for several (nginx's
+    /// master and worker). Their CPU time together is the server's.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Redis's process, measured apart (not counted as server CPU).
+    #[arg(long, value_name = "PID")]
+    pub redis_pid: Option<u32>,
+    /// The server's name in the report.
+    #[arg(long, default_value = "server")]
+    pub label: String,
+    /// How long to send (idle: how long to hold the connections before measuring).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// How long to wait, after sending stops, for the last deliveries, acks or PUBLISHes.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// Connections being opened at once during set-up.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connect_concurrency: u32,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FanoutArgs {
+    /// The subscribe URL: ws://HOST:PORT/PATH, `{n}` standing for the channel number.
+    #[arg(long, value_name = "URL")]
+    pub subscribe: String,
+    /// Where messages go in: redis://HOST:PORT/CHANNEL (PUBLISH, pipelined), ws://HOST:PORT/PATH
+    /// (binary frames) or http://HOST:PORT/PATH (POST, keep-alive, pipelined); `{n}` as above.
+    #[arg(long, value_name = "URL")]
+    pub publish: String,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub channels: u32,
+    /// Subscribers per channel.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub subscribers: u32,
+    /// Message size (bytes, or with KiB/MiB), at least 16.
+    #[arg(long, default_value = "100", value_parser = parse_size)]
+    pub size: usize,
+    /// Messages per second in all; 0: as fast as they are delivered. [default: 0; latency: 20]
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// At rate 0: messages per channel published but not yet delivered to every subscriber.
+    /// [default: 100, or 4 MiB / --size when smaller, at least 2]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub window: Option<u64>,
+    /// Stop after this many messages in all (as well as at --duration).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// PUBLISH commands or HTTP requests in flight per publishing connection.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pipeline: u32,
+    /// Publishing connections (redis, http) or lanes of per-channel connections (ws).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub publish_connections: u32,
+    #[command(flatten)]
+    pub measure: Measure,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct IngestArgs {
+    /// The publish URL: ws://HOST:PORT/PATH (or http://… for POST), `{n}` for the publisher number.
+    #[arg(long, value_name = "URL")]
+    pub publish: String,
+    /// Count what reached this Redis (PUBLISH calls in INFO commandstats); without it, acks.
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub publishers: u32,
+    /// Offer the lightrelay.ack subprotocol, keeping --pipeline messages unacknowledged per connection.
+    #[arg(long)]
+    pub ack: bool,
+    #[arg(long, default_value = "100", value_parser = parse_size)]
+    pub size: usize,
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Unacknowledged messages (ack) or requests in flight (http) per connection; without
+    /// acks, messages not yet in Redis per publisher.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pipeline: u32,
+    #[command(flatten)]
+    pub measure: Measure,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct IdleArgs {
+    /// The subscribe URL: ws://HOST:PORT/PATH, `{n}` for the channel number.
+    #[arg(long, value_name = "URL")]
+    pub subscribe: String,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub connections: u32,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub channels: u32,
+    #[command(flatten)]
+    pub measure: Measure,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(s).map_err(|e| format!("not a duration: {e}"))
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&s[..i], s[i..].trim()),
+        None => (s, ""),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("not a size: {s}"))?;
+    let size = match unit {
+        "" | "B" => n,
+        "KiB" => n * 1024,
+        "MiB" => n * 1024 * 1024,
+        other => return Err(format!("unknown unit {other} (B, KiB, MiB)")),
+    };
+    if size < super::stats::MIN_SIZE {
+        return Err(format!(
+            "at least {} bytes (sequence number and timestamp)",
+            super::stats::MIN_SIZE
+        ));
+    }
+    Ok(size)
+}

@@ -1,0 +1,489 @@
+//! `lightrelay bench`: the load generator behind `bin/bench` (issue 6).
+//!
+//! Owns: each scenario's sequence — open subscribers, connect publishers, wait until every
+//! subscriber receives a probe (subscribed end to end), measure (CPU and RSS of each `--pid`
+//! from the first message to the last delivery), drain, report — and the exit code.
+//! The parts: [`args`] (flags), [`wire`] (hand-written WebSocket and HTTP/1.1 framing),
+//! [`subscribers`] (receiving connections), [`publishers`] (redis/ws/http lanes), [`stats`]
+//! (counts, loss, order, latency), [`procstat`] (/proc sampling), [`report`] (table, JSON).
+//! Must not: use the server modules (it speaks only the wire protocols, like any client), or
+//! send load anywhere but loopback addresses; every loop ends by count and by time.
+
+pub mod args;
+pub mod procstat;
+pub mod publishers;
+pub mod report;
+pub mod stats;
+pub mod subscribers;
+pub mod wire;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::interfaces::ClientLike;
+use fred::types::InfoKind;
+use tokio::time::Instant;
+
+use args::{BenchArgs, BenchCommand, FanoutArgs, IdleArgs, IngestArgs, Measure};
+use procstat::{ProcessReport, Watch};
+use publishers::{Lane, Pace, Setup};
+use report::Report;
+use stats::Shared;
+
+/// Exit code of a run that finished but does not count (loss, a connection ended).
+const NOT_COUNTED: u8 = 3;
+/// How long subscribers may take to be subscribed end to end.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Set-up (connecting) may take this long at most before the run's tasks end by themselves.
+const SETUP_ALLOWANCE: Duration = Duration::from_secs(600);
+
+/// Run one bench subcommand on a multi-threaded runtime (the caller made it).
+pub async fn run(args: BenchArgs) -> ExitCode {
+    let (json, result) = match args.command {
+        BenchCommand::Fanout(a) => (a.measure.json, fanout(a, "fanout").await),
+        BenchCommand::Latency(a) => (a.measure.json, fanout(a, "latency").await),
+        BenchCommand::Ingest(a) => (a.measure.json, ingest(a).await),
+        BenchCommand::Idle(a) => (a.measure.json, idle(a).await),
+    };
+    match result {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("lightrelay bench: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.table());
+            }
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(NOT_COUNTED)
+            }
+        }
+        Err(e) => {
+            eprintln!("lightrelay bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn needs_placeholder(url: &str, n: u32, what: &str) -> Result<(), String> {
+    if n > 1 && !url.contains("{n}") {
+        return Err(format!("{url}: with {what} > 1 the URL needs {{n}}"));
+    }
+    Ok(())
+}
+
+/// The start of a measurement: server and Redis processes, and our own CPU.
+struct Meter {
+    servers: Watch,
+    redis: Option<Watch>,
+    own_cpu: f64,
+    start: Instant,
+}
+
+impl Meter {
+    fn start(m: &Measure) -> Result<Meter, String> {
+        Ok(Meter {
+            servers: Watch::start(&m.pids)?,
+            redis: m.redis_pid.map(|p| Watch::start(&[p])).transpose()?,
+            own_cpu: procstat::own_cpu_s(),
+            start: Instant::now(),
+        })
+    }
+
+    fn finish(self, report: &mut Report) -> Result<(), String> {
+        report.elapsed_s = self.start.elapsed().as_secs_f64();
+        report.servers = self.servers.finish()?;
+        report.redis = match self.redis {
+            Some(w) => w.finish()?.pop(),
+            None => None,
+        };
+        report.client_cpu_s = procstat::own_cpu_s() - self.own_cpu;
+        Ok(())
+    }
+}
+
+/// Fan-out and latency: subscribers on every channel, publishers, probes, then the run.
+async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, String> {
+    let m = &a.measure;
+    let channels = a.channels as usize;
+    let per_channel = a.subscribers as usize;
+    needs_placeholder(&a.subscribe, a.channels, "--channels")?;
+    needs_placeholder(&a.publish, a.channels, "--channels")?;
+    let rate = a
+        .rate
+        .unwrap_or(if scenario == "latency" { 20.0 } else { 0.0 });
+    if !(rate.is_finite() && rate >= 0.0) {
+        return Err("--rate must be 0 or more".into());
+    }
+    let window = a
+        .window
+        .unwrap_or_else(|| (4 * 1024 * 1024 / a.size as u64).clamp(2, 100));
+    let sub = wire::target(&a.subscribe).await?;
+    if sub.scheme != "ws" {
+        return Err(format!("{}: --subscribe takes a ws:// URL", a.subscribe));
+    }
+    let publish = wire::target(&a.publish).await?;
+    let lanes_wanted = a.publish_connections as usize;
+    let shared = Arc::new(Shared::new(channels, lanes_wanted.min(channels)));
+    let until = Instant::now() + SETUP_ALLOWANCE + m.duration + m.drain;
+
+    let subscribers = subscribers::open(
+        subscribers::Plan {
+            target: &sub,
+            channels,
+            connections: channels * per_channel,
+            concurrency: m.connect_concurrency as usize,
+            // Large messages: fewer reads per message.
+            buffer: if a.size > 4096 { 64 * 1024 } else { 16 * 1024 },
+            until,
+        },
+        &shared,
+    )
+    .await?;
+    let mut lanes = publishers::connect(
+        Setup {
+            target: &publish,
+            channels,
+            lanes: lanes_wanted,
+            ack: false,
+            pipeline: a.pipeline as usize,
+            concurrency: m.connect_concurrency as usize,
+            until,
+        },
+        &shared,
+    )
+    .await?;
+    wait_ready(&mut lanes, &shared, subscribers.len(), a.size).await?;
+    shared.reset_latency();
+
+    let meter = Meter::start(m)?;
+    let stop = meter.start + m.duration;
+    let pace = Arc::new(Pace {
+        rate,
+        total_channels: channels,
+        subscribers: per_channel as u64,
+        window,
+        size: a.size,
+        stop,
+        count: a.count.unwrap_or(u64::MAX),
+        until: stop + m.drain,
+    });
+    let lanes = run_lanes(lanes, &pace, &shared).await?;
+    // Drain: until every message reached every subscriber, or --drain.
+    let expected = shared.sent() * per_channel as u64;
+    for _ in 0..(m.drain.as_millis() / 5 + 1) {
+        if shared.delivered() >= expected || Instant::now() >= pace.until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut report = Report {
+        scenario,
+        label: m.label.clone(),
+        subscribe: Some(a.subscribe.clone()),
+        publish: Some(a.publish.clone()),
+        channels,
+        subscribers: per_channel,
+        connections: subscribers.len(),
+        size: a.size,
+        rate,
+        window: (rate == 0.0).then_some(window),
+        ..Report::default()
+    };
+    meter.finish(&mut report)?;
+    report.sent = shared.sent();
+    report.expected = expected;
+    report.delivered = shared.delivered();
+    report.reordered = shared.reordered.load(Ordering::Relaxed);
+    report.latency = shared.latency();
+    report.per_s = report.delivered as f64 / report.elapsed_s;
+    report.mib_per_s = report.per_s * a.size as f64 / (1024.0 * 1024.0);
+    collect_problems(&mut report, &shared);
+    report.finish();
+    drop(subscribers);
+    for lane in lanes {
+        lane.close().await;
+    }
+    Ok(report)
+}
+
+fn collect_problems(report: &mut Report, shared: &Shared) {
+    let ended = shared.ended.load(Ordering::Relaxed);
+    if ended > 0 {
+        report
+            .problems
+            .push(format!("{ended} subscriber connection(s) ended early"));
+    }
+    let malformed = shared.malformed.load(Ordering::Relaxed);
+    if malformed > 0 {
+        report.problems.push(format!(
+            "{malformed} message(s) too short to carry a sequence number"
+        ));
+    }
+    if let Some(e) = shared.take_error() {
+        report.problems.push(e);
+    }
+}
+
+/// Send probes until every subscriber received one: every 200 ms at first, backing off to
+/// every 2 s (each probe is one delivery per subscriber: a slow server must not spend the
+/// wait delivering probes instead of subscribing the last connections).
+async fn wait_ready(
+    lanes: &mut [Lane],
+    shared: &Shared,
+    total: usize,
+    size: usize,
+) -> Result<(), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut interval = Duration::from_millis(200);
+    while Instant::now() < deadline {
+        publishers::probe(lanes, size).await?;
+        let next = (Instant::now() + interval).min(deadline);
+        while Instant::now() < next {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if shared.ready.load(Ordering::Relaxed) >= total {
+                return Ok(());
+            }
+            if let Some(e) = shared.take_error() {
+                return Err(e);
+            }
+        }
+        interval = (interval * 2).min(Duration::from_secs(2));
+    }
+    Err(format!(
+        "only {} of {total} subscribers received a probe within {READY_TIMEOUT:?}",
+        shared.ready.load(Ordering::Relaxed)
+    ))
+}
+
+/// Run every lane to its end; the lanes come back for a polite close.
+async fn run_lanes(
+    lanes: Vec<Lane>,
+    pace: &Arc<Pace>,
+    shared: &Arc<Shared>,
+) -> Result<Vec<Lane>, String> {
+    let tasks: Vec<_> = lanes
+        .into_iter()
+        .map(|lane| tokio::spawn(publishers::run(lane, Arc::clone(pace), Arc::clone(shared))))
+        .collect();
+    let mut back = Vec::with_capacity(tasks.len());
+    let mut first_error = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(lane)) => back.push(lane),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(back),
+    }
+}
+
+/// PUBLISH calls Redis has executed (INFO commandstats), including those made by scripts.
+async fn publish_calls(client: &fred::clients::Client) -> Result<u64, String> {
+    let info: String = client
+        .info(Some(InfoKind::CommandStats))
+        .await
+        .map_err(|e| format!("INFO commandstats: {e}"))?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Ingest: publishers as fast as the server takes their messages.
+async fn ingest(a: IngestArgs) -> Result<Report, String> {
+    let m = &a.measure;
+    let publishers = a.publishers as usize;
+    needs_placeholder(&a.publish, a.publishers, "--publishers")?;
+    let publish = wire::target(&a.publish).await?;
+    if publish.scheme == "redis" {
+        return Err("ingest measures a server: --publish takes ws:// or http://".into());
+    }
+    let counter = match &a.redis {
+        Some(url) => Some(publishers::redis_client(&wire::target(url).await?).await?),
+        None => None,
+    };
+    if counter.is_none() && !a.ack && publish.scheme == "ws" {
+        return Err("without --redis, only acks can be counted: add --ack or --redis".into());
+    }
+    let shared = Arc::new(Shared::new(publishers, publishers));
+    let until = Instant::now() + SETUP_ALLOWANCE + m.duration + m.drain;
+    let lanes = publishers::connect(
+        Setup {
+            target: &publish,
+            channels: publishers,
+            lanes: publishers,
+            ack: a.ack,
+            pipeline: a.pipeline as usize,
+            concurrency: m.connect_concurrency as usize,
+            until,
+        },
+        &shared,
+    )
+    .await?;
+
+    // Without acks, a poller keeps the count of messages in Redis so publishers stay at most
+    // --pipeline each ahead of it (else the kernel's socket buffers would hold a backlog
+    // that takes minutes to drain).
+    let reached = Arc::new(AtomicU64::new(0));
+    let base = match &counter {
+        Some(c) => publish_calls(c).await?,
+        None => 0,
+    };
+    let meter = Meter::start(m)?;
+    let stop = meter.start + m.duration;
+    let pace = Arc::new(Pace {
+        rate: 0.0,
+        total_channels: publishers,
+        subscribers: 0,
+        window: a.pipeline as u64,
+        size: a.size,
+        stop,
+        count: a.count.unwrap_or(u64::MAX),
+        until: stop + m.drain,
+    });
+    let gate = (!a.ack && publish.scheme == "ws")
+        .then(|| (Arc::clone(&reached), a.pipeline as u64 * publishers as u64));
+    let poller = match (&counter, &gate) {
+        (Some(c), Some(_)) => {
+            let (c, reached, shared) = (c.clone(), Arc::clone(&reached), Arc::clone(&shared));
+            let end = pace.until;
+            Some(tokio::spawn(async move {
+                while Instant::now() < end {
+                    if let Ok(n) = publish_calls(&c).await {
+                        reached.store(n.saturating_sub(base), Ordering::Relaxed);
+                        for lane in &shared.lanes {
+                            lane.poke();
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }))
+        }
+        _ => None,
+    };
+    shared.set_gate(gate);
+    let at_stop = {
+        let counter = counter.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(stop).await;
+            match &counter {
+                Some(c) => publish_calls(c).await.map(|n| Some(n.saturating_sub(base))),
+                None => Ok(None),
+            }
+        })
+    };
+    let lanes = run_lanes(lanes, &pace, &shared).await;
+    let sent = shared.sent();
+    let in_redis_at_stop = at_stop.await.map_err(|e| e.to_string())??;
+    // Drain: until Redis has every message (or acks all came), or it stops moving, or --drain.
+    let mut delivered = shared.acked.load(Ordering::Relaxed);
+    if let Some(c) = &counter {
+        let mut last = (0, Instant::now());
+        for _ in 0..(m.drain.as_millis() / 20 + 1) {
+            delivered = publish_calls(c).await?.saturating_sub(base);
+            if delivered >= sent || Instant::now() >= pace.until {
+                break;
+            }
+            if delivered != last.0 {
+                last = (delivered, Instant::now());
+            } else if last.1.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    if let Some(p) = poller {
+        p.abort();
+    }
+    let mut report = Report {
+        scenario: "ingest",
+        label: m.label.clone(),
+        publish: Some(a.publish.clone()),
+        channels: publishers,
+        connections: publishers,
+        publishers: Some(publishers),
+        ack: Some(a.ack),
+        size: a.size,
+        window: Some(a.pipeline as u64),
+        acked: Some(shared.acked.load(Ordering::Relaxed)),
+        ..Report::default()
+    };
+    meter.finish(&mut report)?;
+    let lanes = lanes?;
+    report.sent = sent;
+    report.expected = sent;
+    report.delivered = delivered;
+    report.latency = shared.latency();
+    // The rate while sending: what reached Redis by the end of --duration.
+    let sending_s = m.duration.as_secs_f64().min(report.elapsed_s);
+    report.per_s = in_redis_at_stop.unwrap_or(delivered) as f64 / sending_s;
+    report.mib_per_s = report.per_s * a.size as f64 / (1024.0 * 1024.0);
+    collect_problems(&mut report, &shared);
+    report.finish();
+    for lane in lanes {
+        lane.close().await;
+    }
+    Ok(report)
+}
+
+/// Idle: open connections, hold them, report the server's RSS growth per connection.
+async fn idle(a: IdleArgs) -> Result<Report, String> {
+    let m = &a.measure;
+    needs_placeholder(&a.subscribe, a.channels, "--channels")?;
+    let sub = wire::target(&a.subscribe).await?;
+    if sub.scheme != "ws" {
+        return Err(format!("{}: --subscribe takes a ws:// URL", a.subscribe));
+    }
+    let channels = a.channels as usize;
+    let shared = Arc::new(Shared::new(channels, 1));
+    let meter = Meter::start(m)?;
+    let subscribers = subscribers::open(
+        subscribers::Plan {
+            target: &sub,
+            channels,
+            connections: a.connections as usize,
+            concurrency: m.connect_concurrency as usize,
+            buffer: 512,
+            until: Instant::now() + SETUP_ALLOWANCE + m.duration + m.drain,
+        },
+        &shared,
+    )
+    .await?;
+    tokio::time::sleep(m.duration).await;
+    let mut report = Report {
+        scenario: "idle",
+        label: m.label.clone(),
+        subscribe: Some(a.subscribe.clone()),
+        channels,
+        subscribers: subscribers.len(),
+        connections: subscribers.len(),
+        ..Report::default()
+    };
+    meter.finish(&mut report)?;
+    let n = subscribers.len().max(1) as f64;
+    let growth = |p: &ProcessReport| p.rss_kib_end as f64 - p.rss_kib_start as f64;
+    report.kib_per_connection = Some(report.servers.iter().map(growth).sum::<f64>() / n);
+    report.redis_kib_per_connection = report.redis.as_ref().map(|r| growth(r) / n);
+    collect_problems(&mut report, &shared);
+    report.finish();
+    drop(subscribers);
+    Ok(report)
+}

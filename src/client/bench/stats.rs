@@ -1,0 +1,367 @@
+//! What arrived, and when: per-channel counts, loss, reordering and latency.
+//!
+//! Owns: the message layout (8-byte sequence number, 8-byte send time in ns since the start
+//! of this process, both little-endian, then padding), the [`Shared`] counters every
+//! connection adds to (per channel, cache-line padded), per-connection order tracking, and
+//! the latency histograms (hdrhistogram, µs, sharded so connections rarely contend; one lock
+//! per read, not per message).
+//! Must not: do I/O.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+/// The sequence number of a readiness probe (sent before measuring, never counted).
+pub const PROBE: u64 = u64::MAX;
+/// The smallest message: sequence number and timestamp.
+pub const MIN_SIZE: usize = 16;
+/// Histogram shards; connection `i` records into shard `i % SHARDS`.
+const SHARDS: usize = 16;
+/// The largest latency recorded exactly: 10 minutes, in µs.
+const MAX_LATENCY_US: u64 = 600_000_000;
+
+/// Nanoseconds since this process first asked; publishers and receivers share the clock.
+pub fn now_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Write a message's header into `out` (at least [`MIN_SIZE`] bytes); the rest is padding
+/// the caller filled once.
+pub fn stamp(out: &mut [u8], seq: u64) {
+    out[..8].copy_from_slice(&seq.to_le_bytes());
+    out[8..16].copy_from_slice(&now_ns().to_le_bytes());
+}
+
+/// A message's sequence number and send time, if it is long enough to carry them.
+pub fn parse(prefix: &[u8]) -> Option<(u64, u64)> {
+    if prefix.len() < MIN_SIZE {
+        return None;
+    }
+    let seq = u64::from_le_bytes(prefix[..8].try_into().ok()?);
+    let sent = u64::from_le_bytes(prefix[8..16].try_into().ok()?);
+    Some((seq, sent))
+}
+
+/// One channel's counts, on its own cache line.
+#[repr(align(64))]
+pub struct Channel {
+    /// Messages published on it (probes not counted).
+    pub sent: AtomicU64,
+    /// Deliveries to its subscribers (each message counts once per subscriber).
+    pub delivered: AtomicU64,
+    /// The publishing lane that owns it, woken when deliveries free its window.
+    pub lane: usize,
+}
+
+/// A publishing lane's wake-up: set `waiting` before sleeping on `notify`.
+#[derive(Default)]
+pub struct Lane {
+    pub waiting: AtomicBool,
+    pub notify: Notify,
+}
+
+impl Lane {
+    /// Called by receivers after deliveries: wakes the lane if it waits for window room.
+    pub fn poke(&self) {
+        if self.waiting.load(Ordering::Relaxed) && self.waiting.swap(false, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// Everything the connections of one run add to.
+pub struct Shared {
+    pub channels: Vec<Channel>,
+    pub lanes: Vec<Lane>,
+    /// Connections that received a probe: subscribed end to end.
+    pub ready: AtomicUsize,
+    pub reordered: AtomicU64,
+    pub malformed: AtomicU64,
+    /// Publisher acks (ws ack mode) and HTTP responses received.
+    pub acked: AtomicU64,
+    /// Connections that ended (closed, broken) before the run did.
+    pub ended: AtomicU64,
+    pub first_error: Mutex<Option<String>>,
+    /// Ingest without acks: (messages counted in Redis, how many may be sent beyond them).
+    gate: OnceLock<(Arc<AtomicU64>, u64)>,
+    histograms: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Shared {
+    /// `lane_of(channel)` assigns each channel to one of `lanes` publishing lanes.
+    pub fn new(channels: usize, lanes: usize) -> Shared {
+        let lanes = lanes.max(1);
+        Shared {
+            channels: (0..channels)
+                .map(|c| Channel {
+                    sent: AtomicU64::new(0),
+                    delivered: AtomicU64::new(0),
+                    lane: c % lanes,
+                })
+                .collect(),
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            ready: AtomicUsize::new(0),
+            reordered: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+            gate: OnceLock::new(),
+            histograms: (0..SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
+        }
+    }
+
+    /// Hold publishers to at most `limit` messages beyond what `reached` Redis.
+    pub fn set_gate(&self, gate: Option<(Arc<AtomicU64>, u64)>) {
+        if let Some(gate) = gate {
+            let _ = self.gate.set(gate);
+        }
+    }
+
+    /// Whether the gate (if any) lets one more message go.
+    pub fn gate_open(&self) -> bool {
+        match self.gate.get() {
+            None => true,
+            Some((reached, limit)) => {
+                self.sent().saturating_sub(reached.load(Ordering::Relaxed)) < *limit
+            }
+        }
+    }
+
+    pub fn error(&self, error: String) {
+        let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(error);
+    }
+
+    pub fn take_error(&self) -> Option<String> {
+        self.first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Record latencies (ns) into one shard under one lock.
+    pub fn record(&self, shard: usize, latencies_ns: &[u64]) {
+        if latencies_ns.is_empty() {
+            return;
+        }
+        let mut h = self.histograms[shard % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for &ns in latencies_ns {
+            h.saturating_record((ns / 1_000).max(1));
+        }
+    }
+
+    /// Forget every latency recorded so far (the warm-up).
+    pub fn reset_latency(&self) {
+        for h in &self.histograms {
+            h.lock().unwrap_or_else(|e| e.into_inner()).reset();
+        }
+    }
+
+    pub fn latency(&self) -> Latency {
+        let mut all = new_histogram();
+        for h in &self.histograms {
+            let _ = all.add(&*h.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        Latency::of(&all)
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.channels
+            .iter()
+            .map(|c| c.sent.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn delivered(&self) -> u64 {
+        self.channels
+            .iter()
+            .map(|c| c.delivered.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
+}
+
+/// Latency percentiles, in µs (`count` 0: nothing recorded).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.50),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+        }
+    }
+}
+
+/// A single-owner histogram for places with one recorder (acks of one run).
+pub struct LocalLatency(Histogram<u64>);
+
+impl Default for LocalLatency {
+    fn default() -> Self {
+        LocalLatency(new_histogram())
+    }
+}
+
+impl LocalLatency {
+    pub fn record(&mut self, ns: u64) {
+        self.0.saturating_record((ns / 1_000).max(1));
+    }
+    pub fn merge_into(&self, shared: &Shared) {
+        let mut h = shared.histograms[0]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let _ = h.add(&self.0);
+    }
+}
+
+/// One subscriber connection's view: which channel, whether it is ready, what it expects next.
+pub struct Order {
+    pub channel: usize,
+    pub shard: usize,
+    ready: bool,
+    /// One past the highest sequence number seen.
+    next: u64,
+}
+
+/// What one read's messages added up to, flushed to [`Shared`] once per read.
+pub struct Batch {
+    delivered: u64,
+    latencies: [u64; 64],
+    n: usize,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            delivered: 0,
+            latencies: [0; 64],
+            n: 0,
+        }
+    }
+}
+
+impl Order {
+    pub fn new(channel: usize, shard: usize) -> Order {
+        Order {
+            channel,
+            shard,
+            ready: false,
+            next: 0,
+        }
+    }
+
+    /// Account one message that arrived at `now` (ns).
+    pub fn on_message(&mut self, prefix: &[u8], now: u64, batch: &mut Batch, shared: &Shared) {
+        let Some((seq, sent)) = parse(prefix) else {
+            shared.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if seq == PROBE {
+            if !self.ready {
+                self.ready = true;
+                shared.ready.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        if seq < self.next {
+            shared.reordered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.next = seq + 1;
+        }
+        batch.delivered += 1;
+        if batch.n == batch.latencies.len() {
+            self.flush(batch, shared);
+        }
+        batch.latencies[batch.n] = now.saturating_sub(sent);
+        batch.n += 1;
+    }
+
+    /// Add the batch to the shared counts and wake the channel's publisher if it waits.
+    pub fn flush(&self, batch: &mut Batch, shared: &Shared) {
+        if batch.delivered > 0 {
+            let channel = &shared.channels[self.channel];
+            channel
+                .delivered
+                .fetch_add(batch.delivered, Ordering::Relaxed);
+            shared.lanes[channel.lane].poke();
+        }
+        shared.record(self.shard, &batch.latencies[..batch.n]);
+        batch.delivered = 0;
+        batch.n = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(seq: u64, sent: u64) -> [u8; 16] {
+        let mut m = [0u8; 16];
+        m[..8].copy_from_slice(&seq.to_le_bytes());
+        m[8..].copy_from_slice(&sent.to_le_bytes());
+        m
+    }
+
+    #[test]
+    fn counts_deliveries_reordering_probes_and_latency() {
+        let shared = Shared::new(2, 1);
+        let mut order = Order::new(1, 3);
+        let mut batch = Batch::default();
+        for (seq, sent) in [
+            (PROBE, 0),
+            (PROBE, 0),
+            (0, 1_000),
+            (2, 2_000),
+            (1, 3_000),
+            (3, 4_000),
+        ] {
+            order.on_message(&message(seq, sent), 10_000_000, &mut batch, &shared);
+        }
+        order.on_message(b"short", 0, &mut batch, &shared);
+        order.flush(&mut batch, &shared);
+        assert_eq!(shared.ready.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.channels[1].delivered.load(Ordering::Relaxed), 4);
+        assert_eq!(shared.channels[0].delivered.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.reordered.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.malformed.load(Ordering::Relaxed), 1);
+        let latency = shared.latency();
+        assert_eq!(latency.count, 4);
+        assert!((9_990..=10_000).contains(&latency.p50_us), "{latency:?}");
+    }
+
+    #[test]
+    fn stamp_and_parse_round_trip() {
+        let mut m = vec![0u8; 100];
+        stamp(&mut m, 42);
+        let (seq, sent) = parse(&m).unwrap();
+        assert_eq!(seq, 42);
+        assert!(sent <= now_ns());
+    }
+}

@@ -1,0 +1,148 @@
+//! The subscribing side of a run: many WebSocket connections, each read by a lean task.
+//!
+//! Owns: opening `N` subscriber connections in batches of bounded concurrency (connection `i`
+//! listens to channel `i % channels`), and each connection's receive loop: one reusable read
+//! buffer, the streaming [`FrameReader`], pongs for pings, and one flush of counts and
+//! latencies per read into [`Shared`]. No allocation per message.
+//! Must not: publish, or decide when a run ends (the run aborts these tasks).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures_util::stream::{self, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::stats::{now_ns, Batch, Order, Shared};
+use super::wire::{self, Event, FrameReader, Target, WsConn};
+
+/// The open subscriber connections; dropping this closes them all.
+pub struct Subscribers {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Subscribers {
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+impl Drop for Subscribers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// What to open.
+pub struct Plan<'a> {
+    /// The subscribe URL, `{n}` standing for the channel number.
+    pub target: &'a Target,
+    pub channels: usize,
+    pub connections: usize,
+    /// Connections being opened at once.
+    pub concurrency: usize,
+    /// Read buffer per connection.
+    pub buffer: usize,
+    /// The receive loops end by themselves at this instant at the latest.
+    pub until: Instant,
+}
+
+/// Open every connection, `concurrency` at a time; the first failure fails the run.
+pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, String> {
+    let targets: Vec<Target> = (0..plan.channels)
+        .map(|c| plan.target.for_channel(c))
+        .collect();
+    let mut subscribers = Subscribers {
+        tasks: Vec::with_capacity(plan.connections),
+    };
+    let mut opening = stream::iter(0..plan.connections)
+        .map(|i| {
+            let target = &targets[i % plan.channels];
+            async move { (i, wire::ws_connect(target, i, None).await) }
+        })
+        .buffer_unordered(plan.concurrency.max(1));
+    while let Some((i, connected)) = opening.next().await {
+        let conn = connected?;
+        let order = Order::new(i % plan.channels, i);
+        let shared = Arc::clone(shared);
+        let (buffer, until) = (plan.buffer, plan.until);
+        subscribers.tasks.push(tokio::spawn(async move {
+            let _ = tokio::time::timeout_at(until, receive(conn, order, buffer, &shared)).await;
+        }));
+    }
+    Ok(subscribers)
+}
+
+/// One connection's receive loop, until the server closes it or the run aborts it.
+async fn receive(conn: WsConn, mut order: Order, buffer: usize, shared: &Shared) {
+    let WsConn {
+        mut stream,
+        leftover,
+        ..
+    } = conn;
+    let mut reader = FrameReader::default();
+    let mut batch = Batch::default();
+    let mut buf = vec![0u8; buffer.max(64)];
+    let mut reply = Vec::new();
+    let mut pending = leftover;
+    loop {
+        let data: &[u8] = if pending.is_empty() {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    ended(shared, order.channel, "the connection ended".into());
+                    return;
+                }
+                Ok(n) => &buf[..n],
+            }
+        } else {
+            &pending
+        };
+        let now = now_ns();
+        let mut closed = None;
+        let fed = reader.feed(data, &mut |event| match event {
+            Event::Message { prefix, .. } => order.on_message(prefix, now, &mut batch, shared),
+            Event::Ping(payload) => wire::client_frame(&mut reply, wire::OP_PONG, payload),
+            Event::Close(code) => closed = Some(code),
+        });
+        pending = Vec::new();
+        order.flush(&mut batch, shared);
+        if let Err(e) = fed {
+            ended(shared, order.channel, e);
+            return;
+        }
+        if let Some(code) = closed {
+            wire::client_frame(
+                &mut reply,
+                wire::OP_CLOSE,
+                &code.unwrap_or(1000).to_be_bytes(),
+            );
+            let _ = stream.write_all(&reply).await;
+            let code = code.map_or("no code".to_string(), |c| c.to_string());
+            ended(
+                shared,
+                order.channel,
+                format!("closed by the server ({code})"),
+            );
+            return;
+        }
+        if !reply.is_empty() {
+            if stream.write_all(&reply).await.is_err() {
+                ended(shared, order.channel, "the connection broke".into());
+                return;
+            }
+            reply.clear();
+        }
+    }
+}
+
+fn ended(shared: &Shared, channel: usize, why: String) {
+    shared.ended.fetch_add(1, Ordering::Relaxed);
+    shared.error(format!("a subscriber of channel {channel}: {why}"));
+}

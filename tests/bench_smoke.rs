@@ -1,0 +1,321 @@
+//! Issue 6 smoke: every `lightrelay bench` subcommand, a second or so each, against our own
+//! servers and a private Redis (real processes, loopback only), so the benchmark never rots.
+//! Each asserts the JSON is sane: something delivered, zero loss, latency recorded, the
+//! server's CPU and RSS sampled for the `--pid` given. Then `bench/report.py` (what `bin/bench`
+//! runs last) turns those JSON files into a report.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{Kind, Redis, Server};
+use serde_json::Value;
+
+/// Run `lightrelay bench ARGS… --json` (off the async runtime) and parse its JSON.
+async fn bench(args: Vec<String>) -> (Output, Value) {
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_lightrelay"))
+            .arg("bench")
+            .args(&args)
+            .arg("--json")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}): exit {:?}\nstdout: {stdout}\nstderr: {}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output, json)
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// The run counts, and the process we named was sampled.
+fn assert_counts(report: &Value, output: &Output, pid: u32) {
+    assert!(
+        report["ok"].as_bool().unwrap(),
+        "problems: {}",
+        report["problems"]
+    );
+    assert_eq!(output.status.code(), Some(0));
+    let servers = report["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 1);
+    assert_eq!(u(&servers[0], "pid"), u64::from(pid));
+    assert!(servers[0]["cpu_s"].as_f64().unwrap() >= 0.0);
+    assert!(u(&servers[0], "rss_kib_end") > 0);
+    assert!(u(&servers[0], "rss_kib_peak") >= u(&servers[0], "rss_kib_end"));
+}
+
+fn assert_delivered_all(report: &Value) {
+    let delivered = u(report, "delivered");
+    assert!(delivered > 0, "{report}");
+    assert_eq!(delivered, u(report, "expected"));
+    assert_eq!(u(report, "lost"), 0);
+    assert_eq!(u(report, "reordered"), 0);
+    assert!(report["per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn fanout_through_redis_delivers_everything_and_samples_the_server() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let (output, report) = bench(strings(&[
+        "fanout",
+        "--subscribe",
+        &sub.ws("/smoke/{n}"),
+        "--publish",
+        &format!("{}/lightlevel/smoke/{{n}}", redis.url()),
+        "--channels",
+        "2",
+        "--subscribers",
+        "5",
+        "--duration",
+        "1",
+        "--pid",
+        &sub.pid().to_string(),
+        "--label",
+        "lightrelay",
+    ]))
+    .await;
+    assert_counts(&report, &output, sub.pid());
+    assert_delivered_all(&report);
+    assert_eq!(u(&report, "connections"), 10);
+    assert_eq!(report["label"], "lightrelay");
+    // Every delivery's latency is in the histogram.
+    assert_eq!(u(&report["latency"], "count"), u(&report, "delivered"));
+    assert!(u(&report["latency"], "max_us") >= u(&report["latency"], "p50_us"));
+    // Every delivered message was published: sent × subscribers per channel.
+    assert_eq!(u(&report, "expected"), u(&report, "sent") * 5);
+}
+
+#[tokio::test]
+async fn latency_at_a_fixed_rate_through_the_websocket_publisher() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let (output, report) = bench(strings(&[
+        "latency",
+        "--subscribe",
+        &sub.ws("/rate/{n}"),
+        "--publish",
+        &publish.ws("/rate/{n}"),
+        "--rate",
+        "40",
+        "--subscribers",
+        "8",
+        "--duration",
+        "1.5",
+        "--pid",
+        &sub.pid().to_string(),
+    ]))
+    .await;
+    assert_counts(&report, &output, sub.pid());
+    assert_delivered_all(&report);
+    assert_eq!(report["scenario"], "latency");
+    // 40 messages/s for 1.5 s, give or take one.
+    let sent = u(&report, "sent");
+    assert!((58..=62).contains(&sent), "sent {sent}");
+    let latency = &report["latency"];
+    assert!(u(latency, "p50_us") > 0 && u(latency, "p99_us") >= u(latency, "p50_us"));
+    assert!(u(latency, "p99_us") < 1_000_000, "{latency}");
+}
+
+#[tokio::test]
+async fn fanout_through_pipelined_http_posts() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let (output, report) = bench(strings(&[
+        "fanout",
+        "--subscribe",
+        &sub.ws("/post/{n}"),
+        "--publish",
+        &format!("http://{}/post/{{n}}", publish.addr),
+        "--channels",
+        "3",
+        "--subscribers",
+        "2",
+        "--duration",
+        "1",
+        "--pid",
+        &sub.pid().to_string(),
+    ]))
+    .await;
+    assert_counts(&report, &output, sub.pid());
+    assert_delivered_all(&report);
+}
+
+#[tokio::test]
+async fn ingest_counts_what_reached_redis_plain_and_acknowledged() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    for ack in [false, true] {
+        let mut args = strings(&[
+            "ingest",
+            "--publish",
+            &publish.ws("/ingest/{n}"),
+            "--publishers",
+            "3",
+            "--redis",
+            &redis.url(),
+            "--duration",
+            "1",
+            "--pid",
+            &publish.pid().to_string(),
+        ]);
+        if ack {
+            args.push("--ack".into());
+        }
+        let (output, report) = bench(args).await;
+        assert_counts(&report, &output, publish.pid());
+        // Everything sent reached Redis (counted by Redis itself), nothing more.
+        assert!(u(&report, "sent") > 0);
+        assert_eq!(u(&report, "delivered"), u(&report, "sent"), "{report}");
+        assert_eq!(u(&report, "lost"), 0);
+        if ack {
+            assert_eq!(u(&report, "acked"), u(&report, "sent"));
+            assert_eq!(u(&report["latency"], "count"), u(&report, "sent"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_reports_memory_per_connection() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let redis_pid = {
+        // The harness's Redis is ours: find its PID by its port, from /proc.
+        let port = redis.port.to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.starts_with("redis-server") && c.contains(&port)
+                })
+            })
+    };
+    let mut args = strings(&[
+        "idle",
+        "--subscribe",
+        &sub.ws("/idle/{n}"),
+        "--connections",
+        "60",
+        "--channels",
+        "3",
+        "--duration",
+        "0.5",
+        "--pid",
+        &sub.pid().to_string(),
+    ]);
+    if let Some(pid) = redis_pid {
+        args.extend(["--redis-pid".to_string(), pid.to_string()]);
+    }
+    let (output, report) = bench(args).await;
+    assert_counts(&report, &output, sub.pid());
+    assert_eq!(u(&report, "connections"), 60);
+    assert!(report["kib_per_connection"].as_f64().is_some());
+    if redis_pid.is_some() {
+        assert!(report["redis_kib_per_connection"].as_f64().is_some());
+    }
+    sub.wait_metric("lightrelay_connections", |n| n == 0.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_target_off_loopback_is_refused_before_any_traffic() {
+    let output = tokio::task::spawn_blocking(|| {
+        Command::new(env!("CARGO_BIN_EXE_lightrelay"))
+            .args([
+                "bench",
+                "idle",
+                "--subscribe",
+                "ws://192.0.2.1:9/x",
+                "--connections",
+                "1",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+}
+
+#[tokio::test]
+async fn report_script_turns_runs_into_a_table() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let (_, fanout) = bench(strings(&[
+        "fanout",
+        "--subscribe",
+        &sub.ws("/report/{n}"),
+        "--publish",
+        &format!("{}/lightlevel/report/{{n}}", redis.url()),
+        "--subscribers",
+        "4",
+        "--duration",
+        "0.5",
+        "--pid",
+        &sub.pid().to_string(),
+        "--label",
+        "lightrelay",
+    ]))
+    .await;
+    let dir = std::env::temp_dir().join(format!("lightrelay-bench-report-{}", std::process::id()));
+    let runs = dir.join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    std::fs::write(dir.join("machine.txt"), "nproc=2\ncpu=test\nquick=1\n").unwrap();
+    assert!(fanout["ok"].as_bool().unwrap(), "{fanout}");
+    // Half a second may cost the server less than one clock tick: fix the figures.
+    let mut ours = fanout.clone();
+    ours["per_server_cpu_s"] = 1000.0.into();
+    std::fs::write(runs.join("fanout-1k.lightrelay.json"), ours.to_string()).unwrap();
+    let mut nchan = fanout.clone();
+    nchan["label"] = "nchan".into();
+    nchan["per_server_cpu_s"] = 500.0.into();
+    std::fs::write(runs.join("fanout-1k.nchan.json"), nchan.to_string()).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/report.py");
+    let dir_arg = dir.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .arg(&dir_arg)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| fan-out 1 × 1,000, deliveries per server CPU-second"))
+        .unwrap_or_else(|| panic!("no target row in:\n{md}"));
+    assert!(row.contains("| 2.00× |"), "ours is twice nchan here: {row}");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["runs"]["fanout-1k.lightrelay"]["scenario"], "fanout");
+    let _ = std::fs::remove_dir_all(&dir);
+}
