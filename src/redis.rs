@@ -25,9 +25,10 @@ use crate::metrics::Metrics;
 /// How many messages fred may hold for the hub before it overwrites the oldest (counted as
 /// `redis_lagged`). fred's default of 32 loses messages in any burst. fred allocates every
 /// one of a client's event channels (messages, errors, reconnects, keyspace, …) at this size,
-/// about 150 bytes a slot, so it is set on the subscriber only: 4,096 costs ~4 MiB there
-/// (16,384 on all three clients cost 36 MiB of RSS at idle).
-const MESSAGE_BUFFER: usize = 4_096;
+/// so it is set on the subscriber only: 16,384 costs ~12 MiB there (on all three clients it
+/// cost 36 MiB). With 4,096, a 1,000 channels × 10 subscribers burst at full rate still lost
+/// hundreds of messages even with the hub on its own thread.
+const MESSAGE_BUFFER: usize = 16_384;
 
 fn builder(args: &CommonArgs) -> Builder {
     let mut config = args.redis_url.config.clone();
