@@ -7,16 +7,16 @@ use clap::{Args, Subcommand};
 
 const EXAMPLES: &str = "\
 Examples (servers on loopback; the bench refuses any other address):
-  lightrelay bench fanout --subscribe 'ws://127.0.0.1:8767/bench/{n}' \\
-      --publish 'redis://127.0.0.1:6379/lightlevel/bench/{n}' --subscribers 1000 --pid 4242
-  lightrelay bench latency --subscribe 'ws://127.0.0.1:8767/bench/{n}' \\
-      --publish 'redis://127.0.0.1:6379/lightlevel/bench/{n}' --rate 20 --subscribers 1000
-  lightrelay bench fanout --subscribe 'ws://127.0.0.1:8080/sub/b{n}' --publish 'http://127.0.0.1:8080/pub/b{n}'
-  lightrelay bench ingest --publish 'ws://127.0.0.1:8765/in/{n}' --publishers 50 --ack \\
+  lightrelay bench fanout --subscribe 'ws://127.0.0.1:8767/bench/{i}' \\
+      --publish 'redis://127.0.0.1:6379/lightlevel/bench/{i}' --subscribers 1000 --pid 4242
+  lightrelay bench latency --subscribe 'ws://127.0.0.1:8767/bench/{i}' \\
+      --publish 'redis://127.0.0.1:6379/lightlevel/bench/{i}' --rate 20 --subscribers 1000
+  lightrelay bench fanout --subscribe 'ws://127.0.0.1:8080/sub/b{i}' --publish 'http://127.0.0.1:8080/pub/b{i}'
+  lightrelay bench ingest --publish 'ws://127.0.0.1:8765/in/{i}' --publishers 50 --ack \\
       --redis redis://127.0.0.1:6379 --pid 4241
-  lightrelay bench idle --subscribe 'ws://127.0.0.1:8767/idle/{n}' --connections 10000 --pid 4242
+  lightrelay bench idle --subscribe 'ws://127.0.0.1:8767/idle/{i}' --connections 10000 --pid 4242
 
-`{n}` in a URL is replaced by the channel (or publisher) number, from 0. A redis:// URL's path
+`{i}` in a URL is replaced by the channel (or publisher) number, from 0. A redis:// URL's path
 is the channel name, not a database number. Messages are binary: an 8-byte sequence number,
 an 8-byte send time, then padding to --size. With --json, one JSON object on stdout.
 Exit codes: 0 the run counts; 3 it ran but lost messages or a connection ended (figures do
@@ -72,11 +72,11 @@ pub struct Measure {
 
 #[derive(Args, Debug, Clone)]
 pub struct FanoutArgs {
-    /// The subscribe URL: ws://HOST:PORT/PATH, `{n}` standing for the channel number.
+    /// The subscribe URL: ws://HOST:PORT/PATH, `{i}` standing for the channel number.
     #[arg(long, value_name = "URL")]
     pub subscribe: String,
     /// Where messages go in: redis://HOST:PORT/CHANNEL (PUBLISH, pipelined), ws://HOST:PORT/PATH
-    /// (binary frames) or http://HOST:PORT/PATH (POST, keep-alive, pipelined); `{n}` as above.
+    /// (binary frames) or http://HOST:PORT/PATH (POST, keep-alive, pipelined); `{i}` as above.
     #[arg(long, value_name = "URL")]
     pub publish: String,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -109,7 +109,7 @@ pub struct FanoutArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct IngestArgs {
-    /// The publish URL: ws://HOST:PORT/PATH (or http://… for POST), `{n}` for the publisher number.
+    /// The publish URL: ws://HOST:PORT/PATH (or http://… for POST), `{i}` for the publisher number.
     #[arg(long, value_name = "URL")]
     pub publish: String,
     /// Count what reached this Redis (PUBLISH calls in INFO commandstats); without it, acks.
@@ -134,7 +134,7 @@ pub struct IngestArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct IdleArgs {
-    /// The subscribe URL: ws://HOST:PORT/PATH, `{n}` for the channel number.
+    /// The subscribe URL: ws://HOST:PORT/PATH, `{i}` for the channel number.
     #[arg(long, value_name = "URL")]
     pub subscribe: String,
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

@@ -49,17 +49,19 @@ pub async fn run(args: BenchArgs) -> ExitCode {
     };
     match result {
         Ok(report) => {
-            if json {
+            let text = if json {
                 match serde_json::to_string(&report) {
-                    Ok(text) => println!("{text}"),
+                    Ok(text) => text + "\n",
                     Err(e) => {
                         eprintln!("lightrelay bench: {e}");
                         return ExitCode::FAILURE;
                     }
                 }
             } else {
-                print!("{}", report.table());
-            }
+                report.table()
+            };
+            // A closed stdout (`| head`) is not worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
             if report.ok {
                 ExitCode::SUCCESS
             } else {
@@ -74,8 +76,8 @@ pub async fn run(args: BenchArgs) -> ExitCode {
 }
 
 fn needs_placeholder(url: &str, n: u32, what: &str) -> Result<(), String> {
-    if n > 1 && !url.contains("{n}") {
-        return Err(format!("{url}: with {what} > 1 the URL needs {{n}}"));
+    if n > 1 && !url.contains("{i}") {
+        return Err(format!("{url}: with {what} > 1 the URL needs {{i}}"));
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ const WRITE_BATCH: usize = 16 * 1024;
 /// How the lanes of a run connect.
 pub struct Setup<'a> {
     /// `redis://host:port/CHANNEL`, `ws://host:port/PATH` or `http://host:port/PATH`, with
-    /// `{n}` standing for the channel number.
+    /// `{i}` standing for the channel number.
     pub target: &'a Target,
     pub channels: usize,
     pub lanes: usize,

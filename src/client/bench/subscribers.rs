@@ -42,7 +42,7 @@ impl Drop for Subscribers {
 
 /// What to open.
 pub struct Plan<'a> {
-    /// The subscribe URL, `{n}` standing for the channel number.
+    /// The subscribe URL, `{i}` standing for the channel number.
     pub target: &'a Target,
     pub channels: usize,
     pub connections: usize,

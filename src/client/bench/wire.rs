@@ -1,6 +1,6 @@
 //! The bytes on the wire, written by hand so the load generator stays cheap and allocation-free.
 //!
-//! Owns: target URLs (`ws://`, `http://`, `redis://` with a `{n}` channel placeholder, loopback
+//! Owns: target URLs (`ws://`, `http://`, `redis://` with a `{i}` channel placeholder, loopback
 //! only), TCP connects spread over 127.0.0.x source addresses past 20,000 connections, the
 //! WebSocket client handshake, a streaming frame reader that keeps only the first bytes of each
 //! message (so a 256 KiB frame is never buffered), masked client frames, and pipelined
@@ -82,10 +82,10 @@ pub async fn target(url: &str) -> Result<Target, String> {
 }
 
 impl Target {
-    /// This target with `{n}` in its path replaced by `n`.
+    /// This target with `{i}` in its path replaced by `n`.
     pub fn for_channel(&self, n: usize) -> Target {
         let mut t = self.clone();
-        t.path = self.path.replace("{n}", &n.to_string());
+        t.path = self.path.replace("{i}", &n.to_string());
         t
     }
 }
