@@ -277,15 +277,7 @@ impl Server {
         let (status, body) = http(self.addr, "GET", "/metrics", &[], b"").await;
         assert_eq!(status, 200);
         let body = String::from_utf8(body).unwrap();
-        body.lines()
-            .find_map(|line| {
-                line.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .unwrap_or_else(|| panic!("no series {series} in:\n{body}"))
-            .trim()
-            .parse()
-            .unwrap()
+        series_value(&body, series).unwrap_or_else(|| panic!("no series {series} in:\n{body}"))
     }
 
     /// Wait until a metric satisfies `ok`.
@@ -537,14 +529,7 @@ impl Server {
     pub async fn wait_series(&self, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let text = self.metrics_text().await;
-            let value = text
-                .lines()
-                .find_map(|line| {
-                    line.strip_prefix(series)
-                        .and_then(|rest| rest.strip_prefix(' '))
-                })
-                .map_or(0.0, |v| v.trim().parse().unwrap());
+            let value = series_value(&self.metrics_text().await, series).unwrap_or(0.0);
             if ok(value) {
                 return value;
             }
@@ -555,6 +540,13 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The value of one series (`name{labels}`) in a Prometheus text exposition.
+pub fn series_value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
 }
 
 /// The text every probe carries; [`next_data`] skips it.
