@@ -430,10 +430,12 @@ where
 }
 
 fn ending_of(error: tungstenite::Error, max_message_bytes: usize) -> Ending {
-    use tungstenite::error::{CapacityError, Error as E};
+    use tungstenite::error::{CapacityError, Error as E, ProtocolError};
     match error {
         E::Capacity(CapacityError::MessageTooLong { .. }) => Ending::TooBig(max_message_bytes),
         E::Capacity(e) => Ending::Protocol(CloseCode::Size, e.to_string()),
+        // A TCP connection that ends without a close frame is broken, not a protocol error.
+        E::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Ending::Broken,
         E::Protocol(e) => Ending::Protocol(CloseCode::Protocol, e.to_string()),
         E::Utf8(_) => Ending::Protocol(CloseCode::Invalid, "text frame is not valid UTF-8".into()),
         _ => Ending::Broken,

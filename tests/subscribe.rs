@@ -515,3 +515,22 @@ async fn the_ack_subprotocol_is_selected_only_where_messages_are_published() {
         "{head}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_drops_its_connection_without_a_close_frame_is_counted_as_broken() {
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let ws = connect(&subscribe.ws("/gone")).await;
+    subscribe
+        .wait_metric("lightrelay_connections", |n| n == 1.0)
+        .await;
+    drop(ws); // TCP FIN, no close frame
+    subscribe
+        .wait_series("lightrelay_closed_total{reason=\"broken\"}", |n| n == 1.0)
+        .await;
+    let text = subscribe.metrics_text().await;
+    assert_eq!(
+        series_value(&text, "lightrelay_closed_total{reason=\"protocol_error\"}"),
+        None
+    );
+}
