@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
@@ -26,6 +27,7 @@ use crate::channel::ChannelName;
 use crate::page;
 use crate::publish::publish_once;
 use crate::server::Relay;
+use crate::socket::Socket;
 
 /// The subprotocol a publisher offers to get one ack per message.
 pub const ACK_PROTOCOL: &str = "lightrelay.ack";
@@ -212,13 +214,18 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Reply {
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
+        let Some((socket, read_ahead)) = into_socket(upgraded) else {
+            tracing::error!("an upgraded connection is not a TCP stream; dropped");
+            return;
+        };
+        let ws = WebSocketStream::from_partially_read(
+            socket.clone(),
+            read_ahead,
             WsRole::Server,
             Some(ws_config),
         )
         .await;
-        task_relay.serve(ws, channel, ack, slot).await;
+        task_relay.serve(ws, socket, channel, ack, slot).await;
     });
 
     let mut response = Response::new(Full::new(Bytes::new()));
@@ -236,6 +243,16 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Reply {
         );
     }
     response
+}
+
+/// Back from hyper's upgraded connection to the TCP stream itself, and what hyper read past
+/// the request: the session and the hub share the stream as a [`Socket`] (the hub writes
+/// directly to idle subscribers). Nothing of hyper's is kept: its read buffer would stay
+/// allocated (8 KiB) for as long as a slice of it lived.
+fn into_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(Socket, Vec<u8>)> {
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    let read_ahead = parts.read_buf.to_vec();
+    Some((Socket::new(parts.io.into_inner()), read_ahead))
 }
 
 /// Buffer sizes, chosen on purpose: tungstenite's defaults (128 KiB to read, 128 KiB before a

@@ -2,7 +2,11 @@
 //!
 //! Owns: the map topic → subscribers, the one Redis subscription per topic per process
 //! (first client in SUBSCRIBEs, last one out UNSUBSCRIBEs), and fan-out: a message from Redis
-//! becomes one frame, built once, pushed to every subscriber's [`Outbox`].
+//! becomes one frame, built once, pushed to every subscriber's [`Outbox`]. When the hub has
+//! caught up with Redis (no other message waiting), the frame is also encoded once and
+//! written straight into the socket of each subscriber whose session is idle: at a light
+//! rate that spares a task wake-up and poll per delivery. When messages wait, they are only
+//! queued, so busy sessions write many frames per call and the hub keeps up.
 //!
 //! Invariants:
 //! - The hub's lock is a plain mutex, never held across an await. Joining and leaving only
@@ -14,7 +18,11 @@
 //!   behind, fred overwrites the oldest and the loss is counted (`redis_lagged`), never silent,
 //!   and the loop goes on.
 //!
-//! Must not: write to sockets or block on a client; a slow client only fills its own outbox.
+//! - Fan-out works on a snapshot of the topic's subscribers (an `Arc`, copied on write by
+//!   joins and leaves), so the hub's lock is not held while it writes to sockets.
+//!
+//! Must not: block on a client (direct writes never wait; a full socket means the frame is
+//! queued); a slow client only fills its own outbox.
 //! Room left: `Topic` is where pattern (PSUBSCRIBE) and sharded (SSUBSCRIBE) topics go.
 
 use std::collections::{HashMap, HashSet};
@@ -33,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::channel::ChannelName;
 use crate::metrics::{DropReason, Metrics};
 use crate::outbox::{Outbox, Pushed};
+use crate::socket::EncodedFrame;
 
 /// What a client listens to. Today a plain channel; patterns and shard channels come later.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -48,7 +57,8 @@ pub struct Hub {
 
 #[derive(Default)]
 struct State {
-    topics: HashMap<Topic, Slab<Arc<Outbox>>>,
+    /// Copied on write: a fan-out in progress keeps its snapshot, joins and leaves copy.
+    topics: HashMap<Topic, Arc<Slab<Arc<Outbox>>>>,
     dirty: HashSet<Topic>,
 }
 
@@ -77,7 +87,7 @@ impl Hub {
     /// Add a client to a topic; the topic is subscribed in Redis if it was not already.
     pub fn join(self: &Arc<Self>, topic: Topic, outbox: Arc<Outbox>) -> Membership {
         let mut state = self.lock();
-        let subscribers = state.topics.entry(topic.clone()).or_default();
+        let subscribers = Arc::make_mut(state.topics.entry(topic.clone()).or_default());
         let key = subscribers.insert(outbox);
         if subscribers.len() == 1 {
             state.dirty.insert(topic.clone());
@@ -96,6 +106,7 @@ impl Hub {
         let Some(subscribers) = state.topics.get_mut(topic) else {
             return;
         };
+        let subscribers = Arc::make_mut(subscribers);
         subscribers.try_remove(key);
         if subscribers.is_empty() {
             state.topics.remove(topic);
@@ -105,27 +116,36 @@ impl Hub {
         }
     }
 
-    /// Push one message to every subscriber of `topic`. Returns how many received it.
-    pub fn publish_local(&self, topic: &Topic, frame: Message) -> usize {
-        let state = self.lock();
-        let Some(subscribers) = state.topics.get(topic) else {
+    /// Push one message to every subscriber of `topic`; with `direct`, write it into the
+    /// sockets of idle subscribers instead. Returns how many received it.
+    pub fn publish_local(&self, topic: &Topic, frame: Message, direct: bool) -> usize {
+        let Some(subscribers) = self.lock().topics.get(topic).cloned() else {
             return 0;
         };
-        let (mut skipped, mut discarded) = (0, 0);
+        let encoded = direct.then(|| EncodedFrame::of(&frame)).flatten();
+        let (mut written, mut skipped, mut discarded) = (0u64, 0, 0);
         for (_, outbox) in subscribers.iter() {
-            match outbox.push(frame.clone()) {
+            let pushed = match &encoded {
+                Some(encoded) => outbox.push_or_write(&frame, encoded),
+                None => outbox.push(frame.clone()),
+            };
+            match pushed {
                 Pushed::Queued | Pushed::Closed => {}
+                Pushed::Written => written += 1,
                 Pushed::Skipped(n) => skipped += n,
                 Pushed::Overflowed(n) => discarded += n + 1,
             }
         }
-        let n = subscribers.len();
-        drop(state);
+        if written > 0 {
+            self.metrics
+                .ws_out
+                .add(written, written * frame.len() as u64);
+        }
         self.metrics
             .dropped(DropReason::SlowConsumerSkip, skipped as u64);
         self.metrics
             .dropped(DropReason::SlowConsumerClose, discarded as u64);
-        n
+        subscribers.len()
     }
 
     /// (topics, queued messages, queued bytes) across every client, for `/metrics`.
@@ -164,7 +184,10 @@ impl Hub {
                     self.metrics.redis_in.add(1, frame.len() as u64);
                     let topic =
                         Topic::Channel(ChannelName::from_redis(message.channel.into_inner()));
-                    self.publish_local(&topic, frame);
+                    // Caught up with Redis: write to idle subscribers directly. Behind: only
+                    // queue, and let the sessions write their backlog in few calls.
+                    let direct = messages.is_empty();
+                    self.publish_local(&topic, frame, direct);
                 }
                 Err(RecvError::Lagged(n)) => {
                     self.metrics.dropped(DropReason::RedisLagged, n);

@@ -31,6 +31,7 @@ pub mod redis;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod socket;
 pub mod telemetry;
 
 /// Errors that stop a server from starting or running.

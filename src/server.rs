@@ -30,6 +30,7 @@ use crate::outbox::Outbox;
 use crate::publish::{PublishWindow, Publisher};
 use crate::redis::{connect_publisher, connect_subscriber, Health};
 use crate::session::{self, Inbound, SessionSettings};
+use crate::socket::Socket;
 use crate::{shutdown, Error};
 
 /// Which of the two servers this process is, with what only that one needs.
@@ -196,6 +197,7 @@ impl Relay {
     pub fn serve<S>(
         self: Arc<Self>,
         ws: WebSocketStream<S>,
+        socket: Socket,
         channel: ChannelName,
         ack: bool,
         slot: ConnectionSlot,
@@ -237,7 +239,11 @@ impl Relay {
                 slow_consumer,
                 accept_publish,
             } => {
-                let outbox = Arc::new(Outbox::new(*client_queue, *slow_consumer));
+                let outbox = Arc::new(Outbox::with_socket(
+                    *client_queue,
+                    *slow_consumer,
+                    Some(socket),
+                ));
                 let membership = hub.join(Topic::Channel(channel.clone()), outbox.clone());
                 let inbound = if *accept_publish {
                     Inbound::Publish(window())

@@ -3,7 +3,9 @@
 //! Owns: the connection's single task. It reads frames (publishing them through a
 //! [`PublishWindow`] or discarding them), writes what its [`Outbox`] holds (several queued
 //! frames per write, then one flush), pings every `--ping-interval`, closes a peer silent for
-//! `--idle-timeout`, and ends with the close code that says why (see [`Ending`]).
+//! `--idle-timeout`, and ends with the close code that says why (see [`Ending`]). A
+//! subscriber's session lends its socket to its outbox whenever it goes idle with nothing
+//! queued, so the hub can write the next frame directly, and takes it back at its next poll.
 //! Must not: touch Redis subscriptions or other clients; it only sees its own outbox and
 //! window, so one slow or broken client cannot slow anyone else.
 
@@ -140,6 +142,7 @@ where
         outbox,
         inbound,
         batch: VecDeque::new(),
+        tail: false,
         unflushed: false,
         ping_due: false,
         last_heard: now,
@@ -165,6 +168,10 @@ struct Connection<S> {
     inbound: Inbound,
     /// Frames taken from the outbox and not yet handed to tungstenite.
     batch: VecDeque<Message>,
+    /// The outbox holds the unsent end of a frame the hub wrote directly: it goes out before
+    /// anything else, and tungstenite is not used (not even to read: it may answer a ping)
+    /// until it has.
+    tail: bool,
     /// Frames were handed to tungstenite since the last completed flush.
     unflushed: bool,
     ping_due: bool,
@@ -200,6 +207,8 @@ where
         if self.ending.is_none() && cancelled.poll(cx).is_ready() {
             self.ending = Some(Ending::GoingAway);
         }
+        // From here on only this session writes to the socket.
+        self.tail |= self.outbox.take_back();
         for _ in 0..POLL_BUDGET {
             if self.ending.is_none() && self.outbox.overflowed() {
                 self.ending = Some(Ending::SlowConsumer);
@@ -222,7 +231,7 @@ where
                     }
                 }
             }
-            if self.ending.is_none() {
+            if self.ending.is_none() && !self.tail {
                 match self.poll_read(cx) {
                     Ok(read) => progress |= read,
                     Err(ending) => {
@@ -259,12 +268,25 @@ where
                 progress = true;
             }
             if !progress {
+                if self.is_idle() {
+                    // Nothing of ours in flight: the hub may write the next frames itself.
+                    self.outbox.lend();
+                }
                 return Poll::Pending;
             }
         }
         // Busy: let other connections run, and come back.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Nothing taken from the outbox is unwritten and tungstenite holds no unsent bytes.
+    fn is_idle(&self) -> bool {
+        self.batch.is_empty()
+            && !self.tail
+            && !self.unflushed
+            && !self.ping_due
+            && self.ending.is_none()
     }
 
     fn window(&self) -> Option<&PublishWindow> {
@@ -320,6 +342,12 @@ where
     /// a burst goes out in few write calls.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
         let mut progress = false;
+        if self.tail {
+            match self.poll_tail(cx) {
+                Poll::Ready(result) => progress = result?,
+                Poll::Pending => return Ok(false),
+            }
+        }
         let (mut frames, mut bytes) = (0u64, 0u64);
         loop {
             if self.batch.is_empty() && !self.ping_due {
@@ -363,6 +391,18 @@ where
         Ok(progress)
     }
 
+    /// Send the rest of a frame the hub could not write whole.
+    fn poll_tail(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Ending>> {
+        match self.outbox.poll_write_tail(cx) {
+            Poll::Ready(Ok(())) => {
+                self.tail = false;
+                Poll::Ready(Ok(true))
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Ending::Broken)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// Read what the client sent: publish it, or discard it.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
         let mut progress = false;
@@ -401,9 +441,15 @@ where
     /// Send the close frame that says why (pending acks first on a graceful end), wait for
     /// the client's answer, all within the close timeout.
     async fn close(&mut self, ending: Ending) -> Ending {
-        let ws = &mut self.ws;
-        let outbox = &self.outbox;
+        let close_timeout = self.settings.close_timeout;
         let closing = async {
+            if self.tail {
+                std::future::poll_fn(|cx| self.poll_tail(cx))
+                    .await
+                    .map_err(|_| tungstenite::Error::ConnectionClosed)?;
+            }
+            let ws = &mut self.ws;
+            let outbox = &self.outbox;
             if matches!(ending, Ending::GoingAway | Ending::RedisUnavailable(_)) {
                 let mut rest = std::mem::take(&mut self.batch);
                 outbox.take_now(&mut rest);
@@ -424,8 +470,15 @@ where
             }
             Ok::<(), tungstenite::Error>(())
         };
-        let _ = tokio::time::timeout(self.settings.close_timeout, closing).await;
+        let _ = tokio::time::timeout(close_timeout, closing).await;
         ending
+    }
+}
+
+impl<S> Drop for Connection<S> {
+    fn drop(&mut self) {
+        // However the task ends, the hub writes no more into this socket.
+        self.outbox.take_back();
     }
 }
 

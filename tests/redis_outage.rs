@@ -252,7 +252,8 @@ async fn healthz_answers_503_with_a_reason_while_redis_is_down_and_200_once_it_i
 
 #[tokio::test]
 async fn servers_started_while_redis_is_down_listen_at_once_and_work_once_it_is_up() {
-    let port = free_port();
+    // Nothing listens on it for 4 s: a port no concurrent connection can take meanwhile.
+    let port = quiet_port();
     let url = format!("redis://127.0.0.1:{port}");
     let flags = ["--ping-interval", "1s"];
     let mut publish = Server::start_unhealthy(Kind::Publish, &url, &flags).await;

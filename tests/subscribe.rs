@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use common::*;
 use fred::interfaces::{ClientLike, PubsubInterface};
@@ -533,4 +535,91 @@ async fn a_client_that_drops_its_connection_without_a_close_frame_is_counted_as_
         series_value(&text, "lightrelay_closed_total{reason=\"protocol_error\"}"),
         None
     );
+}
+
+/// A payload that says which message it is and whose every byte depends on that.
+fn numbered(i: u32, len: usize) -> Vec<u8> {
+    let mut payload = i.to_be_bytes().to_vec();
+    payload.extend((4..len).map(|k| (k as u32).wrapping_mul(31).wrapping_add(i) as u8 | 0x80));
+    payload
+}
+
+fn number_of(frame: &Message) -> u32 {
+    match frame {
+        Message::Binary(b) => {
+            let i = u32::from_be_bytes(b[..4].try_into().unwrap());
+            assert_eq!(
+                b[..],
+                numbered(i, b.len())[..],
+                "message {i} arrived altered"
+            );
+            i
+        }
+        other => panic!("expected a binary message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn frames_arrive_whole_and_in_order_whether_the_hub_writes_them_or_the_session_does() {
+    // The hub writes a frame straight into an idle subscriber's socket; it queues it for the
+    // client's session when the session is busy, the socket is full or more messages wait, and
+    // a socket that takes only part of a frame leaves the rest to the session. Paced messages
+    // and bursts, small and large, a client that pings the server and one that stops reading
+    // make every path run: each client must still get every frame whole and in order.
+    const TOTAL: u32 = 600;
+    let size = |i: u32| if i % 5 == 0 { 96 * 1024 } else { 100 };
+    let redis = Redis::start().await;
+    let flags = ["--client-queue", "100000", "--ping-interval", "200ms"];
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &flags).await;
+    let mut readers = Vec::new();
+    for r in 0..6 {
+        let mut ws = connect(&subscribe.ws("/paced")).await;
+        readers.push(tokio::spawn(async move {
+            for i in 0..TOTAL {
+                assert_eq!(number_of(&next_data(&mut ws).await), i, "reader {r}");
+                if r == 0 && i % 40 == 0 {
+                    // The server answers with a pong, written between the hub's frames.
+                    ws.send(Message::Ping(Bytes::from_static(b"hi")))
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    let mut stalled = connect(&subscribe.ws("/paced")).await;
+    redis.wait_numsub("lightlevel/paced", 1).await;
+
+    let client = redis.client().await;
+    for block in 0..(TOTAL / 20) {
+        for i in block * 20..(block + 1) * 20 {
+            let n: i64 = client
+                .publish("lightlevel/paced", numbered(i, size(i)))
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+            if block % 2 == 0 {
+                // Paced: the hub catches up between messages and writes them itself.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    // The stalled client's socket filled up long ago; it reads everything only now.
+    for i in 0..TOTAL {
+        assert_eq!(
+            number_of(&next_data(&mut stalled).await),
+            i,
+            "stalled reader"
+        );
+    }
+    assert_eq!(
+        subscribe
+            .metric("lightrelay_messages_total{direction=\"ws_out\"}")
+            .await,
+        f64::from(7 * TOTAL)
+    );
+    let _ = client.quit().await;
 }

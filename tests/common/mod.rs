@@ -32,6 +32,34 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port that stays free while a test waits before using it: one below the kernel's
+/// ephemeral range, so no outgoing connection of a concurrent test (and no relay retrying a
+/// connection to it, which can connect to itself in that range) takes it meanwhile.
+pub fn quiet_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    if low < 12_000 {
+        return free_port();
+    }
+    let span = low - 10_000;
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(7919, std::sync::atomic::Ordering::Relaxed);
+        let port = 10_000 + seed.wrapping_add(n) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    free_port()
+}
+
 /// A private redis-server on 127.0.0.1, killed when dropped.
 pub struct Redis {
     pub port: u16,
