@@ -34,6 +34,7 @@ use fred::clients::SubscriberClient;
 use fred::interfaces::{EventInterface, PubsubInterface};
 use fred::types::Value;
 use slab::Slab;
+use tokio::runtime::Handle;
 use tokio::sync::{broadcast::error::RecvError, Notify};
 use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
 use tokio_util::sync::CancellationToken;
@@ -117,34 +118,43 @@ impl Hub {
     }
 
     /// Push one message to every subscriber of `topic`; with `direct`, write it into the
-    /// sockets of idle subscribers instead. Returns how many received it.
-    pub fn publish_local(&self, topic: &Topic, frame: Message, direct: bool) -> usize {
+    /// sockets of idle subscribers instead. With `helper` (the connections' runtime) and a
+    /// large topic, half of the direct writes run there while the hub does the other half,
+    /// and both halves are done before this returns, so the next message cannot overtake.
+    /// Returns how many subscribers received it.
+    pub async fn publish_local(
+        &self,
+        topic: &Topic,
+        frame: Message,
+        direct: bool,
+        helper: Option<&Handle>,
+    ) -> usize {
         let Some(subscribers) = self.lock().topics.get(topic).cloned() else {
             return 0;
         };
         let encoded = direct.then(|| EncodedFrame::of(&frame)).flatten();
-        let (mut written, mut skipped, mut discarded) = (0u64, 0, 0);
-        for (_, outbox) in subscribers.iter() {
-            let pushed = match &encoded {
-                Some(encoded) => outbox.push_or_write(&frame, encoded),
-                None => outbox.push(frame.clone()),
-            };
-            match pushed {
-                Pushed::Queued | Pushed::Closed => {}
-                Pushed::Written => written += 1,
-                Pushed::Skipped(n) => skipped += n,
-                Pushed::Overflowed(n) => discarded += n + 1,
+        let tally = match (encoded, helper) {
+            (Some(encoded), Some(helper)) if subscribers.len() >= SPLIT_AT => {
+                let encoded = Arc::new(encoded);
+                let theirs = helper.spawn({
+                    let (subscribers, frame, encoded) =
+                        (subscribers.clone(), frame.clone(), encoded.clone());
+                    async move { fan_out(&subscribers, &frame, Some(&encoded), |key| key % 2 == 1) }
+                });
+                let mine = fan_out(&subscribers, &frame, Some(&encoded), |key| key % 2 == 0);
+                // A helper task fails only when the runtime shuts down.
+                mine + theirs.await.unwrap_or_default()
             }
-        }
-        if written > 0 {
-            self.metrics
-                .ws_out
-                .add(written, written * frame.len() as u64);
+            (encoded, _) => fan_out(&subscribers, &frame, encoded.as_ref(), |_| true),
+        };
+        if tally.written > 0 {
+            let bytes = tally.written * frame.len() as u64;
+            self.metrics.ws_out.add(tally.written, bytes);
         }
         self.metrics
-            .dropped(DropReason::SlowConsumerSkip, skipped as u64);
+            .dropped(DropReason::SlowConsumerSkip, tally.skipped);
         self.metrics
-            .dropped(DropReason::SlowConsumerClose, discarded as u64);
+            .dropped(DropReason::SlowConsumerClose, tally.discarded);
         subscribers.len()
     }
 
@@ -163,8 +173,15 @@ impl Hub {
     }
 
     /// Run the hub against Redis until shutdown: the reconciler and the message reader.
-    pub async fn run(self: Arc<Self>, redis: SubscriberClient, shutdown: CancellationToken) {
-        let reader = self.clone().read_messages(redis.clone());
+    /// `helper` is the runtime that may take half of a large direct fan-out (the connections'
+    /// runtime, idle at the light rates where the hub writes directly).
+    pub async fn run(
+        self: Arc<Self>,
+        redis: SubscriberClient,
+        shutdown: CancellationToken,
+        helper: Option<Handle>,
+    ) {
+        let reader = self.clone().read_messages(redis.clone(), helper);
         let reconciler = self.reconcile(redis);
         tokio::select! {
             () = reader => {},
@@ -173,7 +190,7 @@ impl Hub {
         }
     }
 
-    async fn read_messages(self: Arc<Self>, redis: SubscriberClient) {
+    async fn read_messages(self: Arc<Self>, redis: SubscriberClient, helper: Option<Handle>) {
         let mut messages = redis.message_rx();
         loop {
             match messages.recv().await {
@@ -187,7 +204,8 @@ impl Hub {
                     // Caught up with Redis: write to idle subscribers directly. Behind: only
                     // queue, and let the sessions write their backlog in few calls.
                     let direct = messages.is_empty();
-                    self.publish_local(&topic, frame, direct);
+                    self.publish_local(&topic, frame, direct, helper.as_ref())
+                        .await;
                 }
                 Err(RecvError::Lagged(n)) => {
                     self.metrics.dropped(DropReason::RedisLagged, n);
@@ -262,6 +280,53 @@ impl Hub {
         // Every update under this lock is a single insert/remove; a poisoned lock is consistent.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// From this many subscribers on, a direct fan-out is split between the hub and a helper:
+/// each write costs a few microseconds in the kernel, so a thousand of them take milliseconds
+/// on one thread, and the last subscriber's latency is that long.
+const SPLIT_AT: usize = 64;
+
+/// What one fan-out did, for the metrics.
+#[derive(Default)]
+struct Tally {
+    written: u64,
+    skipped: u64,
+    discarded: u64,
+}
+
+impl std::ops::Add for Tally {
+    type Output = Tally;
+    fn add(self, other: Tally) -> Tally {
+        Tally {
+            written: self.written + other.written,
+            skipped: self.skipped + other.skipped,
+            discarded: self.discarded + other.discarded,
+        }
+    }
+}
+
+/// Push (or write, given `encoded`) `frame` to the subscribers whose key `mine` accepts.
+fn fan_out(
+    subscribers: &Slab<Arc<Outbox>>,
+    frame: &Message,
+    encoded: Option<&EncodedFrame>,
+    mine: impl Fn(usize) -> bool,
+) -> Tally {
+    let mut tally = Tally::default();
+    for (_, outbox) in subscribers.iter().filter(|(key, _)| mine(*key)) {
+        let pushed = match encoded {
+            Some(encoded) => outbox.push_or_write(frame, encoded),
+            None => outbox.push(frame.clone()),
+        };
+        match pushed {
+            Pushed::Queued | Pushed::Closed => {}
+            Pushed::Written => tally.written += 1,
+            Pushed::Skipped(n) => tally.skipped += n as u64,
+            Pushed::Overflowed(n) => tally.discarded += n as u64 + 1,
+        }
+    }
+    tally
 }
 
 /// One frame per message: text when the payload is valid UTF-8, binary otherwise.

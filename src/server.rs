@@ -270,6 +270,7 @@ impl Relay {
 /// behind the connection tasks it had just woken (10,000 of them per message at worst), and
 /// fred's message buffer overflowed meanwhile: in a 1,000 channels × 10 subscribers run at
 /// full rate, 15,904 messages were lost to `redis_lagged` in the first burst.
+/// With more than one core, the connections' runtime helps with large direct fan-outs.
 fn spawn_hub(
     hub: Arc<Hub>,
     subscriber: fred::clients::SubscriberClient,
@@ -278,9 +279,13 @@ fn spawn_hub(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let helper = (cores > 1)
+        .then(tokio::runtime::Handle::try_current)
+        .and_then(Result::ok);
     std::thread::Builder::new()
         .name("lightrelay-hub".into())
-        .spawn(move || runtime.block_on(hub.run(subscriber, shutdown)))?;
+        .spawn(move || runtime.block_on(hub.run(subscriber, shutdown, helper)))?;
     Ok(())
 }
 

@@ -623,3 +623,49 @@ async fn frames_arrive_whole_and_in_order_whether_the_hub_writes_them_or_the_ses
     );
     let _ = client.quit().await;
 }
+
+#[tokio::test]
+async fn a_large_fan_out_shared_by_two_writers_keeps_every_subscriber_in_order() {
+    // From 64 subscribers on, the hub writes half of a fan-out and the connections' runtime
+    // the other half; the next message waits for both, so no subscriber sees it early.
+    const READERS: usize = 80;
+    const TOTAL: u32 = 400;
+    let redis = Redis::start().await;
+    let flags = ["--client-queue", "100000"];
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &flags).await;
+    let mut readers = Vec::new();
+    for r in 0..READERS {
+        let mut ws = connect(&subscribe.ws("/wide")).await;
+        readers.push(tokio::spawn(async move {
+            for i in 0..TOTAL {
+                assert_eq!(number_of(&next_data(&mut ws).await), i, "reader {r}");
+            }
+        }));
+    }
+    redis.wait_numsub("lightlevel/wide", 1).await;
+    let client = redis.client().await;
+    for i in 0..TOTAL {
+        let n: i64 = client
+            .publish(
+                "lightlevel/wide",
+                numbered(i, 100 + (i as usize * 37) % 2000),
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        // Bursts (the hub falls behind and queues) between paced stretches (it writes).
+        if (i / 25) % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    assert_eq!(
+        subscribe
+            .metric("lightrelay_messages_total{direction=\"ws_out\"}")
+            .await,
+        (READERS as u32 * TOTAL) as f64
+    );
+    let _ = client.quit().await;
+}
