@@ -26,6 +26,7 @@
 //! Room left: `Topic` is where pattern (PSUBSCRIBE) and sharded (SSUBSCRIBE) topics go.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,18 +133,38 @@ impl Hub {
         let Some(subscribers) = self.lock().topics.get(topic).cloned() else {
             return 0;
         };
-        let encoded = direct.then(|| EncodedFrame::of(&frame)).flatten();
+        // Large frames always go through the sessions: a megabyte copied into a thousand
+        // sockets is work to spread over the runtime's threads, not to do on the hub's.
+        let encoded = (direct && frame.len() <= DIRECT_MAX)
+            .then(|| EncodedFrame::of(&frame))
+            .flatten();
         let tally = match (encoded, helper) {
             (Some(encoded), Some(helper)) if subscribers.len() >= SPLIT_AT => {
                 let encoded = Arc::new(encoded);
+                // Whoever claims the odd half writes it: the helper task if a worker runs it
+                // soon, else the hub itself once its own half is done (a busy runtime must
+                // not keep the hub from reading Redis).
+                let claimed = Arc::new(AtomicBool::new(false));
                 let theirs = helper.spawn({
-                    let (subscribers, frame, encoded) =
-                        (subscribers.clone(), frame.clone(), encoded.clone());
-                    async move { fan_out(&subscribers, &frame, Some(&encoded), |key| key % 2 == 1) }
+                    let (subscribers, frame, encoded, claimed) = (
+                        subscribers.clone(),
+                        frame.clone(),
+                        encoded.clone(),
+                        claimed.clone(),
+                    );
+                    async move {
+                        (!claimed.swap(true, Ordering::AcqRel))
+                            .then(|| fan_out(&subscribers, &frame, Some(&encoded), odd))
+                    }
                 });
-                let mine = fan_out(&subscribers, &frame, Some(&encoded), |key| key % 2 == 0);
-                // A helper task fails only when the runtime shuts down.
-                mine + theirs.await.unwrap_or_default()
+                let mine = fan_out(&subscribers, &frame, Some(&encoded), |key| !odd(key));
+                if claimed.swap(true, Ordering::AcqRel) {
+                    // Claimed by the helper: wait for it, so the next message cannot overtake.
+                    // (Once started it runs to the end: it has no await point.)
+                    mine + theirs.await.ok().flatten().unwrap_or_default()
+                } else {
+                    mine + fan_out(&subscribers, &frame, Some(&encoded), odd)
+                }
             }
             (encoded, _) => fan_out(&subscribers, &frame, encoded.as_ref(), |_| true),
         };
@@ -286,6 +307,14 @@ impl Hub {
 /// each write costs a few microseconds in the kernel, so a thousand of them take milliseconds
 /// on one thread, and the last subscriber's latency is that long.
 const SPLIT_AT: usize = 64;
+
+/// The largest frame the hub writes directly (the sessions' write buffer size).
+const DIRECT_MAX: usize = 16 * 1024;
+
+/// The helper's half of a split fan-out.
+fn odd(key: usize) -> bool {
+    key % 2 == 1
+}
 
 /// What one fan-out did, for the metrics.
 #[derive(Default)]

@@ -11,18 +11,17 @@
 //! writes each new frame straight into the socket (one non-blocking write, no queue, no task
 //! wake-up: at a light rate that wake-up was a third of the CPU per delivery). The session
 //! takes the socket back at the start of its next poll. A write the socket does not take
-//! whole is queued (or its unsent tail kept) and the session is woken to finish it; a frame
+//! whole is queued (or its unsent tail kept by the [`Socket`], which sends it before any
+//! other byte) and the session is woken to finish it; a frame
 //! is never split between two writers, and frames reach the socket in the order pushed.
 //! Must not: await, block on a socket, or know about channels; the hub pushes, the client's
 //! session takes.
 
 use std::collections::VecDeque;
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::task::{ready, Context, Poll, Waker};
+use std::task::Waker;
 
-use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -62,9 +61,6 @@ struct State {
     bytes: usize,
     /// The session is idle with nothing queued: the pusher may write into the socket.
     lent: bool,
-    /// The unsent tail of a direct write the socket did not take whole; the session sends it
-    /// before anything else.
-    tail: Option<Bytes>,
 }
 
 impl Outbox {
@@ -86,16 +82,16 @@ impl Outbox {
 
     /// Write `frame` (whose wire form is `encoded`) into the client's socket if the session
     /// lent it and nothing is queued; otherwise (or if the socket takes none of it) queue it
-    /// like [`Outbox::push`]. A partial write keeps its tail for the session and wakes it.
+    /// like [`Outbox::push`]. A partial write leaves its tail in the socket and wakes the
+    /// session to send it.
     pub fn push_or_write(&self, frame: &Message, encoded: &EncodedFrame) -> Pushed {
         let mut state = self.lock();
         if let (true, Some(socket)) = (state.lent, &self.socket) {
             // `lent` implies an empty queue and no tail: the frame goes out in order.
             match socket.try_write_frame(encoded) {
-                Ok(n) if n == encoded.len() => return Pushed::Written,
-                Ok(n) => {
+                Ok(true) => return Pushed::Written,
+                Ok(false) => {
                     state.lent = false;
-                    state.tail = Some(encoded.rest(n));
                     drop(state);
                     self.waker.wake();
                     return Pushed::Written;
@@ -120,39 +116,29 @@ impl Outbox {
         }
         let mut state = self.lock();
         state.lent = state.frames.is_empty()
-            && state.tail.is_none()
-            && !self.overflowed.load(Ordering::Acquire);
+            && !self.overflowed.load(Ordering::Acquire)
+            && !self.socket.as_ref().is_some_and(Socket::has_tail);
         state.lent
     }
 
     /// Take the socket back before writing or reading it: no direct write runs after this
-    /// returns. Returns whether a direct write left an unsent tail, which must go out first
-    /// ([`Outbox::poll_write_tail`]).
-    pub fn take_back(&self) -> bool {
-        if self.socket.is_none() {
+    /// returns, and `waker` is woken by the next push. Returns whether a direct write left a
+    /// tail in the socket (sent by the session's next write or flush).
+    pub fn take_back(&self, waker: &Waker) -> bool {
+        let Some(socket) = &self.socket else {
             return false;
-        }
-        let mut state = self.lock();
-        state.lent = false;
-        state.tail.is_some()
+        };
+        // A direct write that left a tail woke (and so used up) the registered waker.
+        self.waker.register(waker);
+        self.withdraw();
+        socket.has_tail()
     }
 
-    /// Write the unsent tail of a direct write (the session's first write after taking the
-    /// socket back); ready once none is left.
-    pub fn poll_write_tail(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(socket) = &self.socket else {
-            return Poll::Ready(Ok(()));
-        };
-        let mut state = self.lock();
-        while let Some(tail) = state.tail.as_mut() {
-            match ready!(socket.poll_write_some(cx, tail)) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) if n < tail.len() => tail.advance(n),
-                Ok(_) => state.tail = None,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+    /// End the loan, if any: no direct write runs after this returns.
+    pub fn withdraw(&self) {
+        if self.socket.is_some() {
+            self.lock().lent = false;
         }
-        Poll::Ready(Ok(()))
     }
 
     /// Queue `frame` for the session (which takes the socket back first, if it lent it).

@@ -168,9 +168,8 @@ struct Connection<S> {
     inbound: Inbound,
     /// Frames taken from the outbox and not yet handed to tungstenite.
     batch: VecDeque<Message>,
-    /// The outbox holds the unsent end of a frame the hub wrote directly: it goes out before
-    /// anything else, and tungstenite is not used (not even to read: it may answer a ping)
-    /// until it has.
+    /// The socket holds the unsent end of a frame the hub wrote directly. Any write sends it
+    /// first; this makes sure it goes out even when nothing else is to be written.
     tail: bool,
     /// Frames were handed to tungstenite since the last completed flush.
     unflushed: bool,
@@ -208,7 +207,7 @@ where
             self.ending = Some(Ending::GoingAway);
         }
         // From here on only this session writes to the socket.
-        self.tail |= self.outbox.take_back();
+        self.tail |= self.outbox.take_back(cx.waker());
         for _ in 0..POLL_BUDGET {
             if self.ending.is_none() && self.outbox.overflowed() {
                 self.ending = Some(Ending::SlowConsumer);
@@ -231,7 +230,7 @@ where
                     }
                 }
             }
-            if self.ending.is_none() && !self.tail {
+            if self.ending.is_none() {
                 match self.poll_read(cx) {
                     Ok(read) => progress |= read,
                     Err(ending) => {
@@ -393,7 +392,11 @@ where
 
     /// Send the rest of a frame the hub could not write whole.
     fn poll_tail(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Ending>> {
-        match self.outbox.poll_write_tail(cx) {
+        let Some(socket) = self.outbox.socket() else {
+            self.tail = false;
+            return Poll::Ready(Ok(false));
+        };
+        match socket.poll_write_tail(cx) {
             Poll::Ready(Ok(())) => {
                 self.tail = false;
                 Poll::Ready(Ok(true))
@@ -443,11 +446,6 @@ where
     async fn close(&mut self, ending: Ending) -> Ending {
         let close_timeout = self.settings.close_timeout;
         let closing = async {
-            if self.tail {
-                std::future::poll_fn(|cx| self.poll_tail(cx))
-                    .await
-                    .map_err(|_| tungstenite::Error::ConnectionClosed)?;
-            }
             let ws = &mut self.ws;
             let outbox = &self.outbox;
             if matches!(ending, Ending::GoingAway | Ending::RedisUnavailable(_)) {
@@ -478,7 +476,7 @@ where
 impl<S> Drop for Connection<S> {
     fn drop(&mut self) {
         // However the task ends, the hub writes no more into this socket.
-        self.outbox.take_back();
+        self.outbox.withdraw();
     }
 }
 

@@ -6,14 +6,18 @@
 //! an idle subscriber's socket instead of queueing it and waking the session's task (see
 //! [`crate::outbox`] for who may write when). Every write here is non-blocking: a full
 //! socket buffer is reported, never waited for.
-//! Must not: decide who writes, frame messages or hold any state besides the socket.
+//! Owns too: the *tail*, the unsent end of a frame the hub wrote only in part. Every write
+//! through `AsyncWrite` (tungstenite's frames, its pongs and close replies) and every flush
+//! sends the tail first, so no byte can come between the two parts of a frame, and the
+//! session keeps reading meanwhile.
+//! Must not: decide who writes, or frame messages.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
@@ -22,30 +26,70 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// A shared handle on a client's socket; cloning it shares the socket.
 #[derive(Clone, Debug)]
-pub struct Socket(Arc<TcpStream>);
+pub struct Socket(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    stream: TcpStream,
+    tail: Mutex<Option<Bytes>>,
+}
 
 impl Socket {
     pub fn new(stream: TcpStream) -> Self {
-        Socket(Arc::new(stream))
+        Socket(Arc::new(Inner {
+            stream,
+            tail: Mutex::new(None),
+        }))
     }
 
-    /// Write as much of `frame` as the socket takes now, without waiting: `Ok(n)` bytes went
-    /// out (possibly fewer than the frame), `WouldBlock` when none could.
-    pub fn try_write_frame(&self, frame: &EncodedFrame) -> io::Result<usize> {
+    /// Write `frame` as far as the socket takes it now, without waiting; the part it did
+    /// not take becomes the tail, sent before anything else. Returns `Ok(true)` when all of
+    /// it went out, `Ok(false)` when a tail is left; `WouldBlock` when none could go (nothing
+    /// was kept). Only for a socket nobody else writes to at the moment, with no tail.
+    pub fn try_write_frame(&self, frame: &EncodedFrame) -> io::Result<bool> {
         // One `send` per socket: cheaper in the kernel than `writev`, which goes through the
         // file layer (its position lock included) before reaching the socket.
-        self.0.try_write(frame.as_bytes())
+        let n = self.0.stream.try_write(frame.as_bytes())?;
+        if n == frame.len() {
+            return Ok(true);
+        }
+        *self.tail() = Some(frame.rest(n));
+        Ok(false)
+    }
+
+    /// Whether part of a frame waits to be sent.
+    pub fn has_tail(&self) -> bool {
+        self.tail().is_some()
+    }
+
+    /// Send the tail, if any; ready once none is left.
+    pub fn poll_write_tail(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut tail = self.tail();
+        while let Some(rest) = tail.as_mut() {
+            match ready!(self.poll_write_some(cx, rest)) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) if n < rest.len() => rest.advance(n),
+                Ok(_) => *tail = None,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Write `buf` once the socket can take some of it; returns how much it took.
-    pub fn poll_write_some(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write_some(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
+            ready!(self.0.stream.poll_write_ready(cx))?;
+            match self.0.stream.try_write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 result => return Poll::Ready(result),
             }
         }
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Option<Bytes>> {
+        // Every update under this lock is a single assignment or advance.
+        self.0.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -56,9 +100,9 @@ impl AsyncRead for Socket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            ready!(self.0.poll_read_ready(cx))?;
+            ready!(self.0.stream.poll_read_ready(cx))?;
             // `try_read` clears the readiness on WouldBlock, so the next poll parks the task.
-            match self.0.try_read(buf.initialize_unfilled()) {
+            match self.0.stream.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -76,12 +120,13 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_write_tail(cx))?;
         self.poll_write_some(cx, buf)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // A TCP socket has no user-space buffer to flush.
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The tail is the only user-space buffer here.
+        self.poll_write_tail(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -173,5 +218,58 @@ mod tests {
             }
         }
         assert!(EncodedFrame::of(&Message::Ping(Bytes::new())).is_none());
+    }
+
+    /// A frame the socket took only in part is finished before any later write, and a flush
+    /// sends it too. (Real loopback sockets: an 8 MiB frame into a peer that does not read.)
+    #[tokio::test]
+    async fn a_partly_written_frame_is_finished_before_anything_else() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut peer = client.unwrap();
+        let socket = Socket::new(accepted.unwrap().0);
+        socket.0.stream.writable().await.unwrap();
+        let frame = EncodedFrame::of(&Message::binary(vec![7u8; 8 << 20])).unwrap();
+        assert!(
+            !socket.try_write_frame(&frame).unwrap(),
+            "8 MiB went out whole"
+        );
+        assert!(socket.has_tail());
+
+        let mut writer = socket.clone();
+        let reading = async {
+            let mut got = vec![0u8; frame.len() + 5];
+            peer.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let writing = async {
+            writer.write_all(b"after").await.unwrap();
+            assert!(!writer.has_tail());
+        };
+        let both = async { tokio::join!(reading, writing) };
+        let (got, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .expect("the frame and the later write did not arrive");
+        assert!(
+            got[..frame.len()] == *frame.as_bytes(),
+            "the frame arrived altered"
+        );
+        assert_eq!(&got[frame.len()..], b"after");
+
+        // Nothing else to write: a flush alone sends the tail.
+        assert!(!socket.try_write_frame(&frame).unwrap());
+        let reading = async {
+            let mut got = vec![0u8; frame.len()];
+            peer.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let both = async { tokio::join!(reading, writer.flush()) };
+        let (got, flushed) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .expect("the flush did not send the tail");
+        flushed.unwrap();
+        assert!(got == *frame.as_bytes());
     }
 }
