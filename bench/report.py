@@ -14,6 +14,10 @@ import subprocess
 import sys
 
 PEERS = ["lightrelay", "nchan", "python"]
+# A run during which the hypervisor took this share of the machine's CPU time (or more) is
+# marked disturbed in the report.
+STEAL_WARN = 5.0
+
 PEER_NAMES = {
     "lightrelay": "lightrelay",
     "nchan": "nchan (1 worker)",
@@ -227,6 +231,9 @@ def main(out):
                 continue
             peak = sum(p["rss_kib_peak"] for p in r["servers"])
             note = "OK" if r["ok"] else "NOT COUNTED: " + "; ".join(r["problems"])[:120]
+            steal = r.get("host_steal_pct")
+            if steal is not None and steal >= STEAL_WARN:
+                note += f"; host stole {steal:.0f}% of the CPU (disturbed)"
             if scenario == "idle":
                 red = r.get("redis_kib_per_connection")
                 note = (f"{r['connections']:,} connections: {r.get('kib_per_connection', 0):.2f} KiB each"
@@ -240,6 +247,10 @@ def main(out):
             add(f"| {title} | {PEER_NAMES[peer]} | {num(r['per_s'])} | {r['lost']:,} | "
                 + " | ".join(ms(l[k]) if has_l else "—" for k in ("p50_us", "p99_us", "p999_us", "max_us"))
                 + f" | {r['server_cpu_s']:.2f} | {num(r.get('per_server_cpu_s'))} | {peak:,} KiB | {note} |")
+    add("")
+    add(f"A run marked *disturbed* lost {STEAL_WARN:.0f}% or more of the machine's CPU time to "
+        "the hypervisor (`steal` in /proc/stat): other guests ran on our cores, and its figures "
+        "say more about them than about the server.")
     add("")
     add("Latency is from the publisher's send to the subscriber's read, in one process with one "
         "clock. At max rate the publisher keeps a window of messages per channel not yet "

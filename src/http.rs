@@ -265,7 +265,8 @@ fn into_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(Socket, Vec<u8>)> 
 
 /// Buffer sizes, chosen on purpose: tungstenite's defaults (128 KiB to read, 128 KiB before a
 /// write) would cost 100+ KiB per idle connection. An idle subscriber needs almost no read
-/// buffer (it reads pongs and the odd frame), so it gets 512 bytes; a publisher reads real
+/// buffer (it reads pongs and the odd frame), so it gets 256 bytes, which hold any control
+/// frame a client sends (at most 131 bytes with its mask) in one read; a publisher reads real
 /// traffic and gets 4 KiB (larger messages grow the buffer as they come). Writes collect up
 /// to 16 KiB of queued frames before a write call, so a burst goes out in few syscalls while
 /// an idle connection holds no write buffer at all.
@@ -273,7 +274,7 @@ fn ws_config(relay: &Relay) -> WebSocketConfig {
     const WRITE_BUFFER: usize = 16 * 1024;
     let max = relay.common().max_message_bytes;
     let mut config = WebSocketConfig::default();
-    config.read_buffer_size = if relay.is_publish() { 4 * 1024 } else { 512 };
+    config.read_buffer_size = if relay.is_publish() { 4 * 1024 } else { 256 };
     config.write_buffer_size = WRITE_BUFFER;
     config.max_write_buffer_size = WRITE_BUFFER + max + 64;
     config.max_message_size = Some(max);

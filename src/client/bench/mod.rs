@@ -87,6 +87,7 @@ struct Meter {
     servers: Watch,
     redis: Option<Watch>,
     own_cpu: f64,
+    steal: Option<(u64, u64)>,
     start: Instant,
 }
 
@@ -96,6 +97,7 @@ impl Meter {
             servers: Watch::start(&m.pids)?,
             redis: m.redis_pid.map(|p| Watch::start(&[p])).transpose()?,
             own_cpu: procstat::own_cpu_s(),
+            steal: procstat::machine_steal(),
             start: Instant::now(),
         })
     }
@@ -108,6 +110,7 @@ impl Meter {
             None => None,
         };
         report.client_cpu_s = procstat::own_cpu_s() - self.own_cpu;
+        report.host_steal_pct = procstat::steal_percent(self.steal, procstat::machine_steal());
         Ok(())
     }
 }

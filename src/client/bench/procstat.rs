@@ -131,6 +131,28 @@ impl Drop for Watch {
     }
 }
 
+/// The machine's CPU time so far, as (stolen by the hypervisor, all), in ticks from the
+/// `cpu` line of `/proc/stat`; `None` where it cannot be read.
+pub fn machine_steal() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let all = fields.iter().take(8).sum();
+    Some((*fields.get(7)?, all))
+}
+
+/// The share of the machine's CPU time the hypervisor took between two readings, in percent.
+pub fn steal_percent(start: Option<(u64, u64)>, end: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, a0), (s1, a1)) = (start?, end?);
+    let all = a1.checked_sub(a0).filter(|&all| all > 0)?;
+    Some(s1.saturating_sub(s0) as f64 * 100.0 / all as f64)
+}
+
 /// This process's own CPU seconds so far (the load generator's cost).
 pub fn own_cpu_s() -> f64 {
     sample("self").map_or(0.0, |s| s.cpu_ticks as f64 / TICKS_PER_SECOND)
@@ -139,6 +161,14 @@ pub fn own_cpu_s() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_a_share_of_the_machine() {
+        assert_eq!(steal_percent(Some((10, 1000)), Some((60, 2000))), Some(5.0));
+        assert_eq!(steal_percent(Some((10, 1000)), Some((10, 1000))), None);
+        let now = machine_steal().expect("/proc/stat has a cpu line");
+        assert!(now.0 <= now.1);
+    }
 
     #[test]
     fn reads_this_process() {

@@ -59,6 +59,10 @@ pub struct Report {
     pub redis: Option<ProcessReport>,
     /// The load generator's own CPU seconds over the same time.
     pub client_cpu_s: f64,
+    /// The share of the machine's CPU time the hypervisor took during the run (`steal` in
+    /// `/proc/stat`): above a few percent, the run was disturbed by other guests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_steal_pct: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acked: Option<u64>,
     /// Idle: server RSS growth per open connection, KiB.
@@ -192,6 +196,11 @@ impl Report {
             ));
         }
         line(format!("  load generator {:.2} CPU-s", self.client_cpu_s));
+        if let Some(steal) = self.host_steal_pct {
+            line(format!(
+                "  host steal     {steal:.1}% of the machine's CPU time"
+            ));
+        }
         if self.ok {
             line("  OK".to_string());
         } else {
