@@ -814,14 +814,15 @@ async fn listen_and_redis_url_can_come_from_the_environment_alone() {
     let _server = Spawned::new(command);
     wait_for_port(port).await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while http(addr, "GET", "/healthz", &[], b"").await.0 != 200 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never healthy on the Redis of LIGHTRELAY_REDIS_URL"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(|| async move {
+        match http(addr, "GET", "/healthz", &[], b"").await.0 {
+            200 => Ok(()),
+            now => Err(format!(
+                "/healthz {now} on the Redis of LIGHTRELAY_REDIS_URL"
+            )),
+        }
+    })
+    .await;
     let mut watcher = redis.subscribe("lightlevel/env").await;
     assert_eq!(http(addr, "POST", "/env", &[], b"e").await.1, b"1\n");
     assert_eq!(&watcher.next().await[..], b"e");

@@ -151,18 +151,13 @@ impl Redis {
 
     /// Wait until `channel` has exactly `n` Redis subscribers.
     pub async fn wait_numsub(&self, channel: &str, n: i64) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let now = self.numsub(channel).await;
-            if now == n {
-                return;
+        eventually(|| async move {
+            match self.numsub(channel).await {
+                now if now == n => Ok(()),
+                now => Err(format!("NUMSUB {channel} stayed {now}, expected {n}")),
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "NUMSUB {channel} stayed {now}, expected {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     pub async fn publish(&self, channel: &str, payload: impl Into<Bytes>) -> i64 {
@@ -201,12 +196,28 @@ impl RedisWatcher {
 }
 
 pub async fn wait_for_port(port: u16) {
+    eventually(|| async move {
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("nothing listens on port {port}: {e}")),
+        }
+    })
+    .await
+}
+
+/// Ask `probe` every 20 ms until it answers `Ok`, for at most [`PATIENCE`]; the test fails
+/// with its last `Err`, which says what it saw instead.
+pub async fn eventually<T, F, Fut>(mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing listens on port {port}"
-        );
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(tokio::time::Instant::now() < deadline, "{seen}"),
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -286,42 +297,26 @@ impl Server {
     }
 
     pub async fn wait_healthy(&self) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if http(self.addr, "GET", "/healthz", &[], b"").await.0 == 200 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server never became healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_health(200).await;
     }
 
     /// The value of one metric line, e.g. `lightrelay_channels` or
     /// `lightrelay_dropped_total{reason="slow_consumer_skip"}`.
     pub async fn metric(&self, series: &str) -> f64 {
-        let (status, body) = http(self.addr, "GET", "/metrics", &[], b"").await;
-        assert_eq!(status, 200);
-        let body = String::from_utf8(body).unwrap();
+        let body = self.metrics_text().await;
         series_value(&body, series).unwrap_or_else(|| panic!("no series {series} in:\n{body}"))
     }
 
     /// Wait until a metric satisfies `ok`.
     pub async fn wait_metric(&self, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let value = self.metric(series).await;
-            if ok(value) {
-                return value;
+        let ok = &ok;
+        eventually(|| async move {
+            match self.metric(series).await {
+                value if ok(value) => Ok(value),
+                value => Err(format!("{series} stayed at {value}")),
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{series} stayed at {value}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     pub fn pid(&self) -> u32 {
@@ -538,35 +533,26 @@ impl Server {
 
     /// Poll `/healthz` until it answers `status`; returns that answer's body.
     pub async fn wait_health(&self, status: u16) -> String {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let (now, body) = http(self.addr, "GET", "/healthz", &[], b"").await;
-            if now == status {
-                return String::from_utf8(body).unwrap();
+        eventually(|| async move {
+            match http(self.addr, "GET", "/healthz", &[], b"").await {
+                (now, body) if now == status => Ok(String::from_utf8(body).unwrap()),
+                (now, _) => Err(format!("/healthz stayed {now}, expected {status}")),
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "/healthz stayed {now}, expected {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Like [`Server::wait_metric`], for a series that only appears once it counted something
     /// (e.g. `lightrelay_closed_total{reason="slow_consumer"}`): absent reads as 0.
     pub async fn wait_series(&self, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let value = series_value(&self.metrics_text().await, series).unwrap_or(0.0);
-            if ok(value) {
-                return value;
+        let ok = &ok;
+        eventually(|| async move {
+            match series_value(&self.metrics_text().await, series).unwrap_or(0.0) {
+                value if ok(value) => Ok(value),
+                value => Err(format!("{series} stayed at {value}")),
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{series} stayed at {value}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 }
 
