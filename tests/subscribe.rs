@@ -292,31 +292,64 @@ async fn a_stalled_client_never_gets_the_relay_cut_off_by_redis_output_buffer_li
     );
 }
 
+/// A subscribe server with a 64-frame client queue under `--slow-consumer policy`, and two
+/// clients of `lightlevel/PATH`, both receiving: `healthy` and `slow`.
+struct SlowConsumer {
+    redis: Redis,
+    subscribe: Server,
+    channel: String,
+    healthy: Ws,
+    slow: Ws,
+}
+
+impl SlowConsumer {
+    async fn start(policy: &str, path: &str) -> SlowConsumer {
+        let redis = Redis::start().await;
+        let flags = ["--client-queue", "64", "--slow-consumer", policy];
+        let subscribe = Server::start(Kind::Subscribe, &redis.url(), &flags).await;
+        let channel = format!("lightlevel{path}");
+        let mut healthy = connect(&subscribe.ws(path)).await;
+        until_receiving(&redis, &channel, &mut healthy).await;
+        let mut slow = connect(&subscribe.ws(path)).await;
+        until_receiving(&redis, &channel, &mut slow).await;
+        SlowConsumer {
+            redis,
+            subscribe,
+            channel,
+            healthy,
+            slow,
+        }
+    }
+
+    /// Flood while `slow` reads nothing, until `overflow` counts; returns chunks published.
+    async fn flood_until(&mut self, overflow: &str) -> u32 {
+        flood_until_overflow(
+            &self.redis,
+            &self.subscribe,
+            &self.channel,
+            &mut self.healthy,
+            overflow,
+            64,
+        )
+        .await
+    }
+}
+
 #[tokio::test]
 async fn a_slow_consumer_is_closed_with_1008_while_the_others_get_everything() {
-    const CHANNEL: &str = "lightlevel/fast";
-    let redis = Redis::start().await;
-    let subscribe = Server::start(
-        Kind::Subscribe,
-        &redis.url(),
-        &["--client-queue", "64", "--slow-consumer", "close"],
-    )
-    .await;
-    let mut healthy = connect(&subscribe.ws("/fast")).await;
-    until_receiving(&redis, CHANNEL, &mut healthy).await;
-    let mut slow = connect(&subscribe.ws("/fast")).await;
-    until_receiving(&redis, CHANNEL, &mut slow).await;
+    let mut t = SlowConsumer::start("close", "/fast").await;
     // From here on `slow` is not read until the server has given up on it.
-
-    let published = flood_until_overflow(
-        &redis,
-        &subscribe,
-        CHANNEL,
-        &mut healthy,
-        "lightrelay_dropped_total{reason=\"slow_consumer_close\"}",
-        64,
-    )
-    .await;
+    let published = t
+        .flood_until("lightrelay_dropped_total{reason=\"slow_consumer_close\"}")
+        .await;
+    let SlowConsumer {
+        redis,
+        subscribe,
+        channel,
+        mut healthy,
+        mut slow,
+    } = t;
+    let channel = channel.as_str();
 
     // The slow client reads at last: what the kernel buffered (a prefix, in order), then 1008.
     let mut received = 0;
@@ -348,7 +381,7 @@ async fn a_slow_consumer_is_closed_with_1008_while_the_others_get_everything() {
         .await;
 
     // The healthy client is still subscribed and served.
-    assert_eq!(redis.publish(CHANNEL, "after").await, 1);
+    assert_eq!(redis.publish(channel, "after").await, 1);
     assert_eq!(next_data(&mut healthy).await, Message::text("after"));
     subscribe
         .wait_metric("lightrelay_queued_messages", |v| v == 0.0)
@@ -357,29 +390,19 @@ async fn a_slow_consumer_is_closed_with_1008_while_the_others_get_everything() {
 
 #[tokio::test]
 async fn a_slow_consumer_under_skip_keeps_its_connection_and_gets_the_newest_message_last() {
-    const CHANNEL: &str = "lightlevel/dash";
-    let redis = Redis::start().await;
-    let subscribe = Server::start(
-        Kind::Subscribe,
-        &redis.url(),
-        &["--client-queue", "64", "--slow-consumer", "skip"],
-    )
-    .await;
-    let mut healthy = connect(&subscribe.ws("/dash")).await;
-    until_receiving(&redis, CHANNEL, &mut healthy).await;
-    let mut slow = connect(&subscribe.ws("/dash")).await;
-    until_receiving(&redis, CHANNEL, &mut slow).await;
-
-    let published = flood_until_overflow(
-        &redis,
-        &subscribe,
-        CHANNEL,
-        &mut healthy,
-        "lightrelay_dropped_total{reason=\"slow_consumer_skip\"}",
-        64,
-    )
-    .await;
-    assert_eq!(redis.publish(CHANNEL, "newest").await, 1);
+    let mut t = SlowConsumer::start("skip", "/dash").await;
+    let published = t
+        .flood_until("lightrelay_dropped_total{reason=\"slow_consumer_skip\"}")
+        .await;
+    let SlowConsumer {
+        redis,
+        subscribe,
+        channel,
+        mut healthy,
+        mut slow,
+    } = t;
+    let channel = channel.as_str();
+    assert_eq!(redis.publish(channel, "newest").await, 1);
     assert_eq!(next_data(&mut healthy).await, Message::text("newest"));
 
     // The slow client reads at last: chunks in order with a gap where its backlog was
@@ -410,7 +433,7 @@ async fn a_slow_consumer_under_skip_keeps_its_connection_and_gets_the_newest_mes
     assert_eq!(f64::from(received) + dropped, f64::from(published));
 
     // Still connected and subscribed.
-    assert_eq!(redis.publish(CHANNEL, "still here").await, 1);
+    assert_eq!(redis.publish(channel, "still here").await, 1);
     assert_eq!(next_data(&mut slow).await, Message::text("still here"));
     assert_eq!(next_data(&mut healthy).await, Message::text("still here"));
     assert_eq!(subscribe.metric("lightrelay_connections").await, 2.0);
