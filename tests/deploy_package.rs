@@ -10,22 +10,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::free_port;
+use common::temp_dir;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const PUBLISH: &str = env!("CARGO_BIN_EXE_lightrelay-publish");
 const SUBSCRIBE: &str = env!("CARGO_BIN_EXE_lightrelay-subscribe");
 const CLIENT: &str = env!("CARGO_BIN_EXE_lightrelay");
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "lightrelay-test-{tag}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn repo_file(path: &str) -> Vec<u8> {
     std::fs::read(Path::new(REPO).join(path)).unwrap()
@@ -461,6 +451,13 @@ fn script(name: &str) -> Command {
 
 /// A copy of the built binaries in the test's directory, for `install.sh --bin-dir`: what the
 /// test compares with cannot change under it (another build may relink target/debug).
+/// `deploy/install.sh --bin-dir` with this test's binaries.
+fn install_sh(dir: &Path) -> Command {
+    let mut command = script("install.sh");
+    command.arg("--bin-dir").arg(bin_dir(dir));
+    command
+}
+
 fn bin_dir(dir: &Path) -> PathBuf {
     let bins = dir.join("bin");
     if !bins.exists() {
@@ -527,25 +524,14 @@ fn installed(dir: &Path, prefix: &str, tls_host: Option<&str>) -> BTreeMap<Strin
 fn install_sh_stages_every_file_under_destdir_and_a_second_run_changes_nothing() {
     let dir = temp_dir("install");
     let root = dir.join("root");
-    let first = succeed(
-        script("install.sh")
-            .arg("--bin-dir")
-            .arg(bin_dir(&dir))
-            .env("DESTDIR", &root),
-    );
+    let first = succeed(install_sh(&dir).env("DESTDIR", &root));
     assert_tree(&root, &installed(&dir, "/usr/local", None));
     assert!(
         first.contains("+ install -D -m 0755"),
         "prints what it does:\n{first}"
     );
 
-    let second = succeed(
-        script("install.sh")
-            .arg("--bin-dir")
-            .arg(bin_dir(&dir))
-            .arg("--destdir")
-            .arg(&root),
-    );
+    let second = succeed(install_sh(&dir).arg("--destdir").arg(&root));
     assert_tree(&root, &installed(&dir, "/usr/local", None));
     assert!(
         !second.contains("+ install"),
@@ -561,9 +547,8 @@ fn install_sh_stages_every_file_under_destdir_and_a_second_run_changes_nothing()
     std::fs::create_dir_all(&live).unwrap();
     std::fs::write(live.join("fullchain.pem"), "cert").unwrap();
     succeed(
-        script("install.sh")
-            .args(["--domain", "relay.test", "--bin-dir"])
-            .arg(bin_dir(&dir))
+        install_sh(&dir)
+            .args(["--domain", "relay.test"])
             .env("DESTDIR", &root),
     );
     std::fs::remove_dir_all(root.join("etc/letsencrypt")).unwrap();
@@ -582,15 +567,8 @@ fn install_sh_with_a_domain_and_prefix_writes_them_into_the_site_and_units() {
     let dir = temp_dir("install-prefix");
     let root = dir.join("root");
     succeed(
-        script("install.sh")
-            .args([
-                "--prefix",
-                "/opt/lightrelay",
-                "--domain",
-                "relay.test",
-                "--bin-dir",
-            ])
-            .arg(bin_dir(&dir))
+        install_sh(&dir)
+            .args(["--prefix", "/opt/lightrelay", "--domain", "relay.test"])
             .arg(format!("--destdir={}", root.display())),
     );
     // No certificate yet: the TLS site is installed with the host name but not enabled.
@@ -605,14 +583,7 @@ fn install_sh_with_a_domain_and_prefix_writes_them_into_the_site_and_units() {
 fn install_sh_keeps_edited_settings_and_sets_the_shipped_file_beside_them() {
     let dir = temp_dir("install-edit");
     let root = dir.join("root");
-    let install = || {
-        succeed(
-            script("install.sh")
-                .arg("--bin-dir")
-                .arg(bin_dir(&dir))
-                .env("DESTDIR", &root),
-        )
-    };
+    let install = || succeed(install_sh(&dir).env("DESTDIR", &root));
     install();
     let settings = root.join("etc/default/lightrelay");
     std::fs::write(&settings, "LIGHTRELAY_REDIS_URL=redis://10.0.0.5:6379\n").unwrap();
@@ -641,12 +612,7 @@ fn install_sh_keeps_edited_settings_and_sets_the_shipped_file_beside_them() {
 fn install_sh_dry_run_prints_each_step_and_changes_nothing() {
     let dir = temp_dir("install-dry");
     let root = dir.join("root");
-    let said = succeed(
-        script("install.sh")
-            .args(["--dry-run", "--bin-dir"])
-            .arg(bin_dir(&dir))
-            .env("DESTDIR", &root),
-    );
+    let said = succeed(install_sh(&dir).arg("--dry-run").env("DESTDIR", &root));
     assert!(!root.exists(), "--dry-run created {}", root.display());
     for path in installed(&dir, "/usr/local", None).keys() {
         if path.contains(".wants/") {
@@ -724,14 +690,7 @@ fn install_sh_and_uninstall_sh_refuse_clearly_without_root_nginx_or_systemd() {
 fn uninstall_sh_removes_what_install_sh_staged_and_keeps_settings_unless_purged() {
     let dir = temp_dir("uninstall");
     let root = dir.join("root");
-    let install = || {
-        succeed(
-            script("install.sh")
-                .arg("--bin-dir")
-                .arg(bin_dir(&dir))
-                .env("DESTDIR", &root),
-        )
-    };
+    let install = || succeed(install_sh(&dir).env("DESTDIR", &root));
     install();
     // An instance the admin enabled goes too.
     succeed(

@@ -62,16 +62,6 @@ fn binary_for(program: &str) -> &'static str {
     }
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "lightrelay-test-{tag}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// `Key=Value` settings of a unit file, in order (comments and section headers skipped).
 fn settings(unit: &Path) -> Vec<(String, String)> {
     std::fs::read_to_string(unit)

@@ -60,6 +60,17 @@ pub fn quiet_port() -> u16 {
     free_port()
 }
 
+/// A fresh directory under the system's temporary directory, unique to this test.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "lightrelay-test-{tag}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A private redis-server on 127.0.0.1, killed when dropped.
 pub struct Redis {
     pub port: u16,
