@@ -19,7 +19,9 @@ use bytes::Bytes;
 use fred::bytes_utils::Str;
 use fred::clients::{Client, Pool};
 use fred::interfaces::PubsubInterface;
+use fred::types::Value;
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use crate::channel::ChannelName;
@@ -56,22 +58,36 @@ impl Publisher {
     }
 }
 
-/// One PUBLISH; its future resolves to the number of receivers.
-fn publish_one(client: &Client, channel: &Str, payload: Bytes) -> PublishFuture {
-    let client = client.clone();
-    let channel = channel.clone();
-    Box::pin(async move { client.publish::<i64, _, _>(channel, payload).await })
+/// One batch of PUBLISHes, sent as one pipeline; resolves to each one's receiver count.
+type BatchFuture = Pin<Box<dyn Future<Output = Vec<Result<i64, fred::error::Error>>> + Send>>;
+
+/// The messages of one batch: when it was started, how many, how many bytes.
+struct Batch {
+    started: Instant,
+    messages: usize,
+    bytes: u64,
 }
 
-type PublishFuture = Pin<Box<dyn Future<Output = Result<i64, fred::error::Error>> + Send>>;
-
 /// One client's PUBLISHes in flight, answered in the order they were sent.
+///
+/// Messages are gathered with [`Self::push`] and put on the wire by [`Self::send`] as one
+/// fred pipeline per batch (one future and one router command for the lot, instead of one
+/// each: fred's future for a lone PUBLISH is ~6.8 KB). A batch goes to fred's router when
+/// `send` is called, so batches reach Redis in the order they were sent, however the
+/// futures are polled afterwards.
 pub struct PublishWindow {
     client: Client,
     /// fred names channels with UTF-8 strings; ours always are (a UTF-8 prefix + ASCII path).
     channel: Str,
-    in_flight: FuturesOrdered<PublishFuture>,
-    started: VecDeque<(Instant, u64)>,
+    /// Pushed, not yet sent.
+    gathering: Vec<Bytes>,
+    gathering_since: Option<Instant>,
+    in_flight: FuturesOrdered<BatchFuture>,
+    batches: VecDeque<Batch>,
+    /// Redis's answers for the oldest batch, not yet handed out.
+    answered: VecDeque<Result<i64, fred::error::Error>>,
+    /// Messages pushed and not yet handed out by `poll_next`.
+    len: usize,
     capacity: usize,
     timeout: Duration,
     metrics: Metrics,
@@ -88,8 +104,12 @@ impl PublishWindow {
         PublishWindow {
             client: publisher.client(),
             channel: Str::from(channel.to_string()),
+            gathering: Vec::new(),
+            gathering_since: None,
             in_flight: FuturesOrdered::new(),
-            started: VecDeque::new(),
+            batches: VecDeque::new(),
+            answered: VecDeque::new(),
+            len: 0,
             capacity,
             timeout,
             metrics,
@@ -97,50 +117,117 @@ impl PublishWindow {
     }
 
     pub fn is_full(&self) -> bool {
-        self.in_flight.len() >= self.capacity
+        self.len >= self.capacity
     }
 
     pub fn is_empty(&self) -> bool {
-        self.in_flight.is_empty()
+        self.len == 0
     }
 
     pub fn len(&self) -> usize {
-        self.in_flight.len()
+        self.len
     }
 
-    /// Start publishing one message. The caller checks `is_full` first.
+    /// Take one message for the next batch. The caller checks `is_full` first, and calls
+    /// [`Self::send`] once it has pushed what it had.
     pub fn push(&mut self, payload: Bytes) {
         self.metrics.ws_in.add(1, payload.len() as u64);
-        self.started
-            .push_back((Instant::now(), payload.len() as u64));
-        self.in_flight
-            .push_back(publish_one(&self.client, &self.channel, payload));
+        self.gathering_since.get_or_insert_with(Instant::now);
+        self.gathering.push(payload);
+        self.len += 1;
+    }
+
+    /// Send what was pushed since the last call, as one pipeline.
+    pub fn send(&mut self) {
+        let Some(started) = self.gathering_since.take() else {
+            return;
+        };
+        let payloads = std::mem::take(&mut self.gathering);
+        let batch = Batch {
+            started,
+            messages: payloads.len(),
+            bytes: payloads.iter().map(|p| p.len() as u64).sum(),
+        };
+        let pipeline = self.client.pipeline();
+        for payload in payloads {
+            // A pipeline only queues the command in memory, so this future is ready at once.
+            // `unconstrained`: tokio's co-operative budget must not make it wait.
+            let queued = tokio::task::unconstrained(
+                pipeline.publish::<Value, _, _>(self.channel.clone(), payload),
+            )
+            .now_or_never();
+            if !matches!(queued, Some(Ok(_))) {
+                let error = internal_error("could not queue a PUBLISH in a pipeline");
+                self.push_batch(batch, Box::pin(std::future::ready(vec![Err(error)])));
+                return;
+            }
+        }
+        let mut sending: BatchFuture = Box::pin(async move { pipeline.try_all::<i64>().await });
+        // Its first poll hands the batch to fred's router: do it now, so batches reach Redis
+        // in the order they were sent. The session's own poll registers its waker later.
+        match sending
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        {
+            Poll::Ready(answers) => {
+                self.push_batch(batch, Box::pin(std::future::ready(answers)));
+            }
+            Poll::Pending => self.push_batch(batch, sending),
+        }
+    }
+
+    fn push_batch(&mut self, batch: Batch, future: BatchFuture) {
+        self.batches.push_back(batch);
+        self.in_flight.push_back(future);
     }
 
     /// The receiver count of the oldest message in flight, once Redis accepted it; `Pending`
     /// while it is not (or nothing is in flight). `--redis-timeout` is the caller's to watch,
     /// through [`Self::deadline`].
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<i64, PublishError>> {
-        match self.in_flight.poll_next_unpin(cx) {
-            Poll::Ready(Some(Ok(receivers))) => {
-                if let Some((started, len)) = self.started.pop_front() {
-                    self.metrics
-                        .publish_latency
-                        .observe(started.elapsed().as_secs_f64());
-                    self.metrics.redis_out.add(1, len);
+        if self.answered.is_empty() {
+            match self.in_flight.poll_next_unpin(cx) {
+                Poll::Ready(Some(answers)) => {
+                    let batch = self.batches.pop_front();
+                    let (messages, bytes, waited) = batch.map_or((0, 0, 0.0), |b| {
+                        (b.messages, b.bytes, b.started.elapsed().as_secs_f64())
+                    });
+                    if answers.len() != messages {
+                        // fred answers a pipeline it could not send with one error.
+                        let error = answers.into_iter().find_map(Result::err);
+                        let error = error.unwrap_or_else(|| {
+                            internal_error("a pipeline was answered with the wrong count")
+                        });
+                        return Poll::Ready(Err(self.fail(error.into())));
+                    }
+                    if answers.iter().all(Result::is_ok) {
+                        for _ in 0..messages {
+                            self.metrics.publish_latency.observe(waited);
+                        }
+                        self.metrics.redis_out.add(messages as u64, bytes);
+                    }
+                    self.answered = answers.into();
                 }
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+        match self.answered.pop_front() {
+            Some(Ok(receivers)) => {
+                self.len -= 1;
                 Poll::Ready(Ok(receivers))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(self.fail(e.into()))),
-            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+            Some(Err(e)) => Poll::Ready(Err(self.fail(e.into()))),
+            None => Poll::Pending,
         }
     }
 
     /// When the oldest message in flight has waited `--redis-timeout`.
     pub fn deadline(&self) -> Option<Instant> {
-        self.started
+        self.batches
             .front()
-            .map(|(started, _)| *started + self.timeout)
+            .map(|batch| batch.started)
+            .or(self.gathering_since)
+            .map(|started| started + self.timeout)
     }
 
     /// Give up on the window: Redis did not answer within `--redis-timeout`.
@@ -150,6 +237,7 @@ impl PublishWindow {
 
     /// Wait for the next completion, or the timeout. Cancel-safe.
     pub async fn next(&mut self) -> Result<i64, PublishError> {
+        self.send();
         let Some(deadline) = self.deadline() else {
             return std::future::pending().await;
         };
@@ -164,11 +252,19 @@ impl PublishWindow {
         // The window is abandoned: whatever is still in flight may or may not reach Redis,
         // and its client will not get an ack for it (an ack-mode client resends it).
         self.metrics
-            .dropped(DropReason::PublishFailed, self.in_flight.len() as u64);
+            .dropped(DropReason::PublishFailed, self.len as u64);
+        self.gathering.clear();
+        self.gathering_since = None;
         self.in_flight = FuturesOrdered::new();
-        self.started.clear();
+        self.batches.clear();
+        self.answered.clear();
+        self.len = 0;
         error
     }
+}
+
+fn internal_error(what: &'static str) -> fred::error::Error {
+    fred::error::Error::new(fred::error::ErrorKind::Unknown, what)
 }
 
 /// Publish one message outside any WebSocket (HTTP POST), within `timeout`.

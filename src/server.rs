@@ -215,13 +215,13 @@ impl Relay {
         };
         let window = || {
             let size = common.publish_window as usize;
-            PublishWindow::new(
+            Box::new(PublishWindow::new(
                 &self.publisher,
                 channel.clone(),
                 size,
                 common.redis_timeout,
                 self.metrics.clone(),
-            )
+            ))
         };
         // One call to session::run below (not one per role): each await point of an async
         // fn keeps its own slot, and this future lives as long as the connection.

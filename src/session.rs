@@ -116,8 +116,8 @@ pub struct SessionSettings {
 pub enum Inbound {
     /// Read and discard (subscribers without `--accept-publish`).
     Discard,
-    /// Publish on the client's channel.
-    Publish(PublishWindow),
+    /// Publish on the client's channel (boxed: subscribers, the many, do not pay for it).
+    Publish(Box<PublishWindow>),
 }
 
 /// Run one client's connection to its end and say how it ended.
@@ -406,8 +406,18 @@ where
         }
     }
 
-    /// Read what the client sent: publish it, or discard it.
+    /// Read what the client sent: publish it (all that one read brought, as one batch), or
+    /// discard it.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
+        let read = self.read_frames(cx);
+        // However reading ended, what was taken off the socket goes to Redis now.
+        if let Some(window) = self.window_mut() {
+            window.send();
+        }
+        read
+    }
+
+    fn read_frames(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
         let mut progress = false;
         for _ in 0..READ_BUDGET {
             if self.window().is_some_and(PublishWindow::is_full) {
