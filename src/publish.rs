@@ -1,9 +1,10 @@
 //! The publish path: client messages → Redis PUBLISH, pipelined and in order (SPEC §3).
 //!
 //! Owns: the [`Publisher`] (a small pool of fred clients, each pipelining many PUBLISHes on
-//! one connection) and the [`PublishWindow`] of one client: at most `--publish-window`
-//! PUBLISHes in flight, completed in order, each older than `--redis-timeout` failing the
-//! window. A full window is how back-pressure reaches TCP: the session stops reading.
+//! one connection) and the [`PublishWindow`] of one client: what one read brought goes out as
+//! one fred pipeline; at most `--publish-window` PUBLISHes in flight, completed in order, one
+//! older than `--redis-timeout` failing the window. A full window is how back-pressure
+//! reaches TCP: the session stops reading.
 //! Must not: drop a message silently. A message either gets Redis's receiver count or its
 //! client is closed (1013) and the loss is counted.
 //! Room left: a stream write (SPEC §9 history) goes where `publish_one` builds the command;
@@ -59,13 +60,15 @@ impl Publisher {
 }
 
 /// One batch of PUBLISHes, sent as one pipeline; resolves to each one's receiver count.
-type BatchFuture = Pin<Box<dyn Future<Output = Vec<Result<i64, fred::error::Error>>> + Send>>;
+type BatchFuture = Pin<Box<dyn Future<Output = Vec<Answer>> + Send>>;
 
-/// The messages of one batch: when it was started, how many, how many bytes.
+/// Redis's answer to one PUBLISH: its receiver count.
+type Answer = Result<i64, fred::error::Error>;
+
+/// The messages of one batch: when it was started, and each one's size.
 struct Batch {
     started: Instant,
-    messages: usize,
-    bytes: u64,
+    sizes: Vec<usize>,
 }
 
 /// One client's PUBLISHes in flight, answered in the order they were sent.
@@ -85,7 +88,7 @@ pub struct PublishWindow {
     in_flight: FuturesOrdered<BatchFuture>,
     batches: VecDeque<Batch>,
     /// Redis's answers for the oldest batch, not yet handed out.
-    answered: VecDeque<Result<i64, fred::error::Error>>,
+    answered: VecDeque<Answer>,
     /// Messages pushed and not yet handed out by `poll_next`.
     len: usize,
     capacity: usize,
@@ -145,8 +148,7 @@ impl PublishWindow {
         let payloads = std::mem::take(&mut self.gathering);
         let batch = Batch {
             started,
-            messages: payloads.len(),
-            bytes: payloads.iter().map(|p| p.len() as u64).sum(),
+            sizes: payloads.iter().map(Bytes::len).collect(),
         };
         let pipeline = self.client.pipeline();
         for payload in payloads {
@@ -186,29 +188,11 @@ impl PublishWindow {
     /// through [`Self::deadline`].
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<i64, PublishError>> {
         if self.answered.is_empty() {
-            match self.in_flight.poll_next_unpin(cx) {
-                Poll::Ready(Some(answers)) => {
-                    let batch = self.batches.pop_front();
-                    let (messages, bytes, waited) = batch.map_or((0, 0, 0.0), |b| {
-                        (b.messages, b.bytes, b.started.elapsed().as_secs_f64())
-                    });
-                    if answers.len() != messages {
-                        // fred answers a pipeline it could not send with one error.
-                        let error = answers.into_iter().find_map(Result::err);
-                        let error = error.unwrap_or_else(|| {
-                            internal_error("a pipeline was answered with the wrong count")
-                        });
-                        return Poll::Ready(Err(self.fail(error.into())));
-                    }
-                    if answers.iter().all(Result::is_ok) {
-                        for _ in 0..messages {
-                            self.metrics.publish_latency.observe(waited);
-                        }
-                        self.metrics.redis_out.add(messages as u64, bytes);
-                    }
-                    self.answered = answers.into();
-                }
-                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            let Poll::Ready(Some(answers)) = self.in_flight.poll_next_unpin(cx) else {
+                return Poll::Pending;
+            };
+            if let Err(error) = self.take_answers(answers) {
+                return Poll::Ready(Err(self.fail(error.into())));
             }
         }
         match self.answered.pop_front() {
@@ -219,6 +203,27 @@ impl PublishWindow {
             Some(Err(e)) => Poll::Ready(Err(self.fail(e.into()))),
             None => Poll::Pending,
         }
+    }
+
+    /// Count what Redis accepted of the oldest batch; keep its answers for `poll_next`.
+    fn take_answers(&mut self, answers: Vec<Answer>) -> Result<(), fred::error::Error> {
+        let batch = self.batches.pop_front();
+        let batch = batch.ok_or_else(|| internal_error("an answer to no batch"))?;
+        if answers.len() != batch.sizes.len() {
+            // fred answers a pipeline it could not send with one error.
+            let error = answers.into_iter().find_map(Result::err);
+            return Err(error.unwrap_or_else(|| internal_error("a pipeline's answers miscounted")));
+        }
+        // Counted up to the first error (the window fails there).
+        let accepted = answers.iter().take_while(|a| a.is_ok()).count();
+        let waited = batch.started.elapsed().as_secs_f64();
+        for _ in 0..accepted {
+            self.metrics.publish_latency.observe(waited);
+        }
+        let bytes: usize = batch.sizes[..accepted].iter().sum();
+        self.metrics.redis_out.add(accepted as u64, bytes as u64);
+        self.answered = answers.into();
+        Ok(())
     }
 
     /// When the oldest message in flight has waited `--redis-timeout`.

@@ -107,7 +107,7 @@ async fn without_the_ack_subprotocol_no_acks_are_sent() {
 }
 
 #[tokio::test]
-async fn a_message_over_max_message_bytes_closes_the_connection_with_1009() {
+async fn a_message_over_max_message_bytes_closes_with_1009_after_publishing_those_before_it() {
     let redis = Redis::start().await;
     let publish = Server::start(
         Kind::Publish,
@@ -115,11 +115,21 @@ async fn a_message_over_max_message_bytes_closes_the_connection_with_1009() {
         &["--max-message-bytes", "1KiB"],
     )
     .await;
+    let mut watcher = redis.subscribe("lightlevel/big").await;
     let mut ws = connect(&publish.ws("/big")).await;
-    ws.send(Message::binary(vec![7u8; 1025])).await.unwrap();
+    // The good messages arrive in the same read as the one too big: they are published all
+    // the same, then the connection is closed.
+    for i in 0..3 {
+        ws.feed(Message::text(format!("fine {i}"))).await.unwrap();
+    }
+    ws.feed(Message::binary(vec![7u8; 1025])).await.unwrap();
+    ws.flush().await.unwrap();
     let close = close_frame(&mut ws).await;
     assert_eq!(close.code, CloseCode::Size);
     assert!(close.reason.contains("1024"), "reason: {}", close.reason);
+    for i in 0..3 {
+        assert_eq!(watcher.next().await, format!("fine {i}").as_bytes());
+    }
 }
 
 /// A TCP proxy in front of Redis that holds back every reply once the first PUBLISH went
