@@ -355,6 +355,19 @@ where
                     break;
                 }
             }
+            let own_socket = self.outbox.socket().is_some();
+            if own_socket && !self.ping_due && self.batch.front().is_some_and(is_large) {
+                match self.poll_write_large(cx) {
+                    Poll::Ready(Ok(len)) => {
+                        frames += 1;
+                        bytes += len as u64;
+                        progress = true;
+                        continue;
+                    }
+                    Poll::Ready(Err(ending)) => return Err(ending),
+                    Poll::Pending => break,
+                }
+            }
             match Pin::new(&mut self.ws).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return Err(Ending::Broken),
@@ -388,6 +401,40 @@ where
             }
         }
         Ok(progress)
+    }
+
+    /// Write the large frame at the front of the batch from its shared payload, not through
+    /// tungstenite, which would copy it into its buffer and move the unsent rest down after
+    /// every partial write. What tungstenite holds goes first. Ready with the frame's size
+    /// once it is handed to the socket (its unsent end as the socket's tail); `Pending` while
+    /// tungstenite's bytes or an earlier tail are still going out.
+    fn poll_write_large(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Ending>> {
+        if self.unflushed {
+            match Pin::new(&mut self.ws).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Ending::Broken)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.tail {
+            match self.poll_tail(cx) {
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(ending)) => return Poll::Ready(Err(ending)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let (Some(socket), Some(frame)) = (self.outbox.socket(), self.batch.front()) else {
+            return Poll::Ready(Err(Ending::Broken));
+        };
+        let Some(len) = socket.set_tail_frame(frame) else {
+            return Poll::Ready(Err(Ending::Broken));
+        };
+        self.batch.pop_front();
+        self.tail = true;
+        if let Poll::Ready(Err(ending)) = self.poll_tail(cx) {
+            return Poll::Ready(Err(ending));
+        }
+        Poll::Ready(Ok(len))
     }
 
     /// Send the rest of a frame the hub could not write whole.
@@ -489,6 +536,14 @@ impl<S> Drop for Connection<S> {
         self.outbox.withdraw();
     }
 }
+
+/// A data frame larger than tungstenite's write buffer (16 KiB): a session with a socket of
+/// its own writes it from its payload itself.
+fn is_large(frame: &Message) -> bool {
+    matches!(frame, Message::Binary(_) | Message::Text(_)) && frame.len() > LARGE_FRAME
+}
+
+const LARGE_FRAME: usize = 16 * 1024;
 
 fn ending_of(error: tungstenite::Error, max_message_bytes: usize) -> Ending {
     use tungstenite::error::{CapacityError, Error as E, ProtocolError};

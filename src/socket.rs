@@ -6,13 +6,14 @@
 //! an idle subscriber's socket instead of queueing it and waking the session's task (see
 //! [`crate::outbox`] for who may write when). Every write here is non-blocking: a full
 //! socket buffer is reported, never waited for.
-//! Owns too: the *tail*, the unsent end of a frame the hub wrote only in part. Every write
-//! through `AsyncWrite` (tungstenite's frames, its pongs and close replies) and every flush
-//! sends the tail first, so no byte can come between the two parts of a frame, and the
-//! session keeps reading meanwhile.
+//! Owns too: the *tail*, the unsent end of a frame the hub wrote only in part, or a large
+//! frame the session writes from its shared payload instead of through tungstenite's buffer.
+//! Every write through `AsyncWrite` (tungstenite's frames, its pongs and close replies) and
+//! every flush sends the tail first, so no byte can come between the parts of a frame, and
+//! the session keeps reading meanwhile.
 //! Must not: decide who writes, or frame messages.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
@@ -31,7 +32,27 @@ pub struct Socket(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     stream: TcpStream,
-    tail: Mutex<Option<Bytes>>,
+    tail: Mutex<Option<Tail>>,
+}
+
+/// Bytes to send before anything else: a frame's header (or a partly sent frame) and the
+/// payload that follows it, each shared, never copied.
+#[derive(Debug)]
+struct Tail {
+    head: Bytes,
+    body: Bytes,
+}
+
+impl Tail {
+    fn advance(&mut self, n: usize) {
+        let from_head = n.min(self.head.len());
+        self.head.advance(from_head);
+        self.body.advance(n - from_head);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head.is_empty() && self.body.is_empty()
+    }
 }
 
 impl Socket {
@@ -53,8 +74,24 @@ impl Socket {
         if n == frame.len() {
             return Ok(true);
         }
-        *self.tail() = Some(frame.rest(n));
+        *self.tail() = Some(Tail {
+            head: frame.rest(n),
+            body: Bytes::new(),
+        });
         Ok(false)
+    }
+
+    /// Make a text or binary `message` the tail, to be written by [`Self::poll_write_tail`]
+    /// straight from its payload (shared, not copied); returns its size on the wire, or
+    /// `None` for a control frame (nothing is kept). Only with no tail already.
+    pub fn set_tail_frame(&self, message: &Message) -> Option<usize> {
+        let (head, body) = data_frame(message)?;
+        let len = head.len() + body.len();
+        *self.tail() = Some(Tail {
+            head: Bytes::from(head),
+            body,
+        });
+        Some(len)
     }
 
     /// Whether part of a frame waits to be sent.
@@ -66,14 +103,40 @@ impl Socket {
     pub fn poll_write_tail(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut tail = self.tail();
         while let Some(rest) = tail.as_mut() {
-            match ready!(self.poll_write_some(cx, rest)) {
+            let written = if rest.head.is_empty() {
+                ready!(self.poll_write_some(cx, &rest.body))
+            } else if rest.body.is_empty() {
+                ready!(self.poll_write_some(cx, &rest.head))
+            } else {
+                ready!(self.poll_write_two(cx, &rest.head, &rest.body))
+            };
+            match written {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) if n < rest.len() => rest.advance(n),
-                Ok(_) => *tail = None,
+                Ok(n) => rest.advance(n),
                 Err(e) => return Poll::Ready(Err(e)),
+            }
+            if rest.is_empty() {
+                *tail = None;
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Write `head` then `body` in one `writev` once the socket can take some.
+    fn poll_write_two(
+        &self,
+        cx: &mut Context<'_>,
+        head: &[u8],
+        body: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let parts = [IoSlice::new(head), IoSlice::new(body)];
+        loop {
+            ready!(self.0.stream.poll_write_ready(cx))?;
+            match self.0.stream.try_write_vectored(&parts) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
     }
 
     /// Write `buf` once the socket can take some of it; returns how much it took.
@@ -87,7 +150,7 @@ impl Socket {
         }
     }
 
-    fn tail(&self) -> MutexGuard<'_, Option<Bytes>> {
+    fn tail(&self) -> MutexGuard<'_, Option<Tail>> {
         // Every update under this lock is a single assignment or advance.
         self.0.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -146,18 +209,9 @@ pub struct EncodedFrame {
 impl EncodedFrame {
     /// The wire form of a text or binary message (`None` for control frames).
     pub fn of(message: &Message) -> Option<Self> {
-        let (opcode, payload): (_, &[u8]) = match message {
-            Message::Text(text) => (Data::Text, text.as_bytes()),
-            Message::Binary(data) => (Data::Binary, data),
-            _ => return None,
-        };
-        let header = FrameHeader {
-            opcode: OpCode::Data(opcode),
-            ..FrameHeader::default()
-        };
-        let mut wire = Vec::with_capacity(header.len(payload.len() as u64) + payload.len());
-        header.format(payload.len() as u64, &mut wire).ok()?;
-        wire.extend_from_slice(payload);
+        let (mut wire, payload) = data_frame(message)?;
+        wire.reserve_exact(payload.len());
+        wire.extend_from_slice(&payload);
         Some(EncodedFrame {
             wire: Bytes::from(wire),
         })
@@ -179,6 +233,24 @@ impl EncodedFrame {
     pub fn rest(&self, written: usize) -> Bytes {
         self.wire.slice(written.min(self.wire.len())..)
     }
+}
+
+/// A text or binary message's frame header as a server sends it, and its payload (shared);
+/// `None` for control frames.
+fn data_frame(message: &Message) -> Option<(Vec<u8>, Bytes)> {
+    let (opcode, payload) = match message {
+        Message::Text(text) => (Data::Text, Bytes::from(text.clone())),
+        Message::Binary(data) => (Data::Binary, data.clone()),
+        _ => return None,
+    };
+    let header = FrameHeader {
+        opcode: OpCode::Data(opcode),
+        ..FrameHeader::default()
+    };
+    let len = payload.len() as u64;
+    let mut head = Vec::with_capacity(header.len(len));
+    header.format(len, &mut head).ok()?;
+    Some((head, payload))
 }
 
 #[cfg(test)]
@@ -218,6 +290,41 @@ mod tests {
             }
         }
         assert!(EncodedFrame::of(&Message::Ping(Bytes::new())).is_none());
+    }
+
+    /// A frame made the tail goes out, header then shared payload, before any later write,
+    /// byte for byte as `EncodedFrame` (checked above against tungstenite) has it.
+    #[tokio::test]
+    async fn a_frame_set_as_the_tail_goes_out_whole_before_later_writes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut peer = client.unwrap();
+        let mut socket = Socket::new(accepted.unwrap().0);
+        let message = Message::binary((0..4 << 20).map(|i| i as u8).collect::<Vec<u8>>());
+        let expected = EncodedFrame::of(&message).unwrap();
+        assert_eq!(socket.set_tail_frame(&message), Some(expected.len()));
+        assert!(socket.has_tail());
+        assert_eq!(socket.set_tail_frame(&Message::Ping(Bytes::new())), None);
+        let reading = async {
+            let mut got = vec![0u8; expected.len() + 5];
+            peer.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let writing = async {
+            socket.write_all(b"after").await.unwrap();
+            assert!(!socket.has_tail());
+        };
+        let both = async { tokio::join!(reading, writing) };
+        let (got, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .expect("the frame and the later write did not arrive");
+        assert!(
+            got[..expected.len()] == *expected.as_bytes(),
+            "the frame arrived altered"
+        );
+        assert_eq!(&got[expected.len()..], b"after");
     }
 
     /// A frame the socket took only in part is finished before any later write, and a flush

@@ -590,7 +590,8 @@ async fn frames_arrive_whole_and_in_order_whether_the_hub_writes_them_or_the_ses
     // server and one that stops reading make every path run: each client must still get
     // every frame whole and in order. (A frame the socket takes only in part: socket.rs.)
     const TOTAL: u32 = 600;
-    // Up to 16 KiB the hub writes frames itself; larger ones always go through the session.
+    // Up to 16 KiB the hub writes frames itself; larger ones always go through the session,
+    // which writes them from their payload once tungstenite's buffered frames are out.
     // The paced stretches (even blocks of 20) carry 12 KiB frames, written by the hub until
     // the stalled client's socket is full.
     let size = |i: u32| match (i % 10, (i / 20) % 2) {
