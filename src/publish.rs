@@ -7,8 +7,8 @@
 //! reaches TCP: the session stops reading.
 //! Must not: drop a message silently. A message either gets Redis's receiver count or its
 //! client is closed (1013) and the loss is counted.
-//! Room left: a stream write (SPEC §9 history) goes where `publish_one` builds the command;
-//! an auth check sits before a window is created, in the HTTP layer.
+//! Room left: a stream write (SPEC §9 history) goes where `PublishWindow::send` queues each
+//! PUBLISH in the pipeline; an auth check sits before a window is created, in the HTTP layer.
 
 use std::collections::VecDeque;
 use std::future::Future;

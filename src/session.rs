@@ -53,6 +53,15 @@ pub enum Ending {
 }
 
 impl Ending {
+    /// Whether frames can still go out: not once the client closed, the socket broke or the
+    /// client stopped reading (its outbox overflowed).
+    fn can_write(&self) -> bool {
+        !matches!(
+            self,
+            Ending::ClientClosed | Ending::Broken | Ending::SlowConsumer
+        )
+    }
+
     /// The metric label for `lightrelay_closed_total{reason}`.
     pub fn label(&self) -> &'static str {
         match self {
@@ -168,8 +177,9 @@ struct Connection<S> {
     inbound: Inbound,
     /// Frames taken from the outbox and not yet handed to tungstenite.
     batch: VecDeque<Message>,
-    /// The socket holds the unsent end of a frame the hub wrote directly. Any write sends it
-    /// first; this makes sure it goes out even when nothing else is to be written.
+    /// The socket holds a tail: the unsent end of a frame the hub wrote directly, or a large
+    /// frame this session writes from its payload. Any write sends it first; this makes sure
+    /// it goes out even when nothing else is to be written.
     tail: bool,
     /// Frames were handed to tungstenite since the last completed flush.
     unflushed: bool,
@@ -302,13 +312,9 @@ where
         }
     }
 
-    /// Whether frames can still go out: not once the client closed, the socket broke or the
-    /// client stopped reading (its outbox overflowed).
+    /// Whether frames can still go out.
     fn can_write(&self) -> bool {
-        !matches!(
-            self.ending,
-            Some(Ending::ClientClosed | Ending::Broken | Ending::SlowConsumer)
-        )
+        self.ending.as_ref().is_none_or(Ending::can_write)
     }
 
     fn next_deadline(&self) -> Instant {
@@ -358,9 +364,9 @@ where
             let own_socket = self.outbox.socket().is_some();
             if own_socket && !self.ping_due && self.batch.front().is_some_and(is_large) {
                 match self.poll_write_large(cx) {
-                    Poll::Ready(Ok(len)) => {
+                    Poll::Ready(Ok(payload)) => {
                         frames += 1;
-                        bytes += len as u64;
+                        bytes += payload as u64;
                         progress = true;
                         continue;
                     }
@@ -405,8 +411,8 @@ where
 
     /// Write the large frame at the front of the batch from its shared payload, not through
     /// tungstenite, which would copy it into its buffer and move the unsent rest down after
-    /// every partial write. What tungstenite holds goes first. Ready with the frame's size
-    /// once it is handed to the socket (its unsent end as the socket's tail); `Pending` while
+    /// every partial write. What tungstenite holds goes first. Ready with the payload's size
+    /// once the frame is handed to the socket (its unsent end as the socket's tail); `Pending` while
     /// tungstenite's bytes or an earlier tail are still going out.
     fn poll_write_large(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Ending>> {
         if self.unflushed {
@@ -426,18 +432,19 @@ where
         let (Some(socket), Some(frame)) = (self.outbox.socket(), self.batch.front()) else {
             return Poll::Ready(Err(Ending::Broken));
         };
-        let Some(len) = socket.set_tail_frame(frame) else {
+        let payload = frame.len();
+        if !socket.set_tail_frame(frame) {
             return Poll::Ready(Err(Ending::Broken));
-        };
+        }
         self.batch.pop_front();
         self.tail = true;
         if let Poll::Ready(Err(ending)) = self.poll_tail(cx) {
             return Poll::Ready(Err(ending));
         }
-        Poll::Ready(Ok(len))
+        Poll::Ready(Ok(payload))
     }
 
-    /// Send the rest of a frame the hub could not write whole.
+    /// Send the socket's tail (see the `tail` field); ready with whether there was one.
     fn poll_tail(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Ending>> {
         let Some(socket) = self.outbox.socket() else {
             self.tail = false;
@@ -498,18 +505,26 @@ where
         }
     }
 
-    /// Send the close frame that says why (pending acks first on a graceful end), wait for
-    /// the client's answer, all within the close timeout.
+    /// Send what is queued (acks of publishes Redis accepted among it) and then the close
+    /// frame that says why, wait for the client's answer, all within the close timeout.
     async fn close(&mut self, ending: Ending) -> Ending {
         let close_timeout = self.settings.close_timeout;
         let closing = async {
             let ws = &mut self.ws;
             let outbox = &self.outbox;
-            if matches!(ending, Ending::GoingAway | Ending::RedisUnavailable(_)) {
+            if ending.can_write() {
                 let mut rest = std::mem::take(&mut self.batch);
                 outbox.take_now(&mut rest);
                 for frame in rest {
-                    ws.feed(frame).await?;
+                    match outbox.socket().filter(|_| is_large(&frame)) {
+                        // As in `poll_write_large`: larger than tungstenite's buffer may hold.
+                        Some(socket) => {
+                            ws.flush().await?;
+                            socket.set_tail_frame(&frame);
+                            std::future::poll_fn(|cx| socket.poll_write_tail(cx)).await?;
+                        }
+                        None => ws.feed(frame).await?,
+                    }
                 }
             }
             if let Some(frame) = ending.close_frame() {

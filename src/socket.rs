@@ -82,16 +82,17 @@ impl Socket {
     }
 
     /// Make a text or binary `message` the tail, to be written by [`Self::poll_write_tail`]
-    /// straight from its payload (shared, not copied); returns its size on the wire, or
-    /// `None` for a control frame (nothing is kept). Only with no tail already.
-    pub fn set_tail_frame(&self, message: &Message) -> Option<usize> {
-        let (head, body) = data_frame(message)?;
-        let len = head.len() + body.len();
+    /// straight from its payload (shared, not copied); `false` for a control frame (nothing
+    /// is kept). Only with no tail already.
+    pub fn set_tail_frame(&self, message: &Message) -> bool {
+        let Some((head, body)) = data_frame(message) else {
+            return false;
+        };
         *self.tail() = Some(Tail {
             head: Bytes::from(head),
             body,
         });
-        Some(len)
+        true
     }
 
     /// Whether part of a frame waits to be sent.
@@ -304,9 +305,9 @@ mod tests {
         let mut socket = Socket::new(accepted.unwrap().0);
         let message = Message::binary((0..4 << 20).map(|i| i as u8).collect::<Vec<u8>>());
         let expected = EncodedFrame::of(&message).unwrap();
-        assert_eq!(socket.set_tail_frame(&message), Some(expected.len()));
+        assert!(socket.set_tail_frame(&message));
         assert!(socket.has_tail());
-        assert_eq!(socket.set_tail_frame(&Message::Ping(Bytes::new())), None);
+        assert!(!socket.set_tail_frame(&Message::Ping(Bytes::new())));
         let reading = async {
             let mut got = vec![0u8; expected.len() + 5];
             peer.read_exact(&mut got).await.unwrap();

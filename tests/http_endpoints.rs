@@ -215,9 +215,11 @@ async fn metrics_count_one_message_published_and_delivered_end_to_end() {
     send_text(&mut writer, "42").await;
     assert_eq!(next_text(&mut reader).await, "42");
 
-    // The subscriber got its frame: the subscribe server counted it before writing it.
+    // The subscriber got its frame. A frame the hub writes straight into the socket is
+    // counted once the whole fan-out is written, which may be just after the client read it.
     let ws_out = r#"lightrelay_messages_total{direction="ws_out"}"#;
     let redis_in = r#"lightrelay_messages_total{direction="redis_in"}"#;
+    subscribe.wait_metric(ws_out, |v| v >= 1.0).await;
     assert_eq!(subscribe.metric(ws_out).await, 1.0);
     assert_eq!(subscribe.metric(redis_in).await, 1.0);
     assert_eq!(

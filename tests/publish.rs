@@ -107,7 +107,7 @@ async fn without_the_ack_subprotocol_no_acks_are_sent() {
 }
 
 #[tokio::test]
-async fn a_message_over_max_message_bytes_closes_with_1009_after_publishing_those_before_it() {
+async fn a_message_over_max_message_bytes_closes_with_1009_after_acking_those_before_it() {
     let redis = Redis::start().await;
     let publish = Server::start(
         Kind::Publish,
@@ -116,14 +116,17 @@ async fn a_message_over_max_message_bytes_closes_with_1009_after_publishing_thos
     )
     .await;
     let mut watcher = redis.subscribe("lightlevel/big").await;
-    let mut ws = connect(&publish.ws("/big")).await;
-    // The good messages arrive in the same read as the one too big: they are published all
-    // the same, then the connection is closed.
+    let mut ws = connect_ack(&publish.ws("/big")).await;
+    // The good messages arrive in the same read as the one too big: they are published and
+    // acknowledged all the same, then the connection is closed.
     for i in 0..3 {
         ws.feed(Message::text(format!("fine {i}"))).await.unwrap();
     }
     ws.feed(Message::binary(vec![7u8; 1025])).await.unwrap();
     ws.flush().await.unwrap();
+    for i in 0..3 {
+        assert_eq!(next_text(&mut ws).await, "1", "ack {i}");
+    }
     let close = close_frame(&mut ws).await;
     assert_eq!(close.code, CloseCode::Size);
     assert!(close.reason.contains("1024"), "reason: {}", close.reason);
