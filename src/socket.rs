@@ -257,7 +257,37 @@ fn data_frame(message: &Message) -> Option<(Vec<u8>, Bytes)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+
+    /// Both ends of a real loopback connection: the peer's, and ours as a `Socket`.
+    async fn loopback() -> (TcpStream, Socket) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), Socket::new(accepted.unwrap().0))
+    }
+
+    /// `socket` holds a tail that completes `frame`: a later write must wait for it, so the
+    /// peer reads `frame` whole, then the write.
+    async fn tail_goes_before_a_later_write(peer: &mut TcpStream, socket: &Socket, frame: &[u8]) {
+        let mut writer = socket.clone();
+        let reading = async {
+            let mut got = vec![0u8; frame.len() + 5];
+            peer.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let writing = async {
+            writer.write_all(b"after").await.unwrap();
+            assert!(!writer.has_tail());
+        };
+        let both = async { tokio::join!(reading, writing) };
+        let (got, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .expect("the frame and the later write did not arrive");
+        assert!(got[..frame.len()] == *frame, "the frame arrived altered");
+        assert_eq!(&got[frame.len()..], b"after");
+    }
 
     /// The header encoded here is byte for byte what tungstenite writes for the same message.
     #[test]
@@ -297,47 +327,20 @@ mod tests {
     /// byte for byte as `EncodedFrame` (checked above against tungstenite) has it.
     #[tokio::test]
     async fn a_frame_set_as_the_tail_goes_out_whole_before_later_writes() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut peer = client.unwrap();
-        let mut socket = Socket::new(accepted.unwrap().0);
+        let (mut peer, socket) = loopback().await;
         let message = Message::binary((0..4 << 20).map(|i| i as u8).collect::<Vec<u8>>());
         let expected = EncodedFrame::of(&message).unwrap();
         assert!(socket.set_tail_frame(&message));
         assert!(socket.has_tail());
         assert!(!socket.set_tail_frame(&Message::Ping(Bytes::new())));
-        let reading = async {
-            let mut got = vec![0u8; expected.len() + 5];
-            peer.read_exact(&mut got).await.unwrap();
-            got
-        };
-        let writing = async {
-            socket.write_all(b"after").await.unwrap();
-            assert!(!socket.has_tail());
-        };
-        let both = async { tokio::join!(reading, writing) };
-        let (got, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
-            .await
-            .expect("the frame and the later write did not arrive");
-        assert!(
-            got[..expected.len()] == *expected.as_bytes(),
-            "the frame arrived altered"
-        );
-        assert_eq!(&got[expected.len()..], b"after");
+        tail_goes_before_a_later_write(&mut peer, &socket, expected.as_bytes()).await;
     }
 
     /// A frame the socket took only in part is finished before any later write, and a flush
     /// sends it too. (Real loopback sockets: an 8 MiB frame into a peer that does not read.)
     #[tokio::test]
     async fn a_partly_written_frame_is_finished_before_anything_else() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut peer = client.unwrap();
-        let socket = Socket::new(accepted.unwrap().0);
+        let (mut peer, socket) = loopback().await;
         socket.0.stream.writable().await.unwrap();
         let frame = EncodedFrame::of(&Message::binary(vec![7u8; 8 << 20])).unwrap();
         assert!(
@@ -345,28 +348,10 @@ mod tests {
             "8 MiB went out whole"
         );
         assert!(socket.has_tail());
-
-        let mut writer = socket.clone();
-        let reading = async {
-            let mut got = vec![0u8; frame.len() + 5];
-            peer.read_exact(&mut got).await.unwrap();
-            got
-        };
-        let writing = async {
-            writer.write_all(b"after").await.unwrap();
-            assert!(!writer.has_tail());
-        };
-        let both = async { tokio::join!(reading, writing) };
-        let (got, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
-            .await
-            .expect("the frame and the later write did not arrive");
-        assert!(
-            got[..frame.len()] == *frame.as_bytes(),
-            "the frame arrived altered"
-        );
-        assert_eq!(&got[frame.len()..], b"after");
+        tail_goes_before_a_later_write(&mut peer, &socket, frame.as_bytes()).await;
 
         // Nothing else to write: a flush alone sends the tail.
+        let mut writer = socket.clone();
         assert!(!socket.try_write_frame(&frame).unwrap());
         let reading = async {
             let mut got = vec![0u8; frame.len()];
