@@ -412,8 +412,8 @@ where
     /// Write the large frame at the front of the batch from its shared payload, not through
     /// tungstenite, which would copy it into its buffer and move the unsent rest down after
     /// every partial write. What tungstenite holds goes first. Ready with the payload's size
-    /// once the frame is handed to the socket (its unsent end as the socket's tail); `Pending` while
-    /// tungstenite's bytes or an earlier tail are still going out.
+    /// once the frame is handed to the socket (its unsent end kept as the socket's tail);
+    /// `Pending` while tungstenite's bytes or an earlier tail are still going out.
     fn poll_write_large(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Ending>> {
         if self.unflushed {
             match Pin::new(&mut self.ws).poll_flush(cx) {
