@@ -342,20 +342,12 @@ async fn a_slow_consumer_is_closed_with_1008_while_the_others_get_everything() {
     let published = t
         .flood_until("lightrelay_dropped_total{reason=\"slow_consumer_close\"}")
         .await;
-    let SlowConsumer {
-        redis,
-        subscribe,
-        channel,
-        mut healthy,
-        mut slow,
-    } = t;
-    let channel = channel.as_str();
 
     // The slow client reads at last: what the kernel buffered (a prefix, in order), then 1008.
     let mut received = 0;
     let close = loop {
         assert!(received <= published, "more chunks than were published");
-        match next_data(&mut slow).await {
+        match next_data(&mut t.slow).await {
             Message::Close(Some(close)) => break close,
             Message::Close(None) => panic!("close frame without a code"),
             frame => {
@@ -366,24 +358,24 @@ async fn a_slow_consumer_is_closed_with_1008_while_the_others_get_everything() {
     };
     assert_eq!(close.code, CloseCode::Policy);
     assert_eq!(close.reason.as_str(), "slow consumer");
-    finish_close(&mut slow).await;
+    finish_close(&mut t.slow).await;
     assert!(
         received < published,
         "the slow client got all {published} chunks: it was not slow"
     );
-    subscribe
+    t.subscribe
         .wait_series("lightrelay_closed_total{reason=\"slow_consumer\"}", |v| {
             v == 1.0
         })
         .await;
-    subscribe
+    t.subscribe
         .wait_metric("lightrelay_connections", |v| v == 1.0)
         .await;
 
     // The healthy client is still subscribed and served.
-    assert_eq!(redis.publish(channel, "after").await, 1);
-    assert_eq!(next_data(&mut healthy).await, Message::text("after"));
-    subscribe
+    assert_eq!(t.redis.publish(&t.channel, "after").await, 1);
+    assert_eq!(next_data(&mut t.healthy).await, Message::text("after"));
+    t.subscribe
         .wait_metric("lightrelay_queued_messages", |v| v == 0.0)
         .await;
 }
@@ -394,16 +386,8 @@ async fn a_slow_consumer_under_skip_keeps_its_connection_and_gets_the_newest_mes
     let published = t
         .flood_until("lightrelay_dropped_total{reason=\"slow_consumer_skip\"}")
         .await;
-    let SlowConsumer {
-        redis,
-        subscribe,
-        channel,
-        mut healthy,
-        mut slow,
-    } = t;
-    let channel = channel.as_str();
-    assert_eq!(redis.publish(channel, "newest").await, 1);
-    assert_eq!(next_data(&mut healthy).await, Message::text("newest"));
+    assert_eq!(t.redis.publish(&t.channel, "newest").await, 1);
+    assert_eq!(next_data(&mut t.healthy).await, Message::text("newest"));
 
     // The slow client reads at last: chunks in order with a gap where its backlog was
     // dropped, and the newest message last.
@@ -411,8 +395,8 @@ async fn a_slow_consumer_under_skip_keeps_its_connection_and_gets_the_newest_mes
     let mut last: Option<u32> = None;
     loop {
         assert!(received <= published, "more chunks than were published");
-        match next_data(&mut slow).await {
-            Message::Text(t) if t.as_str() == "newest" => break,
+        match next_data(&mut t.slow).await {
+            Message::Text(text) if text.as_str() == "newest" => break,
             Message::Close(close) => panic!("a skipping client was closed: {close:?}"),
             frame => {
                 let i = index_of(&frame);
@@ -426,18 +410,19 @@ async fn a_slow_consumer_under_skip_keeps_its_connection_and_gets_the_newest_mes
         received < published,
         "the slow client got all {published} chunks: nothing was skipped"
     );
-    let dropped = subscribe
+    let dropped = t
+        .subscribe
         .metric("lightrelay_dropped_total{reason=\"slow_consumer_skip\"}")
         .await;
     // Every chunk was either delivered or counted as dropped.
     assert_eq!(f64::from(received) + dropped, f64::from(published));
 
     // Still connected and subscribed.
-    assert_eq!(redis.publish(channel, "still here").await, 1);
-    assert_eq!(next_data(&mut slow).await, Message::text("still here"));
-    assert_eq!(next_data(&mut healthy).await, Message::text("still here"));
-    assert_eq!(subscribe.metric("lightrelay_connections").await, 2.0);
-    let metrics = subscribe.metrics_text().await;
+    assert_eq!(t.redis.publish(&t.channel, "still here").await, 1);
+    assert_eq!(next_data(&mut t.slow).await, Message::text("still here"));
+    assert_eq!(next_data(&mut t.healthy).await, Message::text("still here"));
+    assert_eq!(t.subscribe.metric("lightrelay_connections").await, 2.0);
+    let metrics = t.subscribe.metrics_text().await;
     assert!(
         !metrics.contains("lightrelay_closed_total{reason=\"slow_consumer\"}"),
         "{metrics}"
