@@ -145,42 +145,37 @@ impl PublishWindow {
         let Some(started) = self.gathering_since.take() else {
             return;
         };
+        // Taken, not drained: an idle publisher keeps no buffer.
         let payloads = std::mem::take(&mut self.gathering);
         let batch = Batch {
             started,
             sizes: payloads.iter().map(Bytes::len).collect(),
         };
         let pipeline = self.client.pipeline();
-        for payload in payloads {
-            // A pipeline only queues the command in memory, so this future is ready at once.
-            // `unconstrained`: tokio's co-operative budget must not make it wait.
-            let queued = tokio::task::unconstrained(
-                pipeline.publish::<Value, _, _>(self.channel.clone(), payload),
+        let channel = &self.channel;
+        // A pipeline only queues each command in memory, so each future is ready at once;
+        // `unconstrained`: tokio's co-operative budget must not make one wait.
+        let queued = payloads.into_iter().all(|payload| {
+            let queue = pipeline.publish::<Value, _, _>(channel.clone(), payload);
+            matches!(
+                tokio::task::unconstrained(queue).now_or_never(),
+                Some(Ok(_))
             )
-            .now_or_never();
-            if !matches!(queued, Some(Ok(_))) {
-                let error = internal_error("could not queue a PUBLISH in a pipeline");
-                self.push_batch(batch, Box::pin(std::future::ready(vec![Err(error)])));
-                return;
-            }
-        }
-        let mut sending: BatchFuture = Box::pin(async move { pipeline.try_all::<i64>().await });
+        });
+        let mut sending: BatchFuture = if queued {
+            Box::pin(async move { pipeline.try_all::<i64>().await })
+        } else {
+            let error = internal_error("could not queue a PUBLISH in a pipeline");
+            Box::pin(std::future::ready(vec![Err(error)]))
+        };
         // Its first poll hands the batch to fred's router: do it now, so batches reach Redis
         // in the order they were sent. The session's own poll registers its waker later.
-        match sending
-            .as_mut()
-            .poll(&mut Context::from_waker(std::task::Waker::noop()))
-        {
-            Poll::Ready(answers) => {
-                self.push_batch(batch, Box::pin(std::future::ready(answers)));
-            }
-            Poll::Pending => self.push_batch(batch, sending),
+        let noop = &mut Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(answers) = sending.as_mut().poll(noop) {
+            sending = Box::pin(std::future::ready(answers));
         }
-    }
-
-    fn push_batch(&mut self, batch: Batch, future: BatchFuture) {
         self.batches.push_back(batch);
-        self.in_flight.push_back(future);
+        self.in_flight.push_back(sending);
     }
 
     /// The receiver count of the oldest message in flight, once Redis accepted it; `Pending`
