@@ -11,28 +11,30 @@
 //! Redis → hub → Outbox (one per client, bounded) → session → socket     (subscribe path)
 //! ```
 //!
-//! Modules, in the order data flows: [`config`] (flags), [`server`] (listener, shared state,
-//! shutdown), [`http`] (requests, refusals, upgrades), [`channel`] (path → channel),
-//! [`session`] (one WebSocket's life), [`publish`] (pipelined PUBLISH), [`hub`] (subscriptions
-//! and fan-out), [`outbox`] (per-client bounded queue), [`page`] (the live page's embedded
-//! files), [`redis`] (connections and health),
-//! [`metrics`], [`shutdown`], [`telemetry`]. `ARCHITECTURE.md` is the longer map.
+//! The parts, lowest first (a part only imports the ones above it in this list):
+//! - [`server`]: what both servers share (flags, listener, HTTP, a WebSocket's session, the
+//!   client write path, metrics, shutdown); it knows a server only as a `Role`.
+//! - `redis`: connections to Redis, their health and how they reconnect.
+//! - `auth`: where SPEC §8's tokens will be checked.
+//! - [`publish`]: the publish server's role and the pipelined PUBLISH window.
+//! - [`subscribe`]: the subscribe server's role, the hub and the live page.
+//! - [`client`] and [`bench`]: the `lightrelay` binary; they speak only the wire protocol and
+//!   use no server module.
+//!
+//! `ARCHITECTURE.md` is the longer map.
 
-pub mod channel;
+#[allow(dead_code)]
+mod auth;
+pub mod bench;
 pub mod client;
-pub mod config;
-pub mod http;
-pub mod hub;
-pub mod metrics;
-pub mod outbox;
-pub mod page;
 pub mod publish;
-pub mod redis;
+mod redis;
 pub mod server;
-pub mod session;
-pub mod shutdown;
-pub mod socket;
-pub mod telemetry;
+pub mod subscribe;
+
+/// The subprotocol a publisher offers to get one ack per message (SPEC §3); the servers
+/// select it, the client and the bench offer it.
+pub const ACK_PROTOCOL: &str = "lightrelay.ack";
 
 /// Errors that stop a server from starting or running.
 #[derive(Debug, thiserror::Error)]

@@ -1,12 +1,12 @@
-//! `lightrelay-subscribe`: see `lightrelay::server`. Flags and their environment variables are in
-//! `lightrelay::config::SubscribeArgs`; a bad one exits 2 with the problem on the first line.
+//! `lightrelay-subscribe`: see `lightrelay::subscribe`. Flags and their environment variables
+//! are in `lightrelay::server::config::SubscribeArgs`; a bad one exits 2 with the problem on
+//! the first line.
 
 use clap::Parser;
-use lightrelay::config::SubscribeArgs;
-use lightrelay::server::{self, Settings};
+use lightrelay::server::config::SubscribeArgs;
 
 fn main() -> std::process::ExitCode {
     let args = SubscribeArgs::parse();
-    lightrelay::telemetry::init(args.common.log_format);
-    server::main(Settings::subscribe(args))
+    lightrelay::server::telemetry::init(args.common.log_format);
+    lightrelay::subscribe::main(args)
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use super::bench::args::BenchArgs;
+pub use crate::bench::args::BenchArgs;
 
 const EXAMPLES: &str = "\
 Examples:

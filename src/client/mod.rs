@@ -11,7 +11,7 @@
 //! error); 2 bad usage; 130 interrupted by Ctrl-C.
 
 pub mod args;
-pub mod bench;
+pub use crate::bench;
 pub mod connect;
 pub mod publisher;
 pub mod subscriber;

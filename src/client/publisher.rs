@@ -26,7 +26,7 @@ use super::args::PubArgs;
 use super::connect::{open, Backoff, Tls, Ws};
 use super::INTERRUPTED;
 
-const ACK_PROTOCOL: &str = "lightrelay.ack";
+use crate::ACK_PROTOCOL;
 
 /// Where messages come from: lines of standard input, or whole files.
 enum Source {

@@ -18,12 +18,13 @@ use hyper::{Response, StatusCode};
 
 /// The uPlot release in `web/vendor/uplot/`; the page's links carry it as `?v=` so a browser
 /// that cached an older copy fetches the new one.
-pub const UPLOT_VERSION: &str = "1.6.32";
+#[cfg(test)]
+const UPLOT_VERSION: &str = "1.6.32";
 
-const INDEX: &str = include_str!("../web/index.html");
-const UPLOT_JS: &str = include_str!("../web/vendor/uplot/uPlot.iife.min.js");
-const UPLOT_CSS: &str = include_str!("../web/vendor/uplot/uPlot.min.css");
-const UPLOT_LICENSE: &str = include_str!("../web/vendor/uplot/LICENSE");
+const INDEX: &str = include_str!("../../web/index.html");
+const UPLOT_JS: &str = include_str!("../../web/vendor/uplot/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("../../web/vendor/uplot/uPlot.min.css");
+const UPLOT_LICENSE: &str = include_str!("../../web/vendor/uplot/LICENSE");
 
 /// Who may run what on the page: its own inline script and the vendored library, WebSockets
 /// to anywhere (the relay may sit on another host: `?ws=`), nothing else.
@@ -114,7 +115,7 @@ mod tests {
             let link = format!("\"vendor/{file}?v={UPLOT_VERSION}\"");
             assert!(INDEX.contains(&link), "web/index.html lacks {link}");
         }
-        let readme = include_str!("../web/vendor/uplot/README.md");
+        let readme = include_str!("../../web/vendor/uplot/README.md");
         assert!(readme.contains(&format!("uPlot {UPLOT_VERSION}")));
     }
 

@@ -1,7 +1,7 @@
 //! One WebSocket client's life, on either server: read, write, keep alive, close (SPEC §3–5).
 //!
-//! Owns: the connection's single task. It reads frames (publishing them through a
-//! [`PublishWindow`] or discarding them), writes what its [`Outbox`] holds (several queued
+//! Owns: the connection's single task. It reads frames (handing them to its [`Inbound`]: the
+//! publish side's window, or `None`: discarded), writes what its [`Outbox`] holds (several queued
 //! frames per write, then one flush), pings every `--ping-interval`, closes a peer silent for
 //! `--idle-timeout`, and ends with the close code that says why (see [`Ending`]). A
 //! subscriber's session lends its socket to its outbox whenever it goes idle with nothing
@@ -27,9 +27,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-use crate::metrics::Metrics;
-use crate::outbox::Outbox;
-use crate::publish::{PublishError, PublishWindow};
+use super::metrics::Metrics;
+use super::outbox::Outbox;
 
 /// How a session ended, and so which close frame (if any) the client gets.
 #[derive(Debug)]
@@ -46,8 +45,8 @@ pub enum Ending {
     IdleTimeout,
     /// A message over `--max-message-bytes`: 1009.
     TooBig(usize),
-    /// Redis did not accept a publish in time: 1013 (try again later).
-    RedisUnavailable(PublishError),
+    /// Redis did not accept a publish in time: 1013 (try again later), with why.
+    RedisUnavailable(String),
     /// Broken framing: 1002; invalid UTF-8 in a text frame: 1007.
     Protocol(CloseCode, String),
 }
@@ -86,7 +85,7 @@ impl Ending {
                 CloseCode::Size,
                 format!("message too big (limit {max} bytes)"),
             ),
-            Ending::RedisUnavailable(e) => (CloseCode::Again, e.to_string()),
+            Ending::RedisUnavailable(why) => (CloseCode::Again, why.clone()),
             Ending::Protocol(code, reason) => (*code, reason.clone()),
         };
         Some(CloseFrame {
@@ -121,12 +120,57 @@ pub struct SessionSettings {
     pub ack: bool,
 }
 
-/// What a session does with the data frames its client sends.
-pub enum Inbound {
-    /// Read and discard (subscribers without `--accept-publish`).
-    Discard,
-    /// Publish on the client's channel (boxed: subscribers, the many, do not pay for it).
-    Publish(Box<PublishWindow>),
+/// What a session does with the data frames its client sends: publish them (the publish
+/// side's window implements this) or discard them (`None`). Errors are the reason of a 1013.
+pub(crate) trait Inbound {
+    /// Take one message; the caller checks [`Inbound::is_full`] first and calls
+    /// [`Inbound::send`] once it has pushed what one read brought.
+    fn push(&mut self, payload: Bytes);
+    /// Put what was pushed on its way, as one batch.
+    fn send(&mut self);
+    /// No more may be pushed until some complete (back-pressure: the session stops reading).
+    fn is_full(&self) -> bool;
+    /// Nothing pushed is waiting for its completion.
+    fn is_empty(&self) -> bool;
+    /// The oldest message's completion (its receiver count), in order.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<i64, String>>;
+    /// When the oldest message waiting gives up (`--redis-timeout`).
+    fn deadline(&self) -> Option<Instant>;
+    /// Give up on everything waiting; the reason of the 1013.
+    fn time_out(&mut self) -> String;
+}
+
+/// `Some(window)` publishes, `None` discards: one session type for a subscribe server with or
+/// without `--accept-publish`.
+impl<I: Inbound> Inbound for Option<I> {
+    fn push(&mut self, payload: Bytes) {
+        if let Some(inbound) = self {
+            inbound.push(payload);
+        }
+    }
+    fn send(&mut self) {
+        if let Some(inbound) = self {
+            inbound.send();
+        }
+    }
+    fn is_full(&self) -> bool {
+        self.as_ref().is_some_and(I::is_full)
+    }
+    fn is_empty(&self) -> bool {
+        self.as_ref().is_none_or(I::is_empty)
+    }
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<i64, String>> {
+        match self {
+            Some(inbound) => inbound.poll_next(cx),
+            None => Poll::Pending,
+        }
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.as_ref().and_then(I::deadline)
+    }
+    fn time_out(&mut self) -> String {
+        self.as_mut().map(I::time_out).unwrap_or_default()
+    }
 }
 
 /// Run one client's connection to its end and say how it ended.
@@ -134,16 +178,17 @@ pub enum Inbound {
 /// The connection's state is boxed once here: async fns and blocks keep their arguments and
 /// every awaited future in separate slots, so passing a WebSocket by value through a few
 /// layers of futures stores it several times over; passing a `Box` stores a pointer.
-pub fn run<S>(
+pub(crate) fn run<S, I>(
     ws: WebSocketStream<S>,
     outbox: Arc<Outbox>,
-    inbound: Inbound,
+    inbound: I,
     settings: SessionSettings,
     shutdown: CancellationToken,
     metrics: Metrics,
 ) -> impl Future<Output = Ending>
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    I: Inbound,
 {
     let now = Instant::now();
     let conn = Box::new(Connection {
@@ -171,10 +216,10 @@ const READ_BUDGET: usize = 64;
 /// One connection's state. Everything is polled by hand from a single task, on the unsplit
 /// WebSocket: no lock between a reader and a writer half, no stored futures besides one
 /// timer and the shutdown signal, so an idle connection costs little more than its socket.
-struct Connection<S> {
+struct Connection<S, I> {
     ws: WebSocketStream<S>,
     outbox: Arc<Outbox>,
-    inbound: Inbound,
+    inbound: I,
     /// Frames taken from the outbox and not yet handed to tungstenite.
     batch: VecDeque<Message>,
     /// The socket holds a tail: the unsent end of a frame the hub wrote directly, or a large
@@ -193,9 +238,10 @@ struct Connection<S> {
     metrics: Metrics,
 }
 
-impl<S> Connection<S>
+impl<S, I> Connection<S, I>
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    I: Inbound,
 {
     async fn drive(mut self: Box<Self>, shutdown: CancellationToken) -> Ending {
         let cancelled = shutdown.cancelled();
@@ -228,7 +274,7 @@ where
             };
             // However the connection ends, what was read from it is published first: frames
             // already taken off the socket must not be dropped (bounded by --redis-timeout).
-            if self.ending.is_some() && self.window().is_none_or(PublishWindow::is_empty) {
+            if self.ending.is_some() && self.inbound.is_empty() {
                 return Poll::Ready(self.ending.take().unwrap_or(Ending::Broken));
             }
             if self.can_write() {
@@ -256,13 +302,8 @@ where
                 self.ending = Some(Ending::IdleTimeout);
                 continue;
             }
-            if self
-                .window()
-                .and_then(PublishWindow::deadline)
-                .is_some_and(|d| now >= d)
-            {
-                let error = self.window_mut().map(PublishWindow::time_out);
-                return Poll::Ready(error.map_or(Ending::Broken, Ending::RedisUnavailable));
+            if self.inbound.deadline().is_some_and(|d| now >= d) {
+                return Poll::Ready(Ending::RedisUnavailable(self.inbound.time_out()));
             }
             if now >= self.next_ping {
                 self.ping_due = true;
@@ -298,20 +339,6 @@ where
             && self.ending.is_none()
     }
 
-    fn window(&self) -> Option<&PublishWindow> {
-        match &self.inbound {
-            Inbound::Publish(window) => Some(window),
-            Inbound::Discard => None,
-        }
-    }
-
-    fn window_mut(&mut self) -> Option<&mut PublishWindow> {
-        match &mut self.inbound {
-            Inbound::Publish(window) => Some(window),
-            Inbound::Discard => None,
-        }
-    }
-
     /// Whether frames can still go out.
     fn can_write(&self) -> bool {
         self.ending.as_ref().is_none_or(Ending::can_write)
@@ -319,21 +346,15 @@ where
 
     fn next_deadline(&self) -> Instant {
         let idle = self.last_heard + self.settings.idle_timeout;
-        let publish = self
-            .window()
-            .and_then(PublishWindow::deadline)
-            .unwrap_or(idle);
+        let publish = self.inbound.deadline().unwrap_or(idle);
         self.next_ping.min(idle).min(publish)
     }
 
     /// Publishes Redis accepted: one ack each (in ack mode), in order.
     fn poll_acks(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
         let ack = self.settings.ack;
-        let Inbound::Publish(window) = &mut self.inbound else {
-            return Ok(false);
-        };
         let mut progress = false;
-        while let Poll::Ready(done) = window.poll_next(cx) {
+        while let Poll::Ready(done) = self.inbound.poll_next(cx) {
             let receivers = done.map_err(Ending::RedisUnavailable)?;
             if ack {
                 self.outbox.push(Message::text(receivers.to_string()));
@@ -465,16 +486,14 @@ where
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
         let read = self.read_frames(cx);
         // However reading ended, what was taken off the socket goes to Redis now.
-        if let Some(window) = self.window_mut() {
-            window.send();
-        }
+        self.inbound.send();
         read
     }
 
     fn read_frames(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
         let mut progress = false;
         for _ in 0..READ_BUDGET {
-            if self.window().is_some_and(PublishWindow::is_full) {
+            if self.inbound.is_full() {
                 break;
             }
             let frame = match Pin::new(&mut self.ws).poll_next(cx) {
@@ -500,9 +519,7 @@ where
     }
 
     fn accept(&mut self, payload: Bytes) {
-        if let Inbound::Publish(window) = &mut self.inbound {
-            window.push(payload);
-        }
+        self.inbound.push(payload);
     }
 
     /// Send what is queued (acks of publishes Redis accepted among it) and then the close
@@ -545,7 +562,7 @@ where
     }
 }
 
-impl<S> Drop for Connection<S> {
+impl<S, I> Drop for Connection<S, I> {
     fn drop(&mut self) {
         // However the task ends, the hub writes no more into this socket.
         self.outbox.withdraw();

@@ -60,10 +60,6 @@ impl ChannelName {
         ChannelName(name)
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
     pub fn to_bytes(&self) -> Bytes {
         self.0.clone()
     }

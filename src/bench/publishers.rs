@@ -169,7 +169,7 @@ pub async fn connect(setup: Setup<'_>, shared: &Arc<Shared>) -> Result<Vec<Lane>
             }
         }
         "ws" => {
-            let protocol = setup.ack.then_some("lightrelay.ack");
+            let protocol = setup.ack.then_some(crate::ACK_PROTOCOL);
             let mut conns: Vec<Option<(WsConn, JoinHandle<()>)>> =
                 (0..setup.channels).map(|_| None).collect();
             let mut opening = stream::iter(0..setup.channels)

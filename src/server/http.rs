@@ -23,18 +23,15 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::channel::ChannelName;
-use crate::page;
-use crate::publish::publish_once;
-use crate::server::Relay;
-use crate::socket::Socket;
+use super::channel::ChannelName;
+use super::relay::{Relay, Role, Upgraded};
+use super::socket::Socket;
+use crate::ACK_PROTOCOL;
 
-/// The subprotocol a publisher offers to get one ack per message.
-pub const ACK_PROTOCOL: &str = "lightrelay.ack";
+/// Every answer to a plain request.
+pub(crate) type Reply = Response<Full<Bytes>>;
 
-type Reply = Response<Full<Bytes>>;
-
-fn reply(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+pub(crate) fn reply(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -45,20 +42,23 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Reply {
 }
 
 /// Answer one HTTP request.
-pub async fn handle(relay: Arc<Relay>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+pub(crate) async fn handle<R: Role>(
+    relay: Arc<Relay<R>>,
+    req: Request<Incoming>,
+) -> Result<Reply, Infallible> {
     if is_upgrade(&req) {
         return Ok(upgrade(relay, req));
     }
     let path = req.uri().path();
     // The live page (SPEC §7) belongs to the subscribe server; the publish server's `GET /`
     // stays a 426 like any other plain request there.
-    if !relay.is_publish() && matches!(*req.method(), Method::GET | Method::HEAD) {
-        if let Some(page) = page::serve(path) {
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        if let Some(page) = relay.role.page(path) {
             return Ok(page);
         }
     }
     let answer = match (req.method(), path) {
-        (&Method::GET, "/healthz") => match relay.health.status() {
+        (&Method::GET, "/healthz") => match relay.role.health() {
             Ok(()) => reply(StatusCode::OK, "ok\n"),
             Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
@@ -72,7 +72,7 @@ pub async fn handle(relay: Arc<Relay>, req: Request<Incoming>) -> Result<Reply, 
             );
             response
         }
-        (&Method::POST, _) if relay.accepts_post() => post(relay, req).await,
+        (&Method::POST, _) if relay.role.publishes() => post(relay, req).await,
         _ => {
             let mut response = reply(
                 StatusCode::UPGRADE_REQUIRED,
@@ -102,9 +102,12 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
 
 /// The request's channel, or the 400 that refuses it (boxed: a response is large, and this is
 /// the path every upgrade takes).
-fn channel_of(relay: &Relay, req: &Request<Incoming>) -> Result<ChannelName, Box<Reply>> {
+fn channel_of<R: Role>(
+    relay: &Relay<R>,
+    req: &Request<Incoming>,
+) -> Result<ChannelName, Box<Reply>> {
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let common = relay.common();
+    let common = &relay.common;
     ChannelName::from_target(&common.channel_prefix, target, common.max_path_bytes).map_err(|e| {
         relay.metrics.refused("bad_path");
         Box::new(reply(StatusCode::BAD_REQUEST, format!("{e}\n")))
@@ -112,16 +115,16 @@ fn channel_of(relay: &Relay, req: &Request<Incoming>) -> Result<ChannelName, Box
 }
 
 /// `POST /PATH`: publish the body, answer the receiver count.
-async fn post(relay: Arc<Relay>, req: Request<Incoming>) -> Reply {
+async fn post<R: Role>(relay: Arc<Relay<R>>, req: Request<Incoming>) -> Reply {
     let channel = match channel_of(&relay, &req) {
         Ok(channel) => channel,
         Err(refusal) => return *refusal,
     };
-    let max = relay.common().max_message_bytes;
+    let max = relay.common.max_message_bytes;
     // The body is part of the request: hyper's header timeout does not cover it, so a body
     // that stalls is bounded here by the same --handshake-timeout (else it holds the
     // connection forever).
-    let patience = relay.common().handshake_timeout;
+    let patience = relay.common.handshake_timeout;
     let collected =
         tokio::time::timeout(patience, Limited::new(req.into_body(), max).collect()).await;
     let Ok(collected) = collected else {
@@ -145,15 +148,14 @@ async fn post(relay: Arc<Relay>, req: Request<Incoming>) -> Reply {
             )
         }
     };
-    let timeout = relay.common().redis_timeout;
-    match publish_once(&relay.publisher, &channel, body, timeout, &relay.metrics).await {
+    match R::publish_once(&relay, channel, body).await {
         Ok(receivers) => reply(StatusCode::OK, format!("{receivers}\n")),
         Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }
 
 /// Check an upgrade request, answer 101 and start its session; or refuse it before the upgrade.
-fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Reply {
+fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> Reply {
     if req.method() != Method::GET {
         return reply(
             StatusCode::BAD_REQUEST,
@@ -192,19 +194,19 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Reply {
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "server full: {} connections (--max-connections)\n",
-                relay.common().max_connections
+                relay.common.max_connections
             ),
         );
     };
     // Acks only where messages are published: a subscribe server without --accept-publish
     // does not select the subprotocol, so an ack publisher pointed at it fails at once
     // instead of waiting for acks that never come.
-    let ack = relay.accepts_post()
+    let ack = relay.role.publishes()
         && header_has_token(&req, header::SEC_WEBSOCKET_PROTOCOL, ACK_PROTOCOL);
     let accept = derive_accept_key(key.as_bytes());
 
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let ws_config = ws_config(&relay);
+    let ws_config = ws_config::<R>(relay.common.max_message_bytes);
     let task_relay = relay.clone();
     relay.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -233,7 +235,13 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Reply {
             )
             .await
         };
-        task_relay.serve(ws, socket, channel, ack, slot).await;
+        let connection = Upgraded {
+            ws,
+            socket,
+            channel,
+            ack,
+        };
+        task_relay.serve(connection, slot).await;
     });
 
     let mut response = Response::new(Full::new(Bytes::new()));
@@ -270,11 +278,10 @@ fn into_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(Socket, Vec<u8>)> 
 /// traffic and gets 4 KiB (larger messages grow the buffer as they come). Writes collect up
 /// to 16 KiB of queued frames before a write call, so a burst goes out in few syscalls while
 /// an idle connection holds no write buffer at all.
-fn ws_config(relay: &Relay) -> WebSocketConfig {
+fn ws_config<R: Role>(max: usize) -> WebSocketConfig {
     const WRITE_BUFFER: usize = 16 * 1024;
-    let max = relay.common().max_message_bytes;
     let mut config = WebSocketConfig::default();
-    config.read_buffer_size = if relay.is_publish() { 4 * 1024 } else { 256 };
+    config.read_buffer_size = R::READ_BUFFER;
     config.write_buffer_size = WRITE_BUFFER;
     config.max_write_buffer_size = WRITE_BUFFER + max + 64;
     config.max_message_size = Some(max);

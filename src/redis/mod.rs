@@ -19,8 +19,8 @@ use fred::types::config::{Options, UnresponsiveConfig};
 use fred::types::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::CommonArgs;
-use crate::metrics::Metrics;
+use crate::server::config::CommonArgs;
+use crate::server::metrics::Metrics;
 
 /// How many messages fred may hold for the hub before it overwrites the oldest (counted as
 /// `redis_lagged`). fred's default of 32 loses messages in any burst. fred allocates every

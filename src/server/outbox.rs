@@ -25,8 +25,8 @@ use std::task::Waker;
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::config::SlowConsumer;
-use crate::socket::{EncodedFrame, Socket};
+use crate::server::config::SlowConsumer;
+use crate::server::socket::{EncodedFrame, Socket};
 
 /// What a push did, so the pusher can count losses.
 #[derive(Debug, PartialEq, Eq)]

@@ -226,10 +226,6 @@ impl EncodedFrame {
         self.wire.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.wire.is_empty()
-    }
-
     /// What is left to send after the first `written` bytes went out.
     pub fn rest(&self, written: usize) -> Bytes {
         self.wire.slice(written.min(self.wire.len())..)

@@ -1,4 +1,4 @@
-//! The publish path: client messages → Redis PUBLISH, pipelined and in order (SPEC §3).
+//! The publish window: one client's messages → Redis PUBLISH, pipelined and in order (SPEC §3).
 //!
 //! Owns: the [`Publisher`] (a small pool of fred clients, each pipelining many PUBLISHes on
 //! one connection) and the [`PublishWindow`] of one client: what one read brought goes out as
@@ -25,12 +25,13 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 use tokio::time::Instant;
 
-use crate::channel::ChannelName;
-use crate::metrics::{DropReason, Metrics};
+use crate::server::channel::ChannelName;
+use crate::server::metrics::{DropReason, Metrics};
+use crate::server::session::Inbound;
 
 /// Why publishing failed; the text is the reason of the 1013 close or the 503 body.
 #[derive(Debug, thiserror::Error)]
-pub enum PublishError {
+pub(crate) enum PublishError {
     #[error("redis unavailable for {0:?}")]
     Timeout(Duration),
     #[error("redis error: {0}")]
@@ -39,7 +40,7 @@ pub enum PublishError {
 
 /// The process's PUBLISH connections.
 #[derive(Clone)]
-pub struct Publisher {
+pub(crate) struct Publisher {
     pool: Pool,
 }
 
@@ -78,7 +79,7 @@ struct Batch {
 /// each: fred's future for a lone PUBLISH is ~6.8 KB). A batch goes to fred's router when
 /// `send` is called, so batches reach Redis in the order they were sent, however the
 /// futures are polled afterwards.
-pub struct PublishWindow {
+pub(crate) struct PublishWindow {
     client: Client,
     /// fred names channels with UTF-8 strings; ours always are (a UTF-8 prefix + ASCII path).
     channel: Str,
@@ -125,10 +126,6 @@ impl PublishWindow {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
     }
 
     /// Take one message for the next batch. The caller checks `is_full` first, and calls
@@ -263,12 +260,37 @@ impl PublishWindow {
     }
 }
 
+/// The session drives a window through [`Inbound`]; errors become the 1013's reason.
+impl Inbound for Box<PublishWindow> {
+    fn push(&mut self, payload: Bytes) {
+        PublishWindow::push(self, payload);
+    }
+    fn send(&mut self) {
+        PublishWindow::send(self);
+    }
+    fn is_full(&self) -> bool {
+        PublishWindow::is_full(self)
+    }
+    fn is_empty(&self) -> bool {
+        PublishWindow::is_empty(self)
+    }
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<i64, String>> {
+        PublishWindow::poll_next(self, cx).map_err(|e| e.to_string())
+    }
+    fn deadline(&self) -> Option<Instant> {
+        PublishWindow::deadline(self)
+    }
+    fn time_out(&mut self) -> String {
+        PublishWindow::time_out(self).to_string()
+    }
+}
+
 fn internal_error(what: &'static str) -> fred::error::Error {
     fred::error::Error::new(fred::error::ErrorKind::Unknown, what)
 }
 
 /// Publish one message outside any WebSocket (HTTP POST), within `timeout`.
-pub async fn publish_once(
+pub(crate) async fn publish_once(
     publisher: &Publisher,
     channel: &ChannelName,
     payload: Bytes,

@@ -40,10 +40,10 @@ use tokio::sync::{broadcast::error::RecvError, Notify};
 use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::ChannelName;
-use crate::metrics::{DropReason, Metrics};
-use crate::outbox::{Outbox, Pushed};
-use crate::socket::EncodedFrame;
+use crate::server::channel::ChannelName;
+use crate::server::metrics::{DropReason, Metrics};
+use crate::server::outbox::{Outbox, Pushed};
+use crate::server::socket::EncodedFrame;
 
 /// What a client listens to. Today a plain channel; patterns and shard channels come later.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -1,0 +1,153 @@
+//! The publish side (SPEC §3): WebSocket frames and `POST` bodies in, Redis PUBLISH out.
+//!
+//! Owns: the publish server's [`Role`] (what `lightrelay-publish` does with a connection: a
+//! [`PublishWindow`] on the client's channel, acks through its outbox) and the publish path
+//! itself ([`window`]: the pool of pipelining Redis connections and one client's window).
+//! Must not: drop a message silently, or know who subscribes. The subscribe side uses
+//! [`window`] for `--accept-publish`; nothing here uses the subscribe side.
+
+pub(crate) mod window;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::redis::{connect_publisher, Health};
+use crate::server::channel::ChannelName;
+use crate::server::config::{CommonArgs, PublishArgs, SlowConsumer};
+use crate::server::metrics::Metrics;
+use crate::server::outbox::Outbox;
+use crate::server::session::{self, Ending, SessionSettings};
+use crate::server::{Relay, Role, Upgraded};
+use crate::Error;
+pub(crate) use window::{publish_once, PublishWindow, Publisher};
+
+/// Run `lightrelay-publish` until SIGTERM/SIGINT. This is all its binary calls.
+pub fn main(args: PublishArgs) -> ExitCode {
+    crate::server::main(args.listen, args.common, PublishRole::start)
+}
+
+/// What the publish server shares between its connections.
+pub(crate) struct PublishRole {
+    publisher: Publisher,
+    health: Arc<Health>,
+}
+
+impl PublishRole {
+    fn start(
+        common: &CommonArgs,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, Error> {
+        let health = Arc::new(Health::default());
+        let publisher = Publisher::start(common, &health, metrics, shutdown)?;
+        Ok(PublishRole { publisher, health })
+    }
+}
+
+impl Publisher {
+    /// Connect the PUBLISH pool (in the background) and watch each connection's health.
+    pub(crate) fn start(
+        common: &CommonArgs,
+        health: &Arc<Health>,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, Error> {
+        let publisher = Publisher::new(connect_publisher(common)?);
+        for (i, client) in publisher.clients().iter().enumerate() {
+            health.watch(
+                format!("publish#{i}"),
+                client.clone(),
+                common.ping_interval,
+                metrics.clone(),
+                shutdown.clone(),
+            );
+        }
+        Ok(publisher)
+    }
+}
+
+/// The settings of one client's session, from the shared flags.
+pub(crate) fn session_settings(common: &CommonArgs, ack: bool) -> SessionSettings {
+    SessionSettings {
+        ping_interval: common.ping_interval,
+        idle_timeout: common.idle_timeout,
+        close_timeout: common.handshake_timeout,
+        max_message_bytes: common.max_message_bytes,
+        ack,
+    }
+}
+
+/// A client's publish window on `channel`, boxed (a subscriber without `--accept-publish`
+/// does not pay for one).
+pub(crate) fn window_for<R>(
+    relay: &Relay<R>,
+    publisher: &Publisher,
+    channel: &ChannelName,
+) -> Box<PublishWindow> {
+    let common = &relay.common;
+    Box::new(PublishWindow::new(
+        publisher,
+        channel.clone(),
+        common.publish_window as usize,
+        common.redis_timeout,
+        relay.metrics.clone(),
+    ))
+}
+
+/// Publish one `POST` body on `channel` within `--redis-timeout`.
+pub(crate) async fn post<R>(
+    relay: &Relay<R>,
+    publisher: &Publisher,
+    channel: ChannelName,
+    body: Bytes,
+) -> Result<i64, String> {
+    let timeout = relay.common.redis_timeout;
+    publish_once(publisher, &channel, body, timeout, &relay.metrics)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+impl Role for PublishRole {
+    const NAME: &'static str = "publish";
+    /// A publisher reads real traffic: 4 KiB (larger messages grow the buffer as they come).
+    const READ_BUFFER: usize = 4 * 1024;
+
+    fn publishes(&self) -> bool {
+        true
+    }
+
+    async fn publish_once(
+        relay: &Relay<Self>,
+        channel: ChannelName,
+        body: Bytes,
+    ) -> Result<i64, String> {
+        post(relay, &relay.role.publisher, channel, body).await
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.health.status()
+    }
+
+    fn serve(
+        relay: Arc<Relay<Self>>,
+        connection: Upgraded,
+    ) -> impl std::future::Future<Output = Ending> + Send + 'static {
+        let settings = session_settings(&relay.common, connection.ack);
+        // A publisher's outbox only holds its acks, at most one per message in flight; one
+        // that never reads them is closed like any slow consumer.
+        let size = relay.common.publish_window as usize * 4;
+        let outbox = Arc::new(Outbox::new(size, SlowConsumer::Close));
+        let window = window_for(&relay, &relay.role.publisher, &connection.channel);
+        session::run(
+            connection.ws,
+            outbox,
+            window,
+            settings,
+            relay.shutdown.clone(),
+            relay.metrics.clone(),
+        )
+    }
+}

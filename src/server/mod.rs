@@ -1,0 +1,27 @@
+//! The machinery both servers share: listening, HTTP, one WebSocket's life, shutdown.
+//!
+//! Owns: the accept loop and the process's life from bind to exit ([`listener`]), the
+//! per-process state every connection shares and the [`Role`] each server plugs in
+//! ([`relay`]), plain HTTP and the upgrade with its refusals ([`http`]), one WebSocket's
+//! session with its phases and timers ([`session`]), the client write path (the bounded
+//! per-client [`outbox`] and the shared [`socket`]), channel mapping ([`channel`]), flags
+//! ([`config`]), metrics ([`metrics`]), signals and sd_notify ([`shutdown`]) and logging
+//! ([`telemetry`]).
+//! Must not: import the publish or subscribe side, or talk to Redis itself. What differs
+//! between the two servers is a [`Role`], implemented in `crate::publish` and
+//! `crate::subscribe`, which sit above this module.
+
+pub(crate) mod channel;
+pub mod config;
+pub(crate) mod http;
+pub(crate) mod listener;
+pub(crate) mod metrics;
+pub(crate) mod outbox;
+pub(crate) mod relay;
+pub(crate) mod session;
+pub(crate) mod shutdown;
+pub(crate) mod socket;
+pub mod telemetry;
+
+pub(crate) use listener::main;
+pub(crate) use relay::{Relay, Role, Upgraded};

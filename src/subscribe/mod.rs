@@ -1,0 +1,185 @@
+//! The subscribe side (SPEC §4, §7): Redis SUBSCRIBE in, WebSocket frames out.
+//!
+//! Owns: the subscribe server's [`Role`] (a connection joins the [`hub`] on its channel with
+//! its outbox; with `--accept-publish` it also publishes through the publish side's window),
+//! the [`hub`] (one Redis subscription per channel per process, fan-out of one shared frame)
+//! and the live page's files ([`page`]).
+//! Must not: write to a client's socket outside the outbox's rules (`server::outbox`), or
+//! block the hub on a client.
+
+pub(crate) mod hub;
+pub(crate) mod page;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::publish::{self, Publisher};
+use crate::redis::{connect_subscriber, Health};
+use crate::server::channel::ChannelName;
+use crate::server::config::{CommonArgs, SlowConsumer, SubscribeArgs};
+use crate::server::http::Reply;
+use crate::server::metrics::Metrics;
+use crate::server::outbox::Outbox;
+use crate::server::session::{self, Ending};
+use crate::server::{Relay, Role, Upgraded};
+use crate::Error;
+use hub::{Hub, Topic};
+
+/// Run `lightrelay-subscribe` until SIGTERM/SIGINT. This is all its binary calls.
+pub fn main(args: SubscribeArgs) -> ExitCode {
+    let SubscribeArgs {
+        listen,
+        client_queue,
+        slow_consumer,
+        accept_publish,
+        common,
+    } = args;
+    crate::server::main(listen, common, move |common, metrics, shutdown| {
+        SubscribeRole::start(
+            common,
+            metrics,
+            shutdown,
+            client_queue as usize,
+            slow_consumer,
+            accept_publish,
+        )
+    })
+}
+
+/// What the subscribe server shares between its connections.
+pub(crate) struct SubscribeRole {
+    hub: Arc<Hub>,
+    client_queue: usize,
+    slow_consumer: SlowConsumer,
+    /// `--accept-publish`: the PUBLISH pool subscribers' frames go through.
+    publisher: Option<Publisher>,
+    health: Arc<Health>,
+}
+
+impl SubscribeRole {
+    fn start(
+        common: &CommonArgs,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+        client_queue: usize,
+        slow_consumer: SlowConsumer,
+        accept_publish: bool,
+    ) -> Result<Self, Error> {
+        let health = Arc::new(Health::default());
+        let publisher = accept_publish
+            .then(|| Publisher::start(common, &health, metrics, shutdown))
+            .transpose()?;
+        let subscriber = connect_subscriber(common)?;
+        health.watch(
+            "subscriber".into(),
+            subscriber.clone(),
+            common.ping_interval,
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        let hub = Hub::new(metrics.clone());
+        spawn_hub(hub.clone(), subscriber, shutdown.clone())?;
+        Ok(SubscribeRole {
+            hub,
+            client_queue,
+            slow_consumer,
+            publisher,
+            health,
+        })
+    }
+}
+
+impl Role for SubscribeRole {
+    const NAME: &'static str = "subscribe";
+    /// An idle subscriber reads almost nothing (pongs, the odd frame): 256 bytes hold any
+    /// control frame a client sends (at most 131 bytes with its mask) in one read.
+    const READ_BUFFER: usize = 256;
+
+    fn publishes(&self) -> bool {
+        self.publisher.is_some()
+    }
+
+    async fn publish_once(
+        relay: &Relay<Self>,
+        channel: ChannelName,
+        body: Bytes,
+    ) -> Result<i64, String> {
+        match &relay.role.publisher {
+            Some(publisher) => publish::post(relay, publisher, channel, body).await,
+            None => Err("this server does not publish (--accept-publish is off)".into()),
+        }
+    }
+
+    fn page(&self, path: &str) -> Option<Reply> {
+        page::serve(path)
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.health.status()
+    }
+
+    fn before_scrape(&self, metrics: &Metrics) {
+        let (_, messages, bytes) = self.hub.stats();
+        metrics.queued_messages.set(messages as i64);
+        metrics.queued_bytes.set(bytes as i64);
+    }
+
+    fn serve(
+        relay: Arc<Relay<Self>>,
+        connection: Upgraded,
+    ) -> impl std::future::Future<Output = Ending> + Send + 'static {
+        let role = &relay.role;
+        let settings = publish::session_settings(&relay.common, connection.ack);
+        let outbox = Arc::new(Outbox::with_socket(
+            role.client_queue,
+            role.slow_consumer,
+            Some(connection.socket),
+        ));
+        let membership = role
+            .hub
+            .join(Topic::Channel(connection.channel.clone()), outbox.clone());
+        let inbound = role
+            .publisher
+            .as_ref()
+            .map(|publisher| publish::window_for(&relay, publisher, &connection.channel));
+        let session = session::run(
+            connection.ws,
+            outbox,
+            inbound,
+            settings,
+            relay.shutdown.clone(),
+            relay.metrics.clone(),
+        );
+        async move {
+            let ending = session.await;
+            drop(membership);
+            ending
+        }
+    }
+}
+
+/// Run the hub on a thread of its own. On the shared runtime it waited in the run queue
+/// behind the connection tasks it had just woken (10,000 of them per message at worst), and
+/// fred's message buffer overflowed meanwhile: in a 1,000 channels × 10 subscribers run at
+/// full rate, 15,904 messages were lost to `redis_lagged` in the first burst.
+/// With more than one core, the connections' runtime helps with large direct fan-outs.
+fn spawn_hub(
+    hub: Arc<Hub>,
+    subscriber: fred::clients::SubscriberClient,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let helper = (cores > 1)
+        .then(tokio::runtime::Handle::try_current)
+        .and_then(Result::ok);
+    std::thread::Builder::new()
+        .name("lightrelay-hub".into())
+        .spawn(move || runtime.block_on(hub.run(subscriber, shutdown, helper)))?;
+    Ok(())
+}
