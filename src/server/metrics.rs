@@ -93,6 +93,8 @@ pub struct Handles {
     pub channels: Gauge,
     pub queued_messages: Gauge,
     pub queued_bytes: Gauge,
+    /// Frames the hub wrote straight into an idle subscriber's socket (no queue, no wake-up).
+    pub direct_writes: Counter,
     registry: Registry,
 }
 
@@ -110,6 +112,7 @@ impl Metrics {
         let channels = Gauge::default();
         let queued_messages = Gauge::default();
         let queued_bytes = Gauge::default();
+        let direct_writes = Counter::default();
 
         registry.register(
             "lightrelay_connections",
@@ -167,6 +170,12 @@ impl Metrics {
             queued_bytes.clone(),
         );
 
+        registry.register(
+            "lightrelay_direct_writes",
+            "Frames written straight into an idle subscriber's socket by the hub",
+            direct_writes.clone(),
+        );
+
         // Created up front so every series shows from the first scrape, at zero.
         for reason in [
             DropReason::SlowConsumerSkip,
@@ -190,6 +199,7 @@ impl Metrics {
             channels,
             queued_messages,
             queued_bytes,
+            direct_writes,
             registry,
         }))
     }

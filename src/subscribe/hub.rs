@@ -171,6 +171,7 @@ impl Hub {
         if tally.written > 0 {
             let bytes = tally.written * frame.len() as u64;
             self.metrics.ws_out.add(tally.written, bytes);
+            self.metrics.direct_writes.inc_by(tally.written);
         }
         self.metrics
             .dropped(DropReason::SlowConsumerSkip, tally.skipped);
