@@ -18,7 +18,7 @@ use crate::redis::{connect_publisher, Health};
 use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, PublishArgs, SlowConsumer};
 use crate::server::metrics::Metrics;
-use crate::server::outbox::Outbox;
+use crate::server::outbox::{Limits, Outbox};
 use crate::server::session::{self, Ending, SessionSettings};
 use crate::server::{Relay, Role, Upgraded};
 use crate::Error;
@@ -139,7 +139,7 @@ impl Role for PublishRole {
         // A publisher's outbox only holds its acks, at most one per message in flight; one
         // that never reads them is closed like any slow consumer.
         let size = relay.common.publish_window as usize * 4;
-        let outbox = Arc::new(Outbox::new(size, SlowConsumer::Close));
+        let outbox = Arc::new(Outbox::new(Limits::messages(size), SlowConsumer::Close));
         let window = window_for(&relay, &relay.role.publisher, &connection.channel);
         session::run(
             connection.ws,

@@ -90,12 +90,23 @@ pub struct SubscribeArgs {
     #[arg(long, env = "LIGHTRELAY_LISTEN", default_value = "127.0.0.1:8767")]
     pub listen: SocketAddr,
 
-    /// Messages a client may fall behind before --slow-consumer applies.
-    #[arg(long, env = "LIGHTRELAY_CLIENT_QUEUE", default_value_t = 1024,
+    /// Most messages a client may have queued: past it, --slow-consumer applies at once
+    /// (a memory ceiling, with 16 × --client-queue-bytes).
+    #[arg(long, env = "LIGHTRELAY_CLIENT_QUEUE", default_value_t = 16_384,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub client_queue: u32,
 
-    /// What to do with a client whose queue is full: close it (1008) or skip to the newest message.
+    /// Bytes a client may have queued (payload + 64 per message) for --slow-consumer-grace
+    /// while its socket takes nothing, before --slow-consumer applies (also 64KiB, 1MiB).
+    #[arg(long, env = "LIGHTRELAY_CLIENT_QUEUE_BYTES", default_value = "1MiB", value_parser = parse_queue_bytes)]
+    pub client_queue_bytes: usize,
+
+    /// How long a client's queue may stay over --client-queue-bytes, with its socket full,
+    /// before --slow-consumer applies.
+    #[arg(long, env = "LIGHTRELAY_SLOW_CONSUMER_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub slow_consumer_grace: Duration,
+
+    /// What to do with a slow client: close it (1008) or skip to the newest message.
     #[arg(long, env = "LIGHTRELAY_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumer::Close)]
     pub slow_consumer: SlowConsumer,
 
@@ -148,6 +159,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Ok(Duration::from_secs(secs));
     }
     humantime::parse_duration(s).map_err(|e| format!("{e} (use 30, 30s, 500ms, 2m)"))
+}
+
+/// `--client-queue-bytes`: a size from 1 KiB to 64 MiB (16 times that is one client's ceiling).
+fn parse_queue_bytes(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if !(1024..=64 << 20).contains(&n) {
+        return Err(format!("'{s}' is out of range (1KiB to 64MiB)"));
+    }
+    Ok(n)
 }
 
 /// Bytes (`1048576`) or with a binary unit (`64KiB`, `1MiB`; `K`/`M` mean the same).

@@ -1,7 +1,11 @@
 //! The outbox: one client's bounded queue of frames waiting to be written (SPEC §4).
 //!
-//! Owns: the `--client-queue` bound and the `--slow-consumer close|skip` policy, applied at
-//! push time so that a client that stopped reading can never grow the server's memory.
+//! Owns: the judgement of a slow consumer and the `--slow-consumer close|skip` policy,
+//! applied at push time so that a client that stopped reading can never grow the server's
+//! memory ([`Limits`]). A client is slow when what it has queued stays above
+//! `--client-queue-bytes` for `--slow-consumer-grace` while its socket takes nothing, or at
+//! once past the memory ceiling (16 × `--client-queue-bytes`, or `--client-queue` messages).
+//! A burst that a reading client takes in milliseconds never makes it slow.
 //! Frames are `tungstenite::Message`s whose payloads are shared `Bytes`: pushing the same
 //! frame to a thousand outboxes copies no payload.
 //!
@@ -21,6 +25,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::Waker;
+use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Message;
@@ -42,6 +47,45 @@ pub enum Pushed {
     Written,
 }
 
+/// What a client may hold before it is judged slow.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Memory ceiling in messages: past it, slow at once.
+    pub messages: usize,
+    /// Over this many queued bytes (see [`OVERHEAD`]) for `grace`, with the socket full: slow.
+    pub soft_bytes: usize,
+    /// Memory ceiling in bytes: past it, slow at once.
+    pub hard_bytes: usize,
+    pub grace: Duration,
+}
+
+impl Limits {
+    /// From the subscribe server's flags: the hard ceiling is 16 × the soft bound (Redis's own
+    /// pub/sub client limits are 8 MB soft over 60 s, 32 MB hard).
+    pub(crate) fn new(messages: usize, soft_bytes: usize, grace: Duration) -> Self {
+        Limits {
+            messages: messages.max(1),
+            soft_bytes,
+            hard_bytes: soft_bytes.saturating_mul(16),
+            grace,
+        }
+    }
+
+    /// A bound on messages alone (a publisher's acks): no byte or time judgement.
+    pub(crate) fn messages(messages: usize) -> Self {
+        Limits {
+            messages: messages.max(1),
+            soft_bytes: usize::MAX,
+            hard_bytes: usize::MAX,
+            grace: Duration::ZERO,
+        }
+    }
+}
+
+/// What one queued message costs beyond its payload (its slot and `Bytes` handle), counted
+/// so that a flood of empty messages is bounded like one of large ones.
+pub(crate) const OVERHEAD: usize = 64;
+
 pub struct Outbox {
     state: Mutex<State>,
     /// The session's task: woken when the queue goes from empty to non-empty, or overflows.
@@ -49,7 +93,10 @@ pub struct Outbox {
     waker: AtomicWaker,
     /// Set once, under the state lock, when the `close` policy gives up on this client.
     overflowed: AtomicBool,
-    capacity: usize,
+    /// The session found the socket full at its last write (it holds frames it could not
+    /// hand to the socket): the client is not taking what it is sent.
+    blocked: AtomicBool,
+    limits: Limits,
     policy: SlowConsumer,
     /// The client's socket, for direct writes while the session lends it (`None`: never).
     socket: Option<Socket>,
@@ -58,25 +105,37 @@ pub struct Outbox {
 #[derive(Default)]
 struct State {
     frames: VecDeque<Message>,
+    /// Payload bytes queued plus [`OVERHEAD`] per message.
     bytes: usize,
+    /// Since when `bytes` is above the soft bound (reset when the session takes the queue).
+    over_since: Option<Instant>,
     /// The session is idle with nothing queued: the pusher may write into the socket.
     lent: bool,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize, policy: SlowConsumer) -> Self {
-        Self::with_socket(capacity, policy, None)
+    pub fn new(limits: Limits, policy: SlowConsumer) -> Self {
+        Self::with_socket(limits, policy, None)
     }
 
     /// An outbox whose session may lend it `socket` for direct writes.
-    pub fn with_socket(capacity: usize, policy: SlowConsumer, socket: Option<Socket>) -> Self {
+    pub fn with_socket(limits: Limits, policy: SlowConsumer, socket: Option<Socket>) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
             waker: AtomicWaker::new(),
             overflowed: AtomicBool::new(false),
-            capacity: capacity.max(1),
+            blocked: AtomicBool::new(false),
+            limits,
             policy,
             socket,
+        }
+    }
+
+    /// The session says whether the socket took everything it had (`false`) or left it
+    /// holding frames (`true`).
+    pub fn set_blocked(&self, blocked: bool) {
+        if self.blocked.load(Ordering::Relaxed) != blocked {
+            self.blocked.store(blocked, Ordering::Relaxed);
         }
     }
 
@@ -152,14 +211,26 @@ impl Outbox {
         if self.overflowed.load(Ordering::Acquire) {
             return Pushed::Closed;
         }
-        let mut result = Pushed::Queued;
-        if state.frames.len() >= self.capacity {
-            let dropped = state.frames.len();
-            state.frames.clear();
-            state.bytes = 0;
+        let was_empty = state.frames.is_empty();
+        state.bytes += frame.len() + OVERHEAD;
+        state.frames.push_back(frame);
+        if self.is_slow(&mut state) {
             match self.policy {
-                SlowConsumer::Skip => result = Pushed::Skipped(dropped),
+                SlowConsumer::Skip => {
+                    // Keep the newest: a dashboard wants the latest value, not every value.
+                    let dropped = state.frames.len() - 1;
+                    let newest = state.frames.pop_back();
+                    state.frames.clear();
+                    state.frames.extend(newest);
+                    state.bytes = state.frames.iter().map(|f| f.len() + OVERHEAD).sum();
+                    state.over_since = None;
+                    return Pushed::Skipped(dropped);
+                }
                 SlowConsumer::Close => {
+                    let dropped = state.frames.len() - 1;
+                    state.frames = VecDeque::new();
+                    state.bytes = 0;
+                    state.over_since = None;
                     self.overflowed.store(true, Ordering::Release);
                     drop(state);
                     self.waker.wake();
@@ -167,14 +238,26 @@ impl Outbox {
                 }
             }
         }
-        let was_empty = state.frames.is_empty();
-        state.bytes += frame.len();
-        state.frames.push_back(frame);
         drop(state);
         if was_empty {
             self.waker.wake();
         }
-        result
+        Pushed::Queued
+    }
+
+    /// Whether the client has fallen too far behind: past a memory ceiling, or over the soft
+    /// bound for the grace time while its socket is full. The clock is read only over the
+    /// soft bound.
+    fn is_slow(&self, state: &mut State) -> bool {
+        let limits = &self.limits;
+        if state.frames.len() > limits.messages || state.bytes > limits.hard_bytes {
+            return true;
+        }
+        if state.bytes <= limits.soft_bytes {
+            return false;
+        }
+        let since = *state.over_since.get_or_insert_with(Instant::now);
+        since.elapsed() >= limits.grace && self.blocked.load(Ordering::Relaxed)
     }
 
     /// Move every queued frame into `batch` (which must be empty) without waiting, and have
@@ -185,6 +268,7 @@ impl Outbox {
         if !state.frames.is_empty() {
             std::mem::swap(&mut state.frames, batch);
             state.bytes = 0;
+            state.over_since = None;
         }
     }
 
@@ -193,6 +277,7 @@ impl Outbox {
         let mut state = self.lock();
         std::mem::swap(&mut state.frames, batch);
         state.bytes = 0;
+        state.over_since = None;
     }
 
     /// Whether the queue overflowed under the `close` policy.
@@ -203,7 +288,8 @@ impl Outbox {
     /// (messages, payload bytes) waiting now.
     pub fn queued(&self) -> (usize, usize) {
         let state = self.lock();
-        (state.frames.len(), state.bytes)
+        let messages = state.frames.len();
+        (messages, state.bytes - messages * OVERHEAD)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -223,7 +309,7 @@ mod tests {
 
     #[test]
     fn close_policy_overflows_once_and_refuses_more() {
-        let outbox = Outbox::new(2, SlowConsumer::Close);
+        let outbox = Outbox::new(Limits::messages(2), SlowConsumer::Close);
         assert_eq!(outbox.push(text("a")), Pushed::Queued);
         assert_eq!(outbox.push(text("b")), Pushed::Queued);
         assert_eq!(outbox.push(text("c")), Pushed::Overflowed(2));
@@ -233,7 +319,7 @@ mod tests {
 
     #[test]
     fn skip_policy_keeps_only_the_newest() {
-        let outbox = Outbox::new(2, SlowConsumer::Skip);
+        let outbox = Outbox::new(Limits::messages(2), SlowConsumer::Skip);
         outbox.push(text("a"));
         outbox.push(text("b"));
         assert_eq!(outbox.push(text("c")), Pushed::Skipped(2));
@@ -241,5 +327,83 @@ mod tests {
         let mut batch = VecDeque::new();
         outbox.take(&mut batch, futures_util::task::noop_waker_ref());
         assert_eq!(batch, VecDeque::from([text("c")]));
+    }
+
+    /// 100-byte frames against a 1,000-byte soft bound and a 1 s grace.
+    fn soft(policy: SlowConsumer) -> Outbox {
+        let limits = Limits::new(1_000_000, 1_000, Duration::from_secs(1));
+        Outbox::new(limits, policy)
+    }
+
+    fn frame() -> Message {
+        Message::binary(vec![0u8; 100])
+    }
+
+    /// A burst over the soft bound is not slowness: the client has not had time to take it.
+    #[test]
+    fn a_burst_over_the_soft_bound_is_queued_while_the_grace_lasts() {
+        let outbox = soft(SlowConsumer::Close);
+        outbox.set_blocked(true);
+        for _ in 0..90 {
+            assert_eq!(outbox.push(frame()), Pushed::Queued);
+        }
+        assert!(!outbox.overflowed());
+    }
+
+    /// Past the grace, a client whose socket still takes what it is sent is not slow either.
+    #[test]
+    fn a_client_whose_socket_takes_frames_is_not_slow_after_the_grace() {
+        let limits = Limits::new(1_000_000, 1_000, Duration::ZERO);
+        let outbox = Outbox::new(limits, SlowConsumer::Close);
+        outbox.set_blocked(false);
+        for _ in 0..90 {
+            assert_eq!(outbox.push(frame()), Pushed::Queued);
+        }
+        outbox.set_blocked(true);
+        assert_eq!(outbox.push(frame()), Pushed::Overflowed(90));
+    }
+
+    /// Over the soft bound past the grace with a full socket: slow; `skip` keeps the newest
+    /// and starts a new grace.
+    #[test]
+    fn skip_after_the_grace_keeps_the_newest_and_restarts_the_clock() {
+        let limits = Limits::new(1_000_000, 1_000, Duration::ZERO);
+        let outbox = Outbox::new(limits, SlowConsumer::Skip);
+        outbox.set_blocked(true);
+        // Six frames hold 984 bytes; the seventh goes over.
+        for _ in 0..6 {
+            assert_eq!(outbox.push(frame()), Pushed::Queued);
+        }
+        assert_eq!(outbox.push(frame()), Pushed::Skipped(6));
+        assert_eq!(outbox.queued(), (1, 100));
+    }
+
+    /// The hard ceiling applies at once, whatever the grace and the socket.
+    #[test]
+    fn the_hard_ceiling_applies_at_once() {
+        let outbox = soft(SlowConsumer::Close);
+        outbox.set_blocked(false);
+        // 16 × 1,000 bytes, at 164 bytes per frame (payload + overhead): the 98th is past it.
+        for _ in 0..97 {
+            assert_eq!(outbox.push(frame()), Pushed::Queued);
+        }
+        assert_eq!(outbox.push(frame()), Pushed::Overflowed(97));
+    }
+
+    /// Taking the queue is catching up: the grace starts again.
+    #[test]
+    fn taking_the_queue_resets_the_grace() {
+        let limits = Limits::new(1_000_000, 1_000, Duration::from_millis(50));
+        let outbox = Outbox::new(limits, SlowConsumer::Close);
+        outbox.set_blocked(true);
+        for _ in 0..20 {
+            outbox.push(frame());
+        }
+        let mut batch = VecDeque::new();
+        outbox.take(&mut batch, futures_util::task::noop_waker_ref());
+        std::thread::sleep(Duration::from_millis(60));
+        for _ in 0..20 {
+            assert_eq!(outbox.push(frame()), Pushed::Queued);
+        }
     }
 }

@@ -278,7 +278,11 @@ where
                 return Poll::Ready(self.ending.take().unwrap_or(Ending::Broken));
             }
             if self.can_write() {
-                match self.poll_write(cx) {
+                let wrote = self.poll_write(cx);
+                // What the socket did not take: the outbox judges slowness by it.
+                self.outbox
+                    .set_blocked(!self.batch.is_empty() || self.tail || self.unflushed);
+                match wrote {
                     Ok(wrote) => progress |= wrote,
                     Err(ending) => {
                         self.ending.get_or_insert(ending);

@@ -22,7 +22,7 @@ use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, SlowConsumer, SubscribeArgs};
 use crate::server::http::Reply;
 use crate::server::metrics::Metrics;
-use crate::server::outbox::Outbox;
+use crate::server::outbox::{Limits, Outbox};
 use crate::server::session::{self, Ending};
 use crate::server::{Relay, Role, Upgraded};
 use crate::Error;
@@ -33,16 +33,23 @@ pub fn main(args: SubscribeArgs) -> ExitCode {
     let SubscribeArgs {
         listen,
         client_queue,
+        client_queue_bytes,
+        slow_consumer_grace,
         slow_consumer,
         accept_publish,
         common,
     } = args;
+    let limits = Limits::new(
+        client_queue as usize,
+        client_queue_bytes,
+        slow_consumer_grace,
+    );
     crate::server::main(listen, common, move |common, metrics, shutdown| {
         SubscribeRole::start(
             common,
             metrics,
             shutdown,
-            client_queue as usize,
+            limits,
             slow_consumer,
             accept_publish,
         )
@@ -52,7 +59,7 @@ pub fn main(args: SubscribeArgs) -> ExitCode {
 /// What the subscribe server shares between its connections.
 pub(crate) struct SubscribeRole {
     hub: Arc<Hub>,
-    client_queue: usize,
+    limits: Limits,
     slow_consumer: SlowConsumer,
     /// `--accept-publish`: the PUBLISH pool subscribers' frames go through.
     publisher: Option<Publisher>,
@@ -64,7 +71,7 @@ impl SubscribeRole {
         common: &CommonArgs,
         metrics: &Metrics,
         shutdown: &CancellationToken,
-        client_queue: usize,
+        limits: Limits,
         slow_consumer: SlowConsumer,
         accept_publish: bool,
     ) -> Result<Self, Error> {
@@ -84,7 +91,7 @@ impl SubscribeRole {
         spawn_hub(hub.clone(), subscriber, shutdown.clone())?;
         Ok(SubscribeRole {
             hub,
-            client_queue,
+            limits,
             slow_consumer,
             publisher,
             health,
@@ -134,7 +141,7 @@ impl Role for SubscribeRole {
         let role = &relay.role;
         let settings = publish::session_settings(&relay.common, connection.ack);
         let outbox = Arc::new(Outbox::with_socket(
-            role.client_queue,
+            role.limits,
             role.slow_consumer,
             Some(connection.socket),
         ));
