@@ -41,6 +41,9 @@ pub const ACK_PROTOCOL: &str = "lightrelay.ack";
 pub enum Error {
     #[error("redis client: {0}")]
     Redis(#[from] fred::error::Error),
+    /// A setting that cannot work (a flag's file, a flag combination): exit 2.
+    #[error("{0}")]
+    Config(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::redis::{connect_publisher, Health};
+use crate::redis::{connect_publisher, Health, OnDeaf};
 use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, PublishArgs, SlowConsumer};
 use crate::server::metrics::Metrics;
@@ -61,6 +61,7 @@ impl Publisher {
                 format!("publish#{i}"),
                 client.clone(),
                 common.ping_interval,
+                OnDeaf::Wait,
                 metrics.clone(),
                 shutdown.clone(),
             );
@@ -131,9 +132,14 @@ impl Role for PublishRole {
         self.health.status()
     }
 
+    type Prepared = ();
+
+    async fn prepare(_relay: &Arc<Relay<Self>>, _channel: &ChannelName) {}
+
     fn serve(
         relay: Arc<Relay<Self>>,
         connection: Upgraded,
+        (): (),
     ) -> impl std::future::Future<Output = Ending> + Send + 'static {
         let settings = session_settings(&relay.common, connection.ack);
         // A publisher's outbox only holds its acks, at most one per message in flight; one

@@ -49,10 +49,17 @@ impl Publisher {
         Publisher { pool }
     }
 
-    /// The connection one client keeps for its whole life: its messages stay in order
-    /// because they all travel, pipelined, on this one connection.
-    pub fn client(&self) -> Client {
-        self.pool.next().clone()
+    /// The connection that carries every PUBLISH on `channel`, from every client of this
+    /// process: a channel's messages stay in order because they all travel, pipelined, on
+    /// this one connection. That holds across a client's reconnects too: what an ack client
+    /// resends after a 1013 goes after (never before) what its abandoned window had left
+    /// in the same connection.
+    pub fn client_for(&self, channel: &ChannelName) -> Client {
+        use std::hash::{Hash, Hasher};
+        let clients = self.pool.clients();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        channel.hash(&mut hasher);
+        clients[hasher.finish() as usize % clients.len()].clone()
     }
 
     pub fn clients(&self) -> &[Client] {
@@ -69,7 +76,20 @@ type Answer = Result<i64, fred::error::Error>;
 /// The messages of one batch: when it was started, and each one's size.
 struct Batch {
     started: Instant,
-    sizes: Vec<usize>,
+    /// Kept (shared, not copied) so that a batch fred never wrote can be sent again.
+    payloads: Vec<Bytes>,
+    /// How many times it was sent again because fred never wrote it.
+    resent: u8,
+}
+
+/// How many times a batch fred could not route (never written) is sent again.
+const MAX_RESENDS: u8 = 8;
+
+/// fred's answer to a command it never wrote to Redis: it met a connection being replaced
+/// (fred 10.1.0, `router/commands.rs`). Only such a command is safe to send again.
+fn never_written(answer: &Answer) -> bool {
+    matches!(answer, Err(e) if *e.kind() == fred::error::ErrorKind::Unknown
+        && e.details() == "Failed to route command.")
 }
 
 /// One client's PUBLISHes in flight, answered in the order they were sent.
@@ -106,7 +126,7 @@ impl PublishWindow {
         metrics: Metrics,
     ) -> Self {
         PublishWindow {
-            client: publisher.client(),
+            client: publisher.client_for(&channel),
             channel: Str::from(channel.to_string()),
             gathering: Vec::new(),
             gathering_since: None,
@@ -144,16 +164,22 @@ impl PublishWindow {
         };
         // Taken, not drained: an idle publisher keeps no buffer.
         let payloads = std::mem::take(&mut self.gathering);
-        let batch = Batch {
+        self.in_flight.push_back(self.dispatch(&payloads));
+        self.batches.push_back(Batch {
             started,
-            sizes: payloads.iter().map(Bytes::len).collect(),
-        };
+            payloads,
+            resent: 0,
+        });
+    }
+
+    /// Hand `payloads` to fred as one pipeline of PUBLISHes, now.
+    fn dispatch(&self, payloads: &[Bytes]) -> BatchFuture {
         let pipeline = self.client.pipeline();
         let channel = &self.channel;
         // A pipeline only queues each command in memory, so each future is ready at once;
         // `unconstrained`: tokio's co-operative budget must not make one wait.
-        let queued = payloads.into_iter().all(|payload| {
-            let queue = pipeline.publish::<Value, _, _>(channel.clone(), payload);
+        let queued = payloads.iter().all(|payload| {
+            let queue = pipeline.publish::<Value, _, _>(channel.clone(), payload.clone());
             matches!(
                 tokio::task::unconstrained(queue).now_or_never(),
                 Some(Ok(_))
@@ -171,18 +197,20 @@ impl PublishWindow {
         if let Poll::Ready(answers) = sending.as_mut().poll(noop) {
             sending = Box::pin(std::future::ready(answers));
         }
-        self.batches.push_back(batch);
-        self.in_flight.push_back(sending);
+        sending
     }
 
     /// The receiver count of the oldest message in flight, once Redis accepted it; `Pending`
     /// while it is not (or nothing is in flight). `--redis-timeout` is the caller's to watch,
     /// through [`Self::deadline`].
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<i64, PublishError>> {
-        if self.answered.is_empty() {
+        while self.answered.is_empty() {
             let Poll::Ready(Some(answers)) = self.in_flight.poll_next_unpin(cx) else {
                 return Poll::Pending;
             };
+            if self.resend_unwritten(&answers) {
+                continue;
+            }
             if let Err(error) = self.take_answers(answers) {
                 return Poll::Ready(Err(self.fail(error.into())));
             }
@@ -197,11 +225,35 @@ impl PublishWindow {
         }
     }
 
+    /// The oldest batch came back unwritten as a whole (fred met a connection being
+    /// replaced): send it again, if nothing sent after it is in flight (else it would
+    /// overtake it). Returns whether it did.
+    fn resend_unwritten(&mut self, answers: &[Answer]) -> bool {
+        let unwritten = !answers.is_empty() && answers.iter().all(never_written);
+        if !unwritten || !self.in_flight.is_empty() {
+            return false;
+        }
+        let Some(batch) = self.batches.front_mut() else {
+            return false;
+        };
+        if batch.resent >= MAX_RESENDS {
+            return false;
+        }
+        batch.resent += 1;
+        let payloads = std::mem::take(&mut batch.payloads);
+        let sending = self.dispatch(&payloads);
+        if let Some(batch) = self.batches.front_mut() {
+            batch.payloads = payloads;
+        }
+        self.in_flight.push_back(sending);
+        true
+    }
+
     /// Count what Redis accepted of the oldest batch; keep its answers for `poll_next`.
     fn take_answers(&mut self, answers: Vec<Answer>) -> Result<(), fred::error::Error> {
         let batch = self.batches.pop_front();
         let batch = batch.ok_or_else(|| internal_error("an answer to no batch"))?;
-        if answers.len() != batch.sizes.len() {
+        if answers.len() != batch.payloads.len() {
             // fred answers a pipeline it could not send with one error.
             let error = answers.into_iter().find_map(Result::err);
             return Err(error.unwrap_or_else(|| internal_error("a pipeline's answers miscounted")));
@@ -212,7 +264,7 @@ impl PublishWindow {
         for _ in 0..accepted {
             self.metrics.publish_latency.observe(waited);
         }
-        let bytes: usize = batch.sizes[..accepted].iter().sum();
+        let bytes: usize = batch.payloads[..accepted].iter().map(Bytes::len).sum();
         self.metrics.redis_out.add(accepted as u64, bytes as u64);
         self.answered = answers.into();
         Ok(())

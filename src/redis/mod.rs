@@ -1,26 +1,46 @@
-//! Connections to Redis: how they are built, kept alive and judged healthy.
+//! Connections to Redis: how they are built, kept alive, judged healthy and reported on.
 //!
-//! Owns: fred configuration (a reconnect policy, without which fred never reconnects; a
-//! broadcast buffer large enough for bursts; unresponsive-connection detection), the
-//! subscriber client that re-subscribes its channels after every reconnect, and the health
-//! checks behind `/healthz` and `lightrelay_redis_up`: a PING on each connection this server
-//! uses, at least every `--ping-interval`, with a forced reconnect when a connection that
-//! looks open does not answer (a deaf subscriber is the failure that matters most).
+//! Owns: fred configuration, the health checks behind `/healthz` and `lightrelay_redis_up`,
+//! and the reporting of connection errors (logs with Redis's own words, the reason shown by
+//! `/healthz`, `lightrelay_redis_errors_total` and `lightrelay_redis_reconnects_total`).
+//!
+//! Rules that keep delivery honest under faults (fred 10.1.0, pinned in Cargo.toml; read its
+//! `router/utils.rs` and `protocol/command.rs` before changing them):
+//! - `max_command_attempts = 1`: fred never writes a command twice. With more attempts it
+//!   re-sent every PUBLISH in flight on a new connection after a reconnect, while Redis also
+//!   ran the originals it had buffered (a paused Redis duplicated a whole window).
+//! - No unresponsive check and no forced reconnect of a connection that is only slow: a
+//!   paused Redis is waited for (publishers by `--redis-timeout`, the subscriber by its PING),
+//!   and shown as 503 meanwhile. Dead peers are found by TCP keepalive. Only the subscriber is
+//!   reconnected by force, once its PING has failed for `--redis-timeout`: a deaf subscriber
+//!   is the failure that silently stops delivery.
+//! - The subscriber reconnects faster than the publishers (back-off capped at 500 ms against
+//!   2 s), so after a Redis restart it is usually subscribed again before the publishers flush
+//!   what they held.
+//! - Subscriptions are the hub's (`subscribe::hub`): fred's `manage_subscriptions` is not used
+//!   (in 10.1.0 it sends an empty PSUBSCRIBE after every reconnect, whose error lands on the
+//!   next command, our health PING).
+//!
 //! Must not: decide what to subscribe to (the hub does) or what to publish (sessions do).
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fred::clients::{Pool, SubscriberClient};
-use fred::interfaces::ClientLike;
+use fred::interfaces::{ClientLike, EventInterface};
 use fred::prelude::{Builder, ReconnectPolicy};
-use fred::types::config::{Options, UnresponsiveConfig};
+use fred::types::config::{Options, TlsConnector};
 use fred::types::Value;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::config::CommonArgs;
 use crate::server::metrics::Metrics;
+use crate::Error;
 
 /// How many messages fred may hold for the hub before it overwrites the oldest (counted as
 /// `redis_lagged`). fred's default of 32 loses messages in any burst. fred allocates every
@@ -30,47 +50,94 @@ use crate::server::metrics::Metrics;
 /// hundreds of messages even with the hub on its own thread.
 const MESSAGE_BUFFER: usize = 16_384;
 
-fn builder(args: &CommonArgs) -> Builder {
+/// Which connection a builder is for: they differ in how fast they reconnect.
+#[derive(Clone, Copy)]
+enum Purpose {
+    Publish,
+    Subscribe,
+}
+
+fn builder(args: &CommonArgs, purpose: Purpose) -> Result<Builder, Error> {
     let mut config = args.redis_url.config.clone();
     // Keep retrying the first connection too: a relay starts (and listens) while Redis is down.
     config.fail_fast = false;
+    if let Some(ca) = &args.redis_ca {
+        if config.tls.is_none() {
+            return Err(Error::Config(
+                "--redis-ca is set but --redis-url is not rediss://".into(),
+            ));
+        }
+        config.tls = Some(tls_with_ca(ca)?.into());
+    }
+    let policy = match purpose {
+        Purpose::Subscribe => ReconnectPolicy::new_exponential(0, 50, 500, 2),
+        Purpose::Publish => ReconnectPolicy::new_exponential(0, 100, 2_000, 2),
+    };
     let mut builder = Builder::from_config(config);
-    builder
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-        .with_connection_config(|conn| {
-            conn.connection_timeout = Duration::from_secs(5);
-            // Retries are bounded by --redis-timeout in the publish window, not by a count.
-            conn.max_command_attempts = 1_000;
-            conn.unresponsive = UnresponsiveConfig {
-                max_timeout: Some((args.redis_timeout / 2).max(Duration::from_secs(1))),
-                interval: Duration::from_millis(500),
-            };
-            conn.tcp.nodelay = Some(true);
-        });
-    builder
+    builder.set_policy(policy).with_connection_config(|conn| {
+        conn.connection_timeout = Duration::from_secs(5);
+        // A command is written once, never again (see the module's doc).
+        conn.max_command_attempts = 1;
+        conn.unresponsive = Default::default();
+        conn.tcp.nodelay = Some(true);
+        conn.tcp.keepalive = Some(
+            fred::socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(10))
+                .with_interval(Duration::from_secs(5)),
+        );
+    });
+    Ok(builder)
+}
+
+/// The system's roots plus the certificates in `path` (`--redis-ca`), for `rediss://`.
+fn tls_with_ca(path: &Path) -> Result<TlsConnector, Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let bad =
+        |e: &dyn std::fmt::Display| Error::Config(format!("--redis-ca {}: {e}", path.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(&e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(&e))?;
+    if certs.is_empty() {
+        return Err(bad(&"no certificate found"));
+    }
+    for cert in certs {
+        roots.add(cert).map_err(|e| bad(&e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(config))
 }
 
 /// The PUBLISH connections, connecting (and reconnecting) in the background.
-pub fn connect_publisher(args: &CommonArgs) -> Result<Pool, fred::error::Error> {
-    let pool = builder(args).build_pool(args.redis_connections as usize)?;
+pub(crate) fn connect_publisher(args: &CommonArgs) -> Result<Pool, Error> {
+    let pool = builder(args, Purpose::Publish)?.build_pool(args.redis_connections as usize)?;
     pool.connect_pool();
     Ok(pool)
 }
 
-/// The SUBSCRIBE connection, connecting in the background and re-subscribing every tracked
-/// channel after each reconnect.
-pub fn connect_subscriber(args: &CommonArgs) -> Result<SubscriberClient, fred::error::Error> {
-    let client = builder(args)
+/// The SUBSCRIBE connection, connecting in the background. The hub subscribes (and
+/// re-subscribes after every reconnect) what its clients need.
+pub(crate) fn connect_subscriber(args: &CommonArgs) -> Result<SubscriberClient, Error> {
+    let client = builder(args, Purpose::Subscribe)?
         .with_performance_config(|perf| perf.broadcast_channel_capacity = MESSAGE_BUFFER)
         .build_subscriber_client()?;
     client.connect();
-    client.manage_subscriptions();
     Ok(client)
 }
 
 /// What `/healthz` reports: one check per Redis connection this server uses.
 #[derive(Default)]
-pub struct Health {
+pub(crate) struct Health {
     checks: Mutex<Vec<Arc<Check>>>,
 }
 
@@ -78,95 +145,239 @@ struct Check {
     name: String,
     up: AtomicBool,
     reason: Mutex<String>,
+    /// The last connection error fred reported, in Redis's (or the OS's) words.
+    last_error: Mutex<Option<String>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update under these locks is a single assignment or push: a poisoned lock is
+    // still consistent.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a health check treats a connection that stops answering.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnDeaf {
+    /// Wait: it may be slow (a publish connection).
+    Wait,
+    /// Reconnect once it has not answered for this long (the subscriber).
+    Reconnect(Duration),
 }
 
 impl Health {
     /// `Ok` while every connection answered its last PING, else the first reason why not.
-    pub fn status(&self) -> Result<(), String> {
-        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
-        for check in checks.iter() {
+    pub(crate) fn status(&self) -> Result<(), String> {
+        for check in lock(&self.checks).iter() {
             if !check.up.load(Ordering::Relaxed) {
-                let reason = check.reason.lock().unwrap_or_else(|e| e.into_inner());
-                return Err(format!("redis {}: {}", check.name, reason));
+                let reason = lock(&check.reason);
+                return Err(match lock(&check.last_error).as_deref() {
+                    Some(error) if reason.starts_with("not connected") => {
+                        format!("redis {}: {} (last error: {error})", check.name, reason)
+                    }
+                    _ => format!("redis {}: {}", check.name, reason),
+                });
             }
         }
         Ok(())
     }
 
-    /// PING `client` every `interval` (every 500 ms while it fails) until shutdown.
-    pub fn watch<C>(
+    /// Watch `client`: PING it every `interval` (every 500 ms while it fails) until shutdown,
+    /// and report its connection errors and reconnects.
+    pub(crate) fn watch<C>(
         self: &Arc<Self>,
         name: String,
         client: C,
         interval: Duration,
+        on_deaf: OnDeaf,
         metrics: Metrics,
         shutdown: CancellationToken,
     ) where
-        C: ClientLike + Clone + Send + Sync + 'static,
+        C: ClientLike + EventInterface + Clone + Send + Sync + 'static,
     {
         let check = Arc::new(Check {
             name,
             up: AtomicBool::new(false),
             reason: Mutex::new("not connected yet".into()),
+            last_error: Mutex::new(None),
         });
-        self.checks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(check.clone());
-        let health = self.clone();
-        let timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(5));
-        tokio::spawn(async move {
-            let options = Options {
-                timeout: Some(timeout),
-                fail_fast: true,
-                max_attempts: Some(1),
-                ..Default::default()
-            };
-            loop {
-                let answer = if client.is_connected() {
-                    // fred does not apply `options.timeout` to every command on every kind of
-                    // connection (a PING on a subscriber waiting on a deaf Redis was seen to
-                    // hang), so the deadline is enforced here too.
-                    let with_options = client.with_options(&options);
-                    match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
-                        Ok(answer) => answer.map_err(|e| e.to_string()),
-                        Err(_) => Err(format!("no answer to PING within {timeout:?}")),
-                    }
-                } else {
-                    Err("not connected".to_string())
-                };
-                let up = answer.is_ok();
-                match &answer {
-                    Err(reason) if check.up.load(Ordering::Relaxed) => {
-                        tracing::warn!(connection = %check.name, %reason, "Redis stopped answering");
-                    }
-                    Ok(_) if !check.up.load(Ordering::Relaxed) => {
-                        tracing::info!(connection = %check.name, "Redis answers");
-                    }
-                    _ => {}
-                }
-                // Record the verdict before trying to repair anything: /healthz must say 503
-                // while Redis is deaf, not only once it answers again.
-                if let Err(reason) = answer {
-                    *check.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
-                }
-                check.up.store(up, Ordering::Relaxed);
-                metrics.redis_up.set(i64::from(health.status().is_ok()));
-                if !up && client.is_connected() {
-                    // Open but deaf: reconnecting is the only way back to a live subscription
-                    // (fred re-subscribes every tracked channel once connected again).
-                    let _ = tokio::time::timeout(timeout, client.force_reconnection()).await;
-                }
-                let wait = if up {
-                    interval
-                } else {
-                    interval.min(Duration::from_millis(500))
-                };
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = shutdown.cancelled() => return,
-                }
+        lock(&self.checks).push(check.clone());
+        tokio::spawn(report_events(
+            check.clone(),
+            client.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(ping_loop(
+            self.clone(),
+            check,
+            client,
+            interval,
+            on_deaf,
+            metrics,
+            shutdown,
+        ));
+    }
+}
+
+async fn ping_loop<C>(
+    health: Arc<Health>,
+    check: Arc<Check>,
+    client: C,
+    interval: Duration,
+    on_deaf: OnDeaf,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) where
+    C: ClientLike + Clone + Send + Sync + 'static,
+{
+    let timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let options = Options {
+        timeout: Some(timeout),
+        fail_fast: true,
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    // Since when the connection has looked open but not answered.
+    let mut deaf_since: Option<Instant> = None;
+    loop {
+        let answer = if client.is_connected() {
+            // fred does not apply `options.timeout` to every command on every kind of
+            // connection (a PING on a subscriber waiting on a deaf Redis was seen to hang),
+            // so the deadline is enforced here too.
+            let with_options = client.with_options(&options);
+            match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
+                Ok(answer) => answer.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer to PING within {timeout:?}")),
             }
-        });
+        } else {
+            Err("not connected".to_string())
+        };
+        let up = answer.is_ok();
+        match &answer {
+            Err(reason) if check.up.load(Ordering::Relaxed) => {
+                tracing::warn!(connection = %check.name, %reason, "Redis stopped answering");
+            }
+            Ok(_) if !check.up.load(Ordering::Relaxed) => {
+                tracing::info!(connection = %check.name, "Redis answers");
+            }
+            _ => {}
+        }
+        // Record the verdict before trying to repair anything: /healthz must say 503 while
+        // Redis is deaf, not only once it answers again.
+        if let Err(reason) = answer {
+            *lock(&check.reason) = reason;
+        }
+        check.up.store(up, Ordering::Relaxed);
+        metrics.redis_up.set(i64::from(health.status().is_ok()));
+        deaf_since = match (up, client.is_connected()) {
+            (false, true) => Some(deaf_since.unwrap_or_else(Instant::now)),
+            _ => None,
+        };
+        if let (OnDeaf::Reconnect(patience), Some(since)) = (on_deaf, deaf_since) {
+            if since.elapsed() >= patience {
+                tracing::warn!(
+                    connection = %check.name,
+                    silent_for = ?since.elapsed(),
+                    "Redis connection open but deaf past --redis-timeout: reconnecting"
+                );
+                // fred fails (does not re-send) what was in flight: max_command_attempts = 1.
+                let _ = tokio::time::timeout(timeout, client.force_reconnection()).await;
+                deaf_since = None;
+            }
+        }
+        let wait = if up {
+            interval
+        } else {
+            interval.min(Duration::from_millis(500))
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The kind of a connection error, so that each kind is logged when it first happens, then
+/// again with back-off, never as a flood.
+fn error_class(error: &fred::error::Error) -> &'static str {
+    use fred::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::Auth => "auth",
+        ErrorKind::Tls => "tls",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::IO if error.details().contains("Certificate") => "tls",
+        ErrorKind::IO if error.details().contains("refused") => "refused",
+        ErrorKind::IO => "io",
+        ErrorKind::Config | ErrorKind::Url => "config",
+        _ => "other",
+    }
+}
+
+/// When to log a repeated error of one kind again: 10 s after the first, then doubling to
+/// 10 minutes.
+struct Repeats {
+    count: u64,
+    next_log: Instant,
+    gap: Duration,
+}
+
+/// Log connection errors and reconnects of `client` as they come, until shutdown.
+async fn report_events<C>(
+    check: Arc<Check>,
+    client: C,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) where
+    C: EventInterface,
+{
+    let mut errors = client.error_rx();
+    let mut reconnects = client.reconnect_rx();
+    let mut seen: HashMap<&'static str, Repeats> = HashMap::new();
+    let mut connected_once = false;
+    loop {
+        tokio::select! {
+            error = errors.recv() => match error {
+                Ok((error, _server)) => {
+                    let class = error_class(&error);
+                    metrics.redis_error(class);
+                    let text = error.to_string();
+                    *lock(&check.last_error) = Some(text.clone());
+                    let now = Instant::now();
+                    match seen.get_mut(class) {
+                        None => {
+                            tracing::warn!(connection = %check.name, kind = class, error = %text, "Redis connection error");
+                            let gap = Duration::from_secs(10);
+                            seen.insert(class, Repeats { count: 0, next_log: now + gap, gap });
+                        }
+                        Some(repeats) => {
+                            repeats.count += 1;
+                            if now >= repeats.next_log {
+                                tracing::warn!(connection = %check.name, kind = class, error = %text, repeated = repeats.count, "Redis connection error (repeated)");
+                                repeats.count = 0;
+                                repeats.gap = (repeats.gap * 2).min(Duration::from_secs(600));
+                                repeats.next_log = now + repeats.gap;
+                            }
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            },
+            server = reconnects.recv() => match server {
+                Ok(server) => {
+                    if connected_once {
+                        metrics.redis_reconnect(&check.name);
+                        tracing::info!(connection = %check.name, %server, "reconnected to Redis");
+                    } else {
+                        tracing::info!(connection = %check.name, %server, "connected to Redis");
+                    }
+                    connected_once = true;
+                    seen.clear();
+                }
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            },
+            () = shutdown.cancelled() => return,
+        }
     }
 }

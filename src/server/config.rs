@@ -18,6 +18,11 @@ pub struct CommonArgs {
           value_parser = parse_redis_url)]
     pub redis_url: RedisUrl,
 
+    /// A PEM file of certificates to trust for rediss:// besides the system's roots (for a
+    /// Redis with a self-signed certificate).
+    #[arg(long, env = "LIGHTRELAY_REDIS_CA", value_name = "FILE")]
+    pub redis_ca: Option<std::path::PathBuf>,
+
     /// How long publishing may wait for an unreachable Redis before the client is closed
     /// with 1013.
     #[arg(long, env = "LIGHTRELAY_REDIS_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

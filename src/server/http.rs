@@ -47,7 +47,7 @@ pub(crate) async fn handle<R: Role>(
     req: Request<Incoming>,
 ) -> Result<Reply, Infallible> {
     if is_upgrade(&req) {
-        return Ok(upgrade(relay, req));
+        return Ok(upgrade(relay, req).await);
     }
     let path = req.uri().path();
     // The live page (SPEC §7) belongs to the subscribe server; the publish server's `GET /`
@@ -155,7 +155,7 @@ async fn post<R: Role>(relay: Arc<Relay<R>>, req: Request<Incoming>) -> Reply {
 }
 
 /// Check an upgrade request, answer 101 and start its session; or refuse it before the upgrade.
-fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> Reply {
+async fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> Reply {
     if req.method() != Method::GET {
         return reply(
             StatusCode::BAD_REQUEST,
@@ -206,6 +206,7 @@ fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> Reply {
     let accept = derive_accept_key(key.as_bytes());
 
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let prepared = R::prepare(&relay, &channel).await;
     let ws_config = ws_config::<R>(relay.common.max_message_bytes);
     let task_relay = relay.clone();
     relay.tracker.spawn(async move {
@@ -241,7 +242,7 @@ fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> Reply {
             channel,
             ack,
         };
-        task_relay.serve(connection, slot).await;
+        task_relay.serve(connection, prepared, slot).await;
     });
 
     let mut response = Response::new(Full::new(Bytes::new()));

@@ -55,6 +55,10 @@ where
         let metrics = Metrics::new();
         let role = match start(&common, &metrics, &shutdown) {
             Ok(role) => role,
+            Err(Error::Config(e)) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;

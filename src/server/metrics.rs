@@ -88,7 +88,11 @@ pub struct Handles {
     dropped: Family<Labels, Counter>,
     refused: Family<Labels, Counter>,
     closed: Family<Labels, Counter>,
+    redis_errors: Family<Labels, Counter>,
+    redis_reconnects: Family<Vec<(&'static str, String)>, Counter>,
     pub redis_up: Gauge,
+    resubscribed: Counter,
+    unsubscribed_seconds: Histogram,
     pub publish_latency: Histogram,
     pub channels: Gauge,
     pub queued_messages: Gauge,
@@ -108,6 +112,10 @@ impl Metrics {
         let refused = Family::<Labels, Counter>::default();
         let closed = Family::<Labels, Counter>::default();
         let redis_up = Gauge::default();
+        let resubscribed = Counter::default();
+        let unsubscribed_seconds = Histogram::new(exponential_buckets(0.001, 4.0, 10));
+        let redis_errors = Family::<Labels, Counter>::default();
+        let redis_reconnects = Family::<Vec<(&'static str, String)>, Counter>::default();
         let publish_latency = Histogram::new(exponential_buckets(0.000_1, 2.0, 17));
         let channels = Gauge::default();
         let queued_messages = Gauge::default();
@@ -148,6 +156,26 @@ impl Metrics {
             "lightrelay_redis_up",
             "1 while Redis answers on every connection this server uses",
             redis_up.clone(),
+        );
+        registry.register(
+            "lightrelay_redis_errors",
+            "Redis connection errors, by kind (auth, tls, refused, io, timeout, …)",
+            redis_errors.clone(),
+        );
+        registry.register(
+            "lightrelay_redis_reconnects",
+            "Reconnections to Redis after a lost connection, by connection",
+            redis_reconnects.clone(),
+        );
+        registry.register(
+            "lightrelay_resubscribed",
+            "Channels subscribed again after the subscriber connection was lost",
+            resubscribed.clone(),
+        );
+        registry.register(
+            "lightrelay_unsubscribed_seconds",
+            "How long channels were without a Redis subscription after a lost connection",
+            unsubscribed_seconds.clone(),
         );
         registry.register(
             "lightrelay_publish_latency_seconds",
@@ -194,7 +222,11 @@ impl Metrics {
             dropped,
             refused,
             closed,
+            redis_errors,
+            redis_reconnects,
             redis_up,
+            resubscribed,
+            unsubscribed_seconds,
             publish_latency,
             channels,
             queued_messages,
@@ -222,6 +254,25 @@ impl Handles {
     /// A WebSocket connection ended (`client`, `going_away`, `slow_consumer`, …).
     pub fn closed(&self, reason: &'static str) {
         self.closed.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// A Redis connection error of `kind`.
+    pub fn redis_error(&self, kind: &'static str) {
+        self.redis_errors.get_or_create(&[("kind", kind)]).inc();
+    }
+
+    /// `channels` were subscribed again after the subscriber connection had been lost for
+    /// `gap`.
+    pub fn resubscribed(&self, channels: u64, gap: std::time::Duration) {
+        self.resubscribed.inc_by(channels);
+        self.unsubscribed_seconds.observe(gap.as_secs_f64());
+    }
+
+    /// A Redis connection came back after it was lost.
+    pub fn redis_reconnect(&self, connection: &str) {
+        self.redis_reconnects
+            .get_or_create(&vec![("connection", connection.to_string())])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -98,8 +98,9 @@ pub struct Outbox {
     blocked: AtomicBool,
     limits: Limits,
     policy: SlowConsumer,
-    /// The client's socket, for direct writes while the session lends it (`None`: never).
-    socket: Option<Socket>,
+    /// The client's socket, for direct writes while the session lends it (unset: never).
+    /// Set once, after the upgrade: a subscriber joins the hub before its 101.
+    socket: OnceLock<Socket>,
 }
 
 #[derive(Default)]
@@ -114,12 +115,8 @@ struct State {
 }
 
 impl Outbox {
+    /// An outbox with no socket yet: what is pushed is queued for the session.
     pub fn new(limits: Limits, policy: SlowConsumer) -> Self {
-        Self::with_socket(limits, policy, None)
-    }
-
-    /// An outbox whose session may lend it `socket` for direct writes.
-    pub fn with_socket(limits: Limits, policy: SlowConsumer, socket: Option<Socket>) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
             waker: AtomicWaker::new(),
@@ -127,8 +124,14 @@ impl Outbox {
             blocked: AtomicBool::new(false),
             limits,
             policy,
-            socket,
+            socket: OnceLock::new(),
         }
+    }
+
+    /// Give the outbox the client's socket, which its session may then lend for direct
+    /// writes. Only before the session starts.
+    pub fn set_socket(&self, socket: Socket) {
+        let _ = self.socket.set(socket);
     }
 
     /// The session says whether the socket took everything it had (`false`) or left it
@@ -145,7 +148,7 @@ impl Outbox {
     /// session to send it.
     pub fn push_or_write(&self, frame: &Message, encoded: &EncodedFrame) -> Pushed {
         let mut state = self.lock();
-        if let (true, Some(socket)) = (state.lent, &self.socket) {
+        if let (true, Some(socket)) = (state.lent, self.socket.get()) {
             // `lent` implies an empty queue and no tail: the frame goes out in order.
             match socket.try_write_frame(encoded) {
                 Ok(true) => return Pushed::Written,
@@ -164,19 +167,19 @@ impl Outbox {
 
     /// The socket this outbox may write to directly, if any.
     pub fn socket(&self) -> Option<&Socket> {
-        self.socket.as_ref()
+        self.socket.get()
     }
 
     /// Lend the socket to pushers if nothing is queued; the session calls this when it goes
     /// idle and must not touch the socket until [`Outbox::take_back`]. Returns whether it did.
     pub fn lend(&self) -> bool {
-        if self.socket.is_none() {
+        if self.socket.get().is_none() {
             return false;
         }
         let mut state = self.lock();
         state.lent = state.frames.is_empty()
             && !self.overflowed.load(Ordering::Acquire)
-            && !self.socket.as_ref().is_some_and(Socket::has_tail);
+            && !self.socket.get().is_some_and(Socket::has_tail);
         state.lent
     }
 
@@ -184,7 +187,7 @@ impl Outbox {
     /// returns, and `waker` is woken by the next push. Returns whether a direct write left a
     /// tail in the socket (sent by the session's next write or flush).
     pub fn take_back(&self, waker: &Waker) -> bool {
-        let Some(socket) = &self.socket else {
+        let Some(socket) = self.socket.get() else {
             return false;
         };
         // A direct write that left a tail woke (and so used up) the registered waker.
@@ -195,7 +198,7 @@ impl Outbox {
 
     /// End the loan, if any: no direct write runs after this returns.
     pub fn withdraw(&self) {
-        if self.socket.is_some() {
+        if self.socket.get().is_some() {
             self.lock().lent = false;
         }
     }

@@ -51,10 +51,22 @@ pub(crate) trait Role: Send + Sync + Sized + 'static {
     /// Fill the gauges that are computed at scrape time.
     fn before_scrape(&self, _metrics: &Metrics) {}
 
+    /// What a connection on a channel needs before its 101 (see [`Role::prepare`]).
+    type Prepared: Send + 'static;
+
+    /// Get ready for a connection on `channel`, before its 101: the subscribe side joins the
+    /// hub and waits (bounded) until Redis confirmed the subscription, so that what is
+    /// published after the 101 reaches the client.
+    fn prepare(
+        relay: &Arc<Relay<Self>>,
+        channel: &ChannelName,
+    ) -> impl Future<Output = Self::Prepared> + Send;
+
     /// Run one upgraded connection to its end.
     fn serve(
         relay: Arc<Relay<Self>>,
         connection: Upgraded,
+        prepared: Self::Prepared,
     ) -> impl Future<Output = Ending> + Send + 'static;
 }
 
@@ -125,10 +137,11 @@ impl<R: Role> Relay<R> {
     pub fn serve(
         self: &Arc<Self>,
         connection: Upgraded,
+        prepared: R::Prepared,
         slot: ConnectionSlot<R>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let channel = connection.channel.clone();
-        let session = R::serve(self.clone(), connection);
+        let session = R::serve(self.clone(), connection, prepared);
         let metrics = self.metrics.clone();
         async move {
             let ending = session.await;

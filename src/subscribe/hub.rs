@@ -14,6 +14,12 @@
 //!   subscribed in Redis" and issues SUBSCRIBE/UNSUBSCRIBE one at a time. A client that joins
 //!   while an UNSUBSCRIBE of its topic is in flight marks it dirty again, so the reconciler
 //!   subscribes it right after: it always ends up subscribed.
+//! - A topic is *active* once Redis has confirmed its SUBSCRIBE (a PING on the subscriber
+//!   connection answered after it: Redis runs a connection's commands in order). Every
+//!   reconnect of the subscriber makes every topic inactive and re-subscribes them all; the
+//!   time each spent unsubscribed is logged and counted (`lightrelay_resubscribed_total`,
+//!   `lightrelay_unsubscribed_seconds`). New clients can wait for activity
+//!   ([`Hub::wait_active`]) so that what is published after their 101 reaches them.
 //! - Messages are read from fred's broadcast channel as fast as they come; when the hub falls
 //!   behind, fred overwrites the oldest and the loss is counted (`redis_lagged`), never silent,
 //!   and the loop goes on.
@@ -29,6 +35,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use fred::interfaces::ClientLike;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
@@ -54,14 +63,23 @@ pub enum Topic {
 pub struct Hub {
     state: Mutex<State>,
     dirty: Notify,
+    /// Notified (all waiters) whenever topics become active.
+    activated: Notify,
     metrics: Metrics,
 }
 
 #[derive(Default)]
 struct State {
-    /// Copied on write: a fan-out in progress keeps its snapshot, joins and leaves copy.
-    topics: HashMap<Topic, Arc<Slab<Arc<Outbox>>>>,
+    topics: HashMap<Topic, Entry>,
     dirty: HashSet<Topic>,
+}
+
+#[derive(Default)]
+struct Entry {
+    /// Copied on write: a fan-out in progress keeps its snapshot, joins and leaves copy.
+    subscribers: Arc<Slab<Arc<Outbox>>>,
+    /// Redis confirmed the subscription (and it was not lost since).
+    active: bool,
 }
 
 /// A client's place in the hub; leaving is dropping it.
@@ -82,6 +100,7 @@ impl Hub {
         Arc::new(Hub {
             state: Mutex::new(State::default()),
             dirty: Notify::new(),
+            activated: Notify::new(),
             metrics,
         })
     }
@@ -89,7 +108,8 @@ impl Hub {
     /// Add a client to a topic; the topic is subscribed in Redis if it was not already.
     pub fn join(self: &Arc<Self>, topic: Topic, outbox: Arc<Outbox>) -> Membership {
         let mut state = self.lock();
-        let subscribers = Arc::make_mut(state.topics.entry(topic.clone()).or_default());
+        let entry = state.topics.entry(topic.clone()).or_default();
+        let subscribers = Arc::make_mut(&mut entry.subscribers);
         let key = subscribers.insert(outbox);
         if subscribers.len() == 1 {
             state.dirty.insert(topic.clone());
@@ -105,10 +125,10 @@ impl Hub {
 
     fn leave(&self, topic: &Topic, key: usize) {
         let mut state = self.lock();
-        let Some(subscribers) = state.topics.get_mut(topic) else {
+        let Some(entry) = state.topics.get_mut(topic) else {
             return;
         };
-        let subscribers = Arc::make_mut(subscribers);
+        let subscribers = Arc::make_mut(&mut entry.subscribers);
         subscribers.try_remove(key);
         if subscribers.is_empty() {
             state.topics.remove(topic);
@@ -130,7 +150,7 @@ impl Hub {
         direct: bool,
         helper: Option<&Handle>,
     ) -> usize {
-        let Some(subscribers) = self.lock().topics.get(topic).cloned() else {
+        let Some(subscribers) = self.lock().topics.get(topic).map(|e| e.subscribers.clone()) else {
             return 0;
         };
         // Large frames always go through the sessions: a megabyte copied into a thousand
@@ -184,8 +204,8 @@ impl Hub {
     pub fn stats(&self) -> (usize, usize, usize) {
         let state = self.lock();
         let (mut messages, mut bytes) = (0, 0);
-        for subscribers in state.topics.values() {
-            for (_, outbox) in subscribers.iter() {
+        for entry in state.topics.values() {
+            for (_, outbox) in entry.subscribers.iter() {
                 let (m, b) = outbox.queued();
                 messages += m;
                 bytes += b;
@@ -238,10 +258,74 @@ impl Hub {
         }
     }
 
-    /// Bring Redis subscriptions in line with the hub, one command at a time.
+    /// Wait until Redis confirmed `topic`'s subscription, for at most `patience`; whether it
+    /// did.
+    pub async fn wait_active(&self, topic: &Topic, patience: Duration) -> bool {
+        let waiting = async {
+            loop {
+                let activated = self.activated.notified();
+                tokio::pin!(activated);
+                // Registered before the check: an activation between the two is not missed.
+                activated.as_mut().enable();
+                match self.lock().topics.get(topic) {
+                    Some(entry) if entry.active => return true,
+                    Some(_) => {}
+                    None => return false,
+                }
+                activated.await;
+            }
+        };
+        tokio::time::timeout(patience, waiting)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Mark `topics` active (Redis confirmed them) and wake whoever waits for them.
+    fn activate(&self, topics: &[Topic]) {
+        let mut state = self.lock();
+        for topic in topics {
+            if let Some(entry) = state.topics.get_mut(topic) {
+                entry.active = true;
+            }
+        }
+        drop(state);
+        self.activated.notify_waiters();
+    }
+
+    /// The subscriber connection was (re)established: every subscription must be made again.
+    /// Returns the topics to re-subscribe.
+    fn connection_reset(&self, subscribed: &mut HashSet<Topic>) -> usize {
+        let mut state = self.lock();
+        for entry in state.topics.values_mut() {
+            entry.active = false;
+        }
+        let lost = subscribed.len();
+        state.dirty.extend(subscribed.drain());
+        lost
+    }
+
+    /// Bring Redis subscriptions in line with the hub, one command at a time; after every
+    /// reconnect of the subscriber connection, subscribe everything again.
     async fn reconcile(&self, redis: SubscriberClient) {
         let mut subscribed: HashSet<Topic> = HashSet::new();
+        let mut reconnects = redis.reconnect_rx();
+        let mut errors = redis.error_rx();
+        let mut recovery = Recovery::default();
         loop {
+            use tokio::sync::broadcast::error::TryRecvError;
+            while let Ok(_) | Err(TryRecvError::Lagged(_)) = errors.try_recv() {
+                recovery.lost();
+            }
+            loop {
+                match reconnects.try_recv() {
+                    // A missed event is handled like one: subscribing again is harmless.
+                    Ok(_) | Err(TryRecvError::Lagged(_)) => {
+                        recovery.reconnected(self.connection_reset(&mut subscribed));
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => return,
+                }
+            }
             let work: Vec<(Topic, bool)> = {
                 let mut state = self.lock();
                 let dirty: Vec<Topic> = state.dirty.drain().collect();
@@ -256,7 +340,20 @@ impl Hub {
             };
             if work.is_empty() {
                 self.metrics.channels.set(subscribed.len() as i64);
-                self.dirty.notified().await;
+                recovery.done(&self.metrics);
+                tokio::select! {
+                    () = self.dirty.notified() => {}
+                    event = reconnects.recv() => match event {
+                        Ok(_) | Err(RecvError::Lagged(_)) => {
+                            recovery.reconnected(self.connection_reset(&mut subscribed));
+                        }
+                        Err(RecvError::Closed) => return,
+                    },
+                    event = errors.recv() => match event {
+                        Ok(_) | Err(RecvError::Lagged(_)) => recovery.lost(),
+                        Err(RecvError::Closed) => return,
+                    },
+                }
                 continue;
             }
             let (joins, leaves): (Vec<_>, Vec<_>) =
@@ -273,12 +370,20 @@ impl Hub {
                     .collect();
                 let names: Vec<fred::types::Key> = names.into_iter().map(Into::into).collect();
                 let result = if subscribe {
-                    redis.subscribe(names).await
+                    // fred resolves SUBSCRIBE once written; the PING's answer comes after
+                    // Redis ran it, so then the subscription is active.
+                    match redis.subscribe(names).await {
+                        Ok(()) => redis.ping::<fred::types::Value>(None).await.map(drop),
+                        Err(e) => Err(e),
+                    }
                 } else {
                     redis.unsubscribe(names).await
                 };
                 match result {
                     Ok(()) => {
+                        if subscribe {
+                            self.activate(&topics);
+                        }
                         for t in topics {
                             if subscribe {
                                 subscribed.insert(t);
@@ -301,6 +406,48 @@ impl Hub {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update under this lock is a single insert/remove; a poisoned lock is consistent.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What the hub knows about a lost subscriber connection: since when it was lost, and how
+/// many channels were subscribed again since.
+#[derive(Default)]
+struct Recovery {
+    lost_at: Option<Instant>,
+    pending: Option<(Instant, usize)>,
+}
+
+impl Recovery {
+    /// fred reported an error on the connection: the subscriptions may be gone from here.
+    fn lost(&mut self) {
+        self.lost_at.get_or_insert_with(Instant::now);
+    }
+
+    /// The connection is back; `channels` must be subscribed again.
+    fn reconnected(&mut self, channels: usize) {
+        let since = self.lost_at.take().unwrap_or_else(Instant::now);
+        if channels > 0 {
+            tracing::warn!(
+                channels,
+                "subscriber connection re-established: subscribing every channel again"
+            );
+            let (first, count) = self.pending.unwrap_or((since, 0));
+            self.pending = Some((first, count + channels));
+        }
+    }
+
+    /// Everything is subscribed again: say how long channels were without a subscription.
+    fn done(&mut self, metrics: &Metrics) {
+        if let Some((since, channels)) = self.pending.take() {
+            let gap = since.elapsed();
+            metrics.resubscribed(channels as u64, gap);
+            tracing::warn!(
+                channels,
+                unsubscribed_ms = gap.as_millis() as u64,
+                "re-subscribed after losing the subscriber connection; what was published \
+                 meanwhile did not reach this relay"
+            );
+        }
     }
 }
 

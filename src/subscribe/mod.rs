@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::publish::{self, Publisher};
-use crate::redis::{connect_subscriber, Health};
+use crate::redis::{connect_subscriber, Health, OnDeaf};
 use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, SlowConsumer, SubscribeArgs};
 use crate::server::http::Reply;
@@ -26,7 +26,7 @@ use crate::server::outbox::{Limits, Outbox};
 use crate::server::session::{self, Ending};
 use crate::server::{Relay, Role, Upgraded};
 use crate::Error;
-use hub::{Hub, Topic};
+use hub::{Hub, Membership, Topic};
 
 /// Run `lightrelay-subscribe` until SIGTERM/SIGINT. This is all its binary calls.
 pub fn main(args: SubscribeArgs) -> ExitCode {
@@ -84,6 +84,7 @@ impl SubscribeRole {
             "subscriber".into(),
             subscriber.clone(),
             common.ping_interval,
+            OnDeaf::Reconnect(common.redis_timeout),
             metrics.clone(),
             shutdown.clone(),
         );
@@ -134,20 +135,31 @@ impl Role for SubscribeRole {
         metrics.queued_bytes.set(bytes as i64);
     }
 
+    /// The client's outbox, in the hub from before its 101.
+    type Prepared = (Arc<Outbox>, Membership);
+
+    async fn prepare(relay: &Arc<Relay<Self>>, channel: &ChannelName) -> Self::Prepared {
+        let role = &relay.role;
+        let outbox = Arc::new(Outbox::new(role.limits, role.slow_consumer));
+        let topic = Topic::Channel(channel.clone());
+        let membership = role.hub.join(topic.clone(), outbox.clone());
+        // One round trip, only for a channel this process was not subscribed to yet. If Redis
+        // is away, the client is answered anyway and gets what comes once it is back.
+        let patience = relay.common.redis_timeout;
+        if !role.hub.wait_active(&topic, patience).await {
+            tracing::debug!(channel = %channel, "answering an upgrade before its subscription is active");
+        }
+        (outbox, membership)
+    }
+
     fn serve(
         relay: Arc<Relay<Self>>,
         connection: Upgraded,
+        (outbox, membership): Self::Prepared,
     ) -> impl std::future::Future<Output = Ending> + Send + 'static {
         let role = &relay.role;
         let settings = publish::session_settings(&relay.common, connection.ack);
-        let outbox = Arc::new(Outbox::with_socket(
-            role.limits,
-            role.slow_consumer,
-            Some(connection.socket),
-        ));
-        let membership = role
-            .hub
-            .join(Topic::Channel(connection.channel.clone()), outbox.clone());
+        outbox.set_socket(connection.socket);
         let inbound = role
             .publisher
             .as_ref()

@@ -663,3 +663,56 @@ pub async fn finish_close(ws: &mut Ws) {
     }
     panic!("frames kept coming after the close frame");
 }
+
+/// Redis paused with SIGSTOP (it keeps every connection open and answers nothing); resumed
+/// with SIGCONT when dropped, also when the test fails.
+pub struct Paused(u32);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+impl Redis {
+    /// SIGSTOP this test's redis-server until the returned guard is dropped.
+    pub fn pause(&self) -> Paused {
+        let pid = self.child.as_ref().expect("redis is running").id();
+        let status = Command::new("kill")
+            .args(["-s", "STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        Paused(pid)
+    }
+
+    /// Send `commands` to Redis in one write, as `redis-cli --pipe` does, and read the
+    /// replies (one line each, for commands with integer or status replies).
+    pub async fn pipe(&self, commands: &[Vec<&[u8]>]) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let mut wire = Vec::new();
+        for args in commands {
+            wire.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+            for arg in args {
+                wire.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+                wire.extend_from_slice(arg);
+                wire.extend_from_slice(b"\r\n");
+            }
+        }
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        stream.write_all(&wire).await.unwrap();
+        let mut lines = BufReader::new(stream).lines();
+        for _ in commands {
+            let line = tokio::time::timeout(PATIENCE, lines.next_line())
+                .await
+                .expect("redis did not answer the pipeline")
+                .unwrap()
+                .expect("redis closed the pipeline");
+            assert!(!line.starts_with('-'), "redis: {line}");
+        }
+    }
+}
