@@ -20,7 +20,8 @@ pub struct CommonArgs {
 
     /// A PEM file of certificates to trust for rediss:// besides the system's roots (for a
     /// Redis with a self-signed certificate).
-    #[arg(long, env = "LIGHTRELAY_REDIS_CA", value_name = "FILE")]
+    /// (An empty value, as an environment file may hold, means none.)
+    #[arg(long, env = "LIGHTRELAY_REDIS_CA", value_name = "FILE", value_parser = parse_path)]
     pub redis_ca: Option<std::path::PathBuf>,
 
     /// How long publishing may wait for an unreachable Redis before the client is closed
@@ -155,6 +156,11 @@ fn parse_redis_url(s: &str) -> Result<RedisUrl, String> {
         _ => s.to_string(),
     };
     Ok(RedisUrl { config, display })
+}
+
+/// A path, empty allowed (clap's own path parser refuses an empty value).
+fn parse_path(s: &str) -> Result<std::path::PathBuf, String> {
+    Ok(s.into())
 }
 
 /// Seconds (`30`) or a number with a unit (`30s`, `500ms`, `2m`, `1h`).
