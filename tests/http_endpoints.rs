@@ -420,7 +420,6 @@ struct SilentClient {
 }
 
 /// A server frame, with the time since the 101 when it was read whole.
-#[derive(Debug)]
 enum RawFrame {
     Ping(Duration),
     Close(Duration, u16, String),
@@ -514,7 +513,12 @@ async fn a_connected_client_receives_a_ping_every_ping_interval() {
             for _ in 0..3 {
                 match client.next().await {
                     RawFrame::Ping(at) => pings.push(at),
-                    other => panic!("expected a ping, got {other:?}"),
+                    RawFrame::Close(at, code, reason) => {
+                        panic!("expected a ping, got a close {code} {reason} at {at:?}")
+                    }
+                    RawFrame::Other(at, opcode) => {
+                        panic!("expected a ping, got opcode {opcode} at {at:?}")
+                    }
                 }
             }
             pings
@@ -538,7 +542,9 @@ async fn a_client_silent_past_the_idle_timeout_is_closed_with_1001_idle_timeout(
                 match client.next().await {
                     RawFrame::Ping(_) => {}
                     RawFrame::Close(at, code, reason) => return (client, at, code, reason),
-                    other => panic!("expected pings and a close, got {other:?}"),
+                    RawFrame::Other(at, opcode) => {
+                        panic!("expected pings and a close, got opcode {opcode} at {at:?}")
+                    }
                 }
             }
         }));
