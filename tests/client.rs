@@ -6,7 +6,6 @@ mod common;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use tokio::net::{TcpListener, TcpStream};
