@@ -6,7 +6,6 @@ mod common;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use tokio::net::{TcpListener, TcpStream};
@@ -145,9 +144,18 @@ async fn pub_keeps_the_newest_buffer_messages_while_disconnected_and_reports_the
     }
     drop(stdin);
     // Nothing listens yet: the client retries with back-off and reads its input meanwhile.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Two retries in a row with the buffer full: a whole wait passed between them with all
+    // the input ready to read.
+    let stderr = StderrLines::read(&mut client);
+    stderr
+        .wait_for("two retries with a full buffer", |lines| {
+            let full = |l: &String| l.contains("10 unacknowledged, retrying");
+            lines.windows(2).any(|w| full(&w[0]) && full(&w[1]))
+        })
+        .await;
     let _publish = Server::start_at(Kind::Publish, addr, &redis.url(), &[]).await;
-    let (code, _, stderr) = finish(client).await;
+    let (code, _, _) = finish(client).await;
+    let stderr = stderr.all();
     assert_eq!(code, Some(0), "stderr: {stderr}");
     assert!(
         stderr.contains("dropped the 40 oldest messages"),
@@ -223,12 +231,14 @@ async fn sub_reconnects_after_a_relay_restart_and_once_exits_when_the_relay_stop
     let mut subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
     let addr = subscribe.addr;
     let again = spawn_sub(&["sub", "--count", "2", &subscribe.ws("/r")]);
-    let once = spawn_sub(&["sub", "--once", &subscribe.ws("/r")]);
-    redis.wait_numsub("lightlevel/r", 1).await;
+    let once = spawn_sub(&["sub", "--once", &subscribe.ws("/r1")]);
+    // A connection joins its channel after the handshake: wait until both channels are
+    // subscribed in Redis, which happens only after the join.
     subscribe
-        .wait_metric("lightrelay_connections", |n| n == 2.0)
+        .wait_metric("lightrelay_channels", |n| n >= 2.0)
         .await;
     redis.publish("lightlevel/r", "before").await;
+    redis.publish("lightlevel/r1", "before").await;
     subscribe.signal("TERM");
     assert_eq!(subscribe.wait_exit().await, Some(0));
     drop(subscribe);

@@ -410,19 +410,122 @@ async fn a_post_whose_body_never_finishes_is_dropped_after_the_handshake_timeout
 // ---------------------------------------------------------------------------------------
 // Keep-alive: pings and the idle timeout.
 
+/// A WebSocket client that reads and never answers: it takes each server frame off the wire
+/// as it comes and notes when, without the pong a WebSocket library would send.
+struct SilentClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// The 101 arrived here: the server's session starts then.
+    since: tokio::time::Instant,
+}
+
+/// A server frame, with the time since the 101 when it was read whole.
+enum RawFrame {
+    Ping(Duration),
+    Close(Duration, u16, String),
+    Other(Duration, u8),
+}
+
+impl SilentClient {
+    async fn connect(addr: std::net::SocketAddr, path: &str) -> SilentClient {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut client = SilentClient {
+            stream,
+            buf: Vec::new(),
+            since: tokio::time::Instant::now(),
+        };
+        let end = loop {
+            if let Some(i) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            client.fill().await;
+        };
+        client.since = tokio::time::Instant::now();
+        let head = String::from_utf8_lossy(&client.buf[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        client.buf.drain(..end);
+        client
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk))
+            .await
+            .expect("nothing from the server in time")
+            .unwrap();
+        assert!(n > 0, "the connection ended");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// The next frame (server frames are unmasked, control frames short).
+    async fn next(&mut self) -> RawFrame {
+        loop {
+            if self.buf.len() >= 2 && self.buf[1] < 126 {
+                let len = 2 + usize::from(self.buf[1]);
+                if self.buf.len() >= len {
+                    let at = self.since.elapsed();
+                    let frame: Vec<u8> = self.buf.drain(..len).collect();
+                    return match frame[0] & 0x0f {
+                        9 => RawFrame::Ping(at),
+                        8 => RawFrame::Close(
+                            at,
+                            u16::from_be_bytes([frame[2], frame[3]]),
+                            String::from_utf8_lossy(&frame[4..]).into_owned(),
+                        ),
+                        opcode => RawFrame::Other(at, opcode),
+                    };
+                }
+            }
+            self.fill().await;
+        }
+    }
+}
+
+/// Pings arrive every `--ping-interval` (1 s): each within [0.75 s, 2 s] of the one before
+/// (the first of `from`), so a ping early, or late by half an interval more than the slack a loaded
+/// machine needs, fails.
+fn assert_ping_spacing(from: Duration, at: &[Duration]) {
+    let mut last = from;
+    for (k, &t) in at.iter().enumerate() {
+        let gap = t - last;
+        assert!(
+            gap >= Duration::from_millis(750) && gap <= Duration::from_secs(2),
+            "ping {k} came {gap:?} after the previous one (pings at {at:?})"
+        );
+        last = t;
+    }
+}
+
 #[tokio::test]
 async fn a_connected_client_receives_a_ping_every_ping_interval() {
     let redis = Redis::start().await;
-    for server in both(&redis, &["--ping-interval", "1s"]).await {
-        let mut ws = connect(&server.ws("/office")).await;
-        for _ in 0..2 {
-            let frame = tokio::time::timeout(PATIENCE, ws.next())
-                .await
-                .expect("no ping in time")
-                .expect("connection ended")
-                .expect("websocket error");
-            assert!(matches!(frame, Message::Ping(_)), "got {frame:?}");
-        }
+    let servers = both(&redis, &["--ping-interval", "1s"]).await;
+    let mut clients = Vec::new();
+    for server in &servers {
+        let mut client = SilentClient::connect(server.addr, "/office").await;
+        clients.push(tokio::spawn(async move {
+            let mut pings = Vec::new();
+            for _ in 0..3 {
+                match client.next().await {
+                    RawFrame::Ping(at) => pings.push(at),
+                    RawFrame::Close(at, code, reason) => {
+                        panic!("expected a ping, got a close {code} {reason} at {at:?}")
+                    }
+                    RawFrame::Other(at, opcode) => {
+                        panic!("expected a ping, got opcode {opcode} at {at:?}")
+                    }
+                }
+            }
+            pings
+        }));
+    }
+    for client in clients {
+        assert_ping_spacing(Duration::ZERO, &client.await.unwrap());
     }
 }
 
@@ -430,17 +533,35 @@ async fn a_connected_client_receives_a_ping_every_ping_interval() {
 async fn a_client_silent_past_the_idle_timeout_is_closed_with_1001_idle_timeout() {
     let redis = Redis::start().await;
     let servers = both(&redis, &["--ping-interval", "1s", "--idle-timeout", "2s"]).await;
+    // Each client reads every frame as it comes but answers none: the server hears nothing.
     let mut silent = Vec::new();
     for server in &servers {
-        silent.push(connect(&server.ws("/office")).await);
+        let mut client = SilentClient::connect(server.addr, "/office").await;
+        silent.push(tokio::spawn(async move {
+            loop {
+                match client.next().await {
+                    RawFrame::Ping(_) => {}
+                    RawFrame::Close(at, code, reason) => return (client, at, code, reason),
+                    RawFrame::Other(at, opcode) => {
+                        panic!("expected pings and a close, got opcode {opcode} at {at:?}")
+                    }
+                }
+            }
+        }));
     }
-    // Not polled, tokio-tungstenite reads nothing and answers no ping: the client is silent.
-    tokio::time::sleep(Duration::from_millis(3_500)).await;
-    for (server, ws) in servers.iter().zip(&mut silent) {
-        let close = close_frame(ws).await;
-        assert_eq!(close.code, CloseCode::Away);
-        assert_eq!(close.reason.as_str(), "idle timeout");
-        finish_close(ws).await;
+    for (server, closed) in servers.iter().zip(silent) {
+        let (mut client, at, code, reason) = closed.await.unwrap();
+        assert_eq!(code, 1001);
+        assert_eq!(reason, "idle timeout");
+        // 2 s after the last thing heard (the handshake); not early, and not 1.75× late.
+        assert!(
+            at >= Duration::from_millis(1_900) && at <= Duration::from_millis(3_500),
+            "closed {at:?} after the handshake"
+        );
+        // Answer the close (masked, with a zero key) and hang up.
+        let answer = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe9];
+        client.stream.write_all(&answer).await.unwrap();
+        client.stream.shutdown().await.unwrap();
         server
             .wait_series(r#"lightrelay_closed_total{reason="idle_timeout"}"#, |v| {
                 v == 1.0
@@ -468,9 +589,9 @@ async fn a_client_that_keeps_answering_pings_stays_connected_past_the_idle_timeo
     // Poll (and so answer pings) for twice the idle timeout and at least three pings.
     let started = tokio::time::Instant::now();
     let deadline = started + PATIENCE;
-    let mut pings = 0;
+    let mut pings = Vec::new();
     for _ in 0..1_000 {
-        if pings >= 3 && started.elapsed() >= Duration::from_secs(4) {
+        if pings.len() >= 3 && started.elapsed() >= Duration::from_secs(4) {
             break;
         }
         let frame = tokio::time::timeout_at(deadline, ws.next())
@@ -479,11 +600,15 @@ async fn a_client_that_keeps_answering_pings_stays_connected_past_the_idle_timeo
             .expect("connection ended")
             .expect("websocket error");
         match frame {
-            Message::Ping(_) => pings += 1,
+            Message::Ping(_) => pings.push(started.elapsed()),
             other => panic!("expected only pings, got {other:?}"),
         }
     }
-    assert!(pings >= 3 && started.elapsed() >= Duration::from_secs(4));
+    assert!(pings.len() >= 3 && started.elapsed() >= Duration::from_secs(4));
+    // Answered pings keep coming at the interval (the first one timed from the handshake,
+    // which came a little before `started`).
+    assert!(pings[0] <= Duration::from_secs(2), "pings at {pings:?}");
+    assert_ping_spacing(pings[0], &pings[1..]);
 
     assert_eq!(redis.publish(OFFICE, "awake").await, 1);
     assert_eq!(next_text(&mut ws).await, "awake");

@@ -147,33 +147,46 @@ pub struct IdleArgs {
     pub measure: Measure,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// A flag value clap refuses (exit 2), printed after the flag's name.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    #[error("not a duration: {0}")]
+    Duration(#[from] humantime::DurationError),
+    #[error("not a size: {0}")]
+    Size(String),
+    #[error("unknown unit {0} (B, KiB, MiB)")]
+    Unit(String),
+    #[error(
+        "at least {} bytes (sequence number and timestamp)",
+        super::stats::MIN_SIZE
+    )]
+    TooSmall,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     if let Ok(secs) = s.parse::<f64>() {
         if secs.is_finite() && secs >= 0.0 {
             return Ok(Duration::from_secs_f64(secs));
         }
     }
-    humantime::parse_duration(s).map_err(|e| format!("not a duration: {e}"))
+    Ok(humantime::parse_duration(s)?)
 }
 
-fn parse_size(s: &str) -> Result<usize, String> {
+fn parse_size(s: &str) -> Result<usize, ValueError> {
     let s = s.trim();
     let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => (&s[..i], s[i..].trim()),
         None => (s, ""),
     };
-    let n: usize = digits.parse().map_err(|_| format!("not a size: {s}"))?;
+    let n: usize = digits.parse().map_err(|_| ValueError::Size(s.into()))?;
     let size = match unit {
         "" | "B" => n,
         "KiB" => n * 1024,
         "MiB" => n * 1024 * 1024,
-        other => return Err(format!("unknown unit {other} (B, KiB, MiB)")),
+        other => return Err(ValueError::Unit(other.into())),
     };
     if size < super::stats::MIN_SIZE {
-        return Err(format!(
-            "at least {} bytes (sequence number and timestamp)",
-            super::stats::MIN_SIZE
-        ));
+        return Err(ValueError::TooSmall);
     }
     Ok(size)
 }

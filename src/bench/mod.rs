@@ -6,6 +6,7 @@
 //! The parts: [`args`] (flags), [`wire`] (hand-written WebSocket and HTTP/1.1 framing),
 //! [`subscribers`] (receiving connections), [`publishers`] (redis/ws/http lanes), [`stats`]
 //! (counts, loss, order, latency), [`procstat`] (/proc sampling), [`report`] (table, JSON).
+//! A run that cannot go on is a [`BenchError`]: one line on stderr, exit 1.
 //! Must not: use the server modules (it speaks only the wire protocols, like any client), or
 //! send load anywhere but loopback addresses; every loop ends by count and by time.
 
@@ -27,10 +28,11 @@ use fred::types::InfoKind;
 use tokio::time::Instant;
 
 use args::{BenchArgs, BenchCommand, FanoutArgs, IdleArgs, IngestArgs, Measure};
-use procstat::{ProcessReport, Watch};
-use publishers::{Lane, Pace, Setup};
+use procstat::{ProcError, ProcessReport, Watch};
+use publishers::{Lane, Pace, PublishError, Setup};
 use report::Report;
-use stats::Shared;
+use stats::{ConnectionFailure, Shared};
+use wire::WireError;
 
 /// Exit code of a run that finished but does not count (loss, a connection ended).
 const NOT_COUNTED: u8 = 3;
@@ -38,6 +40,38 @@ const NOT_COUNTED: u8 = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Set-up (connecting) may take this long at most before the run's tasks end by themselves.
 const SETUP_ALLOWANCE: Duration = Duration::from_secs(600);
+
+/// Why a run could not be done (exit 1); a run that was done but lost messages is reported
+/// and exits 3 instead.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error(transparent)]
+    Connection(#[from] ConnectionFailure),
+    #[error("{url}: with {what} > 1 the URL needs {{i}}")]
+    NeedsPlaceholder { url: String, what: &'static str },
+    #[error("--rate must be 0 or more")]
+    BadRate,
+    #[error("{0}: --subscribe takes a ws:// URL")]
+    NotWs(String),
+    #[error("ingest measures a server: --publish takes ws:// or http://")]
+    IngestScheme,
+    #[error("without --redis, only acks can be counted: add --ack or --redis")]
+    NothingToCount,
+    #[error("only {ready} of {total} subscribers received a probe within {READY_TIMEOUT:?}")]
+    NotReady { ready: usize, total: usize },
+    #[error("INFO commandstats: {0}")]
+    Info(fred::error::Error),
+    #[error("a bench task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+}
 
 /// Run one bench subcommand on a multi-threaded runtime (the caller made it).
 pub async fn run(args: BenchArgs) -> ExitCode {
@@ -53,7 +87,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
                 match serde_json::to_string(&report) {
                     Ok(text) => text + "\n",
                     Err(e) => {
-                        eprintln!("lightrelay bench: {e}");
+                        eprintln!("lightrelay bench: {}", BenchError::Json(e));
                         return ExitCode::FAILURE;
                     }
                 }
@@ -75,9 +109,12 @@ pub async fn run(args: BenchArgs) -> ExitCode {
     }
 }
 
-fn needs_placeholder(url: &str, n: u32, what: &str) -> Result<(), String> {
+fn needs_placeholder(url: &str, n: u32, what: &'static str) -> Result<(), BenchError> {
     if n > 1 && !url.contains("{i}") {
-        return Err(format!("{url}: with {what} > 1 the URL needs {{i}}"));
+        return Err(BenchError::NeedsPlaceholder {
+            url: url.into(),
+            what,
+        });
     }
     Ok(())
 }
@@ -92,7 +129,7 @@ struct Meter {
 }
 
 impl Meter {
-    fn start(m: &Measure) -> Result<Meter, String> {
+    fn start(m: &Measure) -> Result<Meter, ProcError> {
         Ok(Meter {
             servers: Watch::start(&m.pids)?,
             redis: m.redis_pid.map(|p| Watch::start(&[p])).transpose()?,
@@ -102,7 +139,7 @@ impl Meter {
         })
     }
 
-    fn finish(self, report: &mut Report) -> Result<(), String> {
+    fn finish(self, report: &mut Report) -> Result<(), ProcError> {
         report.elapsed_s = self.start.elapsed().as_secs_f64();
         report.servers = self.servers.finish()?;
         report.redis = match self.redis {
@@ -116,7 +153,7 @@ impl Meter {
 }
 
 /// Fan-out and latency: subscribers on every channel, publishers, probes, then the run.
-async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, String> {
+async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchError> {
     let m = &a.measure;
     let channels = a.channels as usize;
     let per_channel = a.subscribers as usize;
@@ -126,14 +163,14 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, String>
         .rate
         .unwrap_or(if scenario == "latency" { 20.0 } else { 0.0 });
     if !(rate.is_finite() && rate >= 0.0) {
-        return Err("--rate must be 0 or more".into());
+        return Err(BenchError::BadRate);
     }
     let window = a
         .window
         .unwrap_or_else(|| (4 * 1024 * 1024 / a.size as u64).clamp(2, 100));
     let sub = wire::target(&a.subscribe).await?;
     if sub.scheme != "ws" {
-        return Err(format!("{}: --subscribe takes a ws:// URL", a.subscribe));
+        return Err(BenchError::NotWs(a.subscribe.clone()));
     }
     let publish = wire::target(&a.publish).await?;
     let lanes_wanted = a.publish_connections as usize;
@@ -234,7 +271,7 @@ fn collect_problems(report: &mut Report, shared: &Shared) {
         ));
     }
     if let Some(e) = shared.take_error() {
-        report.problems.push(e);
+        report.problems.push(e.to_string());
     }
 }
 
@@ -246,7 +283,7 @@ async fn wait_ready(
     shared: &Shared,
     total: usize,
     size: usize,
-) -> Result<(), String> {
+) -> Result<(), BenchError> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut interval = Duration::from_millis(200);
     while Instant::now() < deadline {
@@ -258,15 +295,15 @@ async fn wait_ready(
                 return Ok(());
             }
             if let Some(e) = shared.take_error() {
-                return Err(e);
+                return Err(e.into());
             }
         }
         interval = (interval * 2).min(Duration::from_secs(2));
     }
-    Err(format!(
-        "only {} of {total} subscribers received a probe within {READY_TIMEOUT:?}",
-        shared.ready.load(Ordering::Relaxed)
-    ))
+    Err(BenchError::NotReady {
+        ready: shared.ready.load(Ordering::Relaxed),
+        total,
+    })
 }
 
 /// Run every lane to its end; the lanes come back for a polite close.
@@ -274,7 +311,7 @@ async fn run_lanes(
     lanes: Vec<Lane>,
     pace: &Arc<Pace>,
     shared: &Arc<Shared>,
-) -> Result<Vec<Lane>, String> {
+) -> Result<Vec<Lane>, BenchError> {
     let tasks: Vec<_> = lanes
         .into_iter()
         .map(|lane| tokio::spawn(publishers::run(lane, Arc::clone(pace), Arc::clone(shared))))
@@ -285,10 +322,10 @@ async fn run_lanes(
         match task.await {
             Ok(Ok(lane)) => back.push(lane),
             Ok(Err(e)) => {
-                first_error.get_or_insert(e);
+                first_error.get_or_insert(e.into());
             }
             Err(e) => {
-                first_error.get_or_insert(e.to_string());
+                first_error.get_or_insert(e.into());
             }
         }
     }
@@ -299,11 +336,11 @@ async fn run_lanes(
 }
 
 /// PUBLISH calls Redis has executed (INFO commandstats), including those made by scripts.
-async fn publish_calls(client: &fred::clients::Client) -> Result<u64, String> {
+async fn publish_calls(client: &fred::clients::Client) -> Result<u64, BenchError> {
     let info: String = client
         .info(Some(InfoKind::CommandStats))
         .await
-        .map_err(|e| format!("INFO commandstats: {e}"))?;
+        .map_err(BenchError::Info)?;
     Ok(info
         .lines()
         .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
@@ -313,20 +350,20 @@ async fn publish_calls(client: &fred::clients::Client) -> Result<u64, String> {
 }
 
 /// Ingest: publishers as fast as the server takes their messages.
-async fn ingest(a: IngestArgs) -> Result<Report, String> {
+async fn ingest(a: IngestArgs) -> Result<Report, BenchError> {
     let m = &a.measure;
     let publishers = a.publishers as usize;
     needs_placeholder(&a.publish, a.publishers, "--publishers")?;
     let publish = wire::target(&a.publish).await?;
     if publish.scheme == "redis" {
-        return Err("ingest measures a server: --publish takes ws:// or http://".into());
+        return Err(BenchError::IngestScheme);
     }
     let counter = match &a.redis {
         Some(url) => Some(publishers::redis_client(&wire::target(url).await?).await?),
         None => None,
     };
     if counter.is_none() && !a.ack && publish.scheme == "ws" {
-        return Err("without --redis, only acks can be counted: add --ack or --redis".into());
+        return Err(BenchError::NothingToCount);
     }
     let shared = Arc::new(Shared::new(publishers, publishers));
     let until = Instant::now() + SETUP_ALLOWANCE + m.duration + m.drain;
@@ -397,7 +434,7 @@ async fn ingest(a: IngestArgs) -> Result<Report, String> {
     };
     let lanes = run_lanes(lanes, &pace, &shared).await;
     let sent = shared.sent();
-    let in_redis_at_stop = at_stop.await.map_err(|e| e.to_string())??;
+    let in_redis_at_stop = at_stop.await??;
     // Drain: until Redis has every message (or acks all came), or it stops moving, or --drain.
     let mut delivered = shared.acked.load(Ordering::Relaxed);
     if let Some(c) = &counter {
@@ -450,12 +487,12 @@ async fn ingest(a: IngestArgs) -> Result<Report, String> {
 }
 
 /// Idle: open connections, hold them, report the server's RSS growth per connection.
-async fn idle(a: IdleArgs) -> Result<Report, String> {
+async fn idle(a: IdleArgs) -> Result<Report, BenchError> {
     let m = &a.measure;
     needs_placeholder(&a.subscribe, a.channels, "--channels")?;
     let sub = wire::target(&a.subscribe).await?;
     if sub.scheme != "ws" {
-        return Err(format!("{}: --subscribe takes a ws:// URL", a.subscribe));
+        return Err(BenchError::NotWs(a.subscribe.clone()));
     }
     let channels = a.channels as usize;
     let shared = Arc::new(Shared::new(channels, 1));

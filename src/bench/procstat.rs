@@ -3,6 +3,7 @@
 //! Owns: reading `utime + stime` from `/proc/PID/stat` (all threads of the process, in clock
 //! ticks of 1/100 s: Linux reports USER_HZ, 100 on every architecture) and `VmRSS` from
 //! `/proc/PID/status`, and a sampler that keeps each process's peak RSS during a run.
+//! What can go wrong is a [`ProcError`].
 //! Must not: signal or otherwise touch the processes it watches.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,22 @@ use serde::Serialize;
 /// Linux's USER_HZ: the unit of the CPU times in `/proc/PID/stat`.
 const TICKS_PER_SECOND: f64 = 100.0;
 
+/// A `/proc` file that could not be read or parsed (a `--pid` that is not, or no longer, there).
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: unexpected format")]
+    Format { path: String },
+}
+
+fn read(path: String) -> Result<String, ProcError> {
+    std::fs::read_to_string(&path).map_err(|source| ProcError::Read { path, source })
+}
+
 /// One reading of one process.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sample {
@@ -22,9 +39,8 @@ pub struct Sample {
 }
 
 /// Read `/proc/PID/stat` and `/proc/PID/status` (`pid` may be `"self"`).
-pub fn sample(pid: &str) -> Result<Sample, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+pub fn sample(pid: &str) -> Result<Sample, ProcError> {
+    let stat = read(format!("/proc/{pid}/stat"))?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -33,10 +49,11 @@ pub fn sample(pid: &str) -> Result<Sample, String> {
     // Field 3 (state) is fields[0]; utime and stime are fields 14 and 15.
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
     let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
-        return Err(format!("/proc/{pid}/stat: unexpected format"));
+        return Err(ProcError::Format {
+            path: format!("/proc/{pid}/stat"),
+        });
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let status = read(format!("/proc/{pid}/status"))?;
     let rss_kib = status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
@@ -74,7 +91,7 @@ pub struct Watch {
 
 impl Watch {
     /// Take the start readings and begin sampling peak RSS every 100 ms.
-    pub fn start(pids: &[u32]) -> Result<Watch, String> {
+    pub fn start(pids: &[u32]) -> Result<Watch, ProcError> {
         let mut processes = Vec::with_capacity(pids.len());
         for &pid in pids {
             let start = sample(&pid.to_string())?;
@@ -102,7 +119,7 @@ impl Watch {
     }
 
     /// Take the end readings; an error if a process has gone.
-    pub fn finish(mut self) -> Result<Vec<ProcessReport>, String> {
+    pub fn finish(mut self) -> Result<Vec<ProcessReport>, ProcError> {
         if let Some(sampler) = self.sampler.take() {
             sampler.abort();
         }

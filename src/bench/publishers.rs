@@ -6,6 +6,7 @@
 //! unacknowledged messages) and `http://` (POST, keep-alive, pipelined on one connection per
 //! lane, as nchan's publisher location takes it) — and each lane's loop: at `--rate`, or as
 //! fast as deliveries free each channel's window, bounded by `--duration` and `--count`.
+//! What can go wrong is a [`PublishError`].
 //! Must not: read what subscribers received beyond the per-channel counts in [`Shared`].
 
 use std::future::Future;
@@ -27,7 +28,54 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::stats::{now_ns, stamp, Shared, PROBE};
-use super::wire::{self, Event, FrameReader, ResponseReader, Target};
+use super::wire::{self, Event, FrameReader, ResponseReader, Target, WireError};
+
+/// Why publishing failed: connecting, a refusal, a broken connection or missing answers.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("{authority}: the server did not select the lightrelay.ack subprotocol")]
+    NoAckProtocol { authority: String },
+    #[error("{authority}: {source}")]
+    Connect {
+        authority: String,
+        source: std::io::Error,
+    },
+    #[error("cannot publish through {0}://")]
+    Scheme(String),
+    #[error("redis://{authority}: {source}")]
+    Redis {
+        authority: String,
+        source: fred::error::Error,
+    },
+    #[error("redis://{authority}: no answer")]
+    RedisTimeout { authority: String },
+    #[error("PUBLISH: {0}")]
+    Publish(#[from] fred::error::Error),
+    #[error("publishing: {0}")]
+    Write(std::io::Error),
+    #[error("a publisher connection is missing")]
+    MissingConnection,
+    #[error("no connection for channel {0}")]
+    NoConnection(usize),
+    #[error("a publisher's window was closed")]
+    WindowClosed,
+    #[error("PUBLISHes still unanswered at the end")]
+    PublishesUnanswered,
+    #[error("acks still missing at the end")]
+    AcksMissing,
+    #[error("HTTP responses still missing at the end")]
+    ResponsesMissing,
+    #[error("the publisher connection ended")]
+    Ended,
+    #[error("the http publisher connection ended")]
+    HttpEnded,
+    #[error("the publisher connection was closed ({})", code.map_or("no code".to_string(), |c| c.to_string()))]
+    Closed { code: Option<u16> },
+    #[error("the publisher answered HTTP {0}")]
+    Status(u16),
+}
 
 /// Bytes of frames or requests gathered before one write call.
 const WRITE_BATCH: usize = 16 * 1024;
@@ -142,7 +190,7 @@ struct HttpConn {
 }
 
 /// Connect every lane. Lane `l` carries channels `l, l + lanes, …`.
-pub async fn connect(setup: Setup<'_>, shared: &Arc<Shared>) -> Result<Vec<Lane>, String> {
+pub async fn connect(setup: Setup<'_>, shared: &Arc<Shared>) -> Result<Vec<Lane>, PublishError> {
     let lanes = setup.lanes.clamp(1, setup.channels.max(1));
     let mut out = Vec::with_capacity(lanes);
     match setup.target.scheme.as_str() {
@@ -181,10 +229,9 @@ pub async fn connect(setup: Setup<'_>, shared: &Arc<Shared>) -> Result<Vec<Lane>
             while let Some((c, connected)) = opening.next().await {
                 let conn = connected?;
                 if setup.ack && !conn.protocol_selected {
-                    return Err(format!(
-                        "{}: the server did not select the lightrelay.ack subprotocol",
-                        setup.target.authority
-                    ));
+                    return Err(PublishError::NoAckProtocol {
+                        authority: setup.target.authority.clone(),
+                    });
                 }
                 let window = setup.ack.then(|| Window::new(setup.pipeline.max(1)));
                 let (read, write) = conn.stream.into_split();
@@ -209,7 +256,7 @@ pub async fn connect(setup: Setup<'_>, shared: &Arc<Shared>) -> Result<Vec<Lane>
             let mut by_lane: Vec<(Vec<WsConn>, Vec<JoinHandle<()>>)> =
                 (0..lanes).map(|_| (Vec::new(), Vec::new())).collect();
             for (c, conn) in conns.into_iter().enumerate() {
-                let (conn, reader) = conn.ok_or("a publisher connection is missing")?;
+                let (conn, reader) = conn.ok_or(PublishError::MissingConnection)?;
                 by_lane[c % lanes].0.push(conn);
                 by_lane[c % lanes].1.push(reader);
             }
@@ -230,9 +277,13 @@ pub async fn connect(setup: Setup<'_>, shared: &Arc<Shared>) -> Result<Vec<Lane>
                     .collect(),
             );
             for lane in 0..lanes {
-                let stream = wire::connect_tcp(setup.target.addr, lane)
-                    .await
-                    .map_err(|e| format!("{}: {e}", setup.target.authority))?;
+                let stream =
+                    wire::connect_tcp(setup.target.addr, lane)
+                        .await
+                        .map_err(|source| PublishError::Connect {
+                            authority: setup.target.authority.clone(),
+                            source,
+                        })?;
                 let (read, write) = stream.into_split();
                 let window = Window::new(setup.pipeline.max(1));
                 let reader = tokio::spawn(http_reader(
@@ -256,7 +307,7 @@ pub async fn connect(setup: Setup<'_>, shared: &Arc<Shared>) -> Result<Vec<Lane>
                 });
             }
         }
-        other => return Err(format!("cannot publish through {other}://")),
+        other => return Err(PublishError::Scheme(other.into())),
     }
     Ok(out)
 }
@@ -266,17 +317,24 @@ fn lane_channels(lane: usize, lanes: usize, channels: usize) -> Vec<usize> {
 }
 
 /// A fred client on the target's Redis, connected.
-pub async fn redis_client(target: &Target) -> Result<Client, String> {
-    let config = fred::types::config::Config::from_url(&format!("redis://{}", target.authority))
-        .map_err(|e| format!("redis://{}: {e}", target.authority))?;
+pub async fn redis_client(target: &Target) -> Result<Client, PublishError> {
+    let authority = &target.authority;
+    let redis = |source| PublishError::Redis {
+        authority: authority.clone(),
+        source,
+    };
+    let config =
+        fred::types::config::Config::from_url(&format!("redis://{authority}")).map_err(redis)?;
     let client = fred::types::Builder::from_config(config)
         .with_connection_config(|conn| conn.tcp.nodelay = Some(true))
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(redis)?;
     tokio::time::timeout(wire::CONNECT_TIMEOUT, client.init())
         .await
-        .map_err(|_| format!("redis://{}: no answer", target.authority))?
-        .map_err(|e| format!("redis://{}: {e}", target.authority))?;
+        .map_err(|_| PublishError::RedisTimeout {
+            authority: authority.clone(),
+        })?
+        .map_err(redis)?;
     Ok(client)
 }
 
@@ -299,9 +357,7 @@ async fn ws_reader(
         loop {
             let data: &[u8] = if pending.is_empty() {
                 match read.read(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        return Err::<(), String>("the publisher connection ended".to_string())
-                    }
+                    Ok(0) | Err(_) => return Err::<(), PublishError>(PublishError::Ended),
                     Ok(n) => &buf[..n],
                 }
             } else {
@@ -325,12 +381,12 @@ async fn ws_reader(
             shared.record(index, &latencies);
             latencies.clear();
             if let Some(code) = closed {
-                return Err(format!("the publisher connection was closed ({code:?})"));
+                return Err(PublishError::Closed { code });
             }
         }
     };
     if let Ok(Err(e)) = tokio::time::timeout_at(until, work).await {
-        shared.error(e);
+        shared.error(e.into());
     }
 }
 
@@ -350,15 +406,13 @@ async fn http_reader(
         let mut answered = 0u64;
         loop {
             let n = match read.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    return Err::<(), String>("the http publisher connection ended".to_string())
-                }
+                Ok(0) | Err(_) => return Err::<(), PublishError>(PublishError::HttpEnded),
                 Ok(n) => n,
             };
             parser.feed(&buf[..n], &mut statuses)?;
             for &status in &statuses {
                 if !(200..300).contains(&status) {
-                    return Err(format!("the publisher answered HTTP {status}"));
+                    return Err(PublishError::Status(status));
                 }
                 latencies.push(window.answered(answered));
                 answered += 1;
@@ -372,18 +426,18 @@ async fn http_reader(
         }
     };
     if let Ok(Err(e)) = tokio::time::timeout_at(until, work).await {
-        shared.error(e);
+        shared.error(e.into());
     }
 }
 
 impl Lane {
     /// Queue one message on `channel` (a channel of this lane); it may wait for window room.
-    async fn send(&mut self, channel: usize, payload: &[u8]) -> Result<(), String> {
+    async fn send(&mut self, channel: usize, payload: &[u8]) -> Result<(), PublishError> {
         match &mut self.kind {
             Kind::Redis(r) => {
                 while r.in_flight.len() >= r.limit {
                     if let Some(Err(e)) = r.in_flight.next().await {
-                        return Err(format!("PUBLISH: {e}"));
+                        return Err(e.into());
                     }
                 }
                 let client = r.client.clone();
@@ -400,7 +454,7 @@ impl Lane {
                 let conn = conns
                     .get_mut(channel / self.stride)
                     .filter(|c| c.channel == channel)
-                    .ok_or("no connection for the channel")?;
+                    .ok_or(PublishError::NoConnection(channel))?;
                 if let Some(window) = &conn.window {
                     take_permit(window, &mut conn.write, &mut conn.out).await?;
                     window.sent();
@@ -424,7 +478,7 @@ impl Lane {
     }
 
     /// Write whatever is gathered (and hand queued PUBLISHes on).
-    async fn flush(&mut self) -> Result<(), String> {
+    async fn flush(&mut self) -> Result<(), PublishError> {
         match &mut self.kind {
             Kind::Redis(r) => reap(&mut r.in_flight),
             Kind::Ws(conns) => {
@@ -438,25 +492,25 @@ impl Lane {
     }
 
     /// Flush, then wait until every PUBLISH, request or acked message was answered, or `until`.
-    async fn finish(&mut self, until: Instant) -> Result<(), String> {
+    async fn finish(&mut self, until: Instant) -> Result<(), PublishError> {
         self.flush().await?;
         match &mut self.kind {
             Kind::Redis(r) => {
                 let all = async {
                     while let Some(result) = r.in_flight.next().await {
-                        result.map_err(|e| format!("PUBLISH: {e}"))?;
+                        result?;
                     }
-                    Ok::<(), String>(())
+                    Ok::<(), PublishError>(())
                 };
                 tokio::time::timeout_at(until, all)
                     .await
-                    .map_err(|_| "PUBLISHes still unanswered at the end".to_string())?
+                    .map_err(|_| PublishError::PublishesUnanswered)?
             }
             Kind::Ws(conns) => {
                 for conn in conns.iter() {
                     if let Some(window) = &conn.window {
                         if !window.drained(until).await {
-                            return Err("acks still missing at the end".into());
+                            return Err(PublishError::AcksMissing);
                         }
                     }
                 }
@@ -466,7 +520,7 @@ impl Lane {
                 if h.window.drained(until).await {
                     Ok(())
                 } else {
-                    Err("HTTP responses still missing at the end".into())
+                    Err(PublishError::ResponsesMissing)
                 }
             }
         }
@@ -487,9 +541,9 @@ impl Lane {
 }
 
 /// Take completed PUBLISHes off the front without waiting (and poll new ones once).
-fn reap(in_flight: &mut FuturesOrdered<PublishFuture>) -> Result<(), String> {
+fn reap(in_flight: &mut FuturesOrdered<PublishFuture>) -> Result<(), PublishError> {
     while let Some(Some(result)) = in_flight.next().now_or_never() {
-        result.map_err(|e| format!("PUBLISH: {e}"))?;
+        result?;
     }
     Ok(())
 }
@@ -500,7 +554,7 @@ async fn take_permit(
     window: &Window,
     write: &mut OwnedWriteHalf,
     out: &mut Vec<u8>,
-) -> Result<(), String> {
+) -> Result<(), PublishError> {
     if let Ok(permit) = window.permits.try_acquire() {
         permit.forget();
         return Ok(());
@@ -510,17 +564,14 @@ async fn take_permit(
         .permits
         .acquire()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|_| PublishError::WindowClosed)?
         .forget();
     Ok(())
 }
 
-async fn write_out(write: &mut OwnedWriteHalf, out: &mut Vec<u8>) -> Result<(), String> {
+async fn write_out(write: &mut OwnedWriteHalf, out: &mut Vec<u8>) -> Result<(), PublishError> {
     if !out.is_empty() {
-        write
-            .write_all(out)
-            .await
-            .map_err(|e| format!("publishing: {e}"))?;
+        write.write_all(out).await.map_err(PublishError::Write)?;
         out.clear();
     }
     Ok(())
@@ -544,7 +595,7 @@ pub struct Pace {
 }
 
 /// Send probes (sequence number [`PROBE`]) on every channel of every lane.
-pub async fn probe(lanes: &mut [Lane], size: usize) -> Result<(), String> {
+pub async fn probe(lanes: &mut [Lane], size: usize) -> Result<(), PublishError> {
     let mut payload = vec![b'p'; size];
     stamp(&mut payload, PROBE);
     for lane in lanes.iter_mut() {
@@ -558,7 +609,11 @@ pub async fn probe(lanes: &mut [Lane], size: usize) -> Result<(), String> {
 }
 
 /// Run one lane until `pace.stop` or its share of `pace.count`; returns messages sent.
-pub async fn run(mut lane: Lane, pace: Arc<Pace>, shared: Arc<Shared>) -> Result<Lane, String> {
+pub async fn run(
+    mut lane: Lane,
+    pace: Arc<Pace>,
+    shared: Arc<Shared>,
+) -> Result<Lane, PublishError> {
     if lane.channels.is_empty() {
         return Ok(lane);
     }

@@ -15,6 +15,19 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use super::publishers::PublishError;
+use super::subscribers::Ended;
+
+/// The first thing that went wrong on one of a run's connections: it fails the run while
+/// subscribers are being made ready, and makes it not count after.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionFailure {
+    #[error("a subscriber of channel {channel}: {why}")]
+    Subscriber { channel: usize, why: Ended },
+    #[error(transparent)]
+    Publisher(#[from] PublishError),
+}
+
 /// The sequence number of a readiness probe (sent before measuring, never counted).
 pub const PROBE: u64 = u64::MAX;
 /// The smallest message: sequence number and timestamp.
@@ -87,7 +100,7 @@ pub struct Shared {
     pub acked: AtomicU64,
     /// Connections that ended (closed, broken) before the run did.
     pub ended: AtomicU64,
-    pub first_error: Mutex<Option<String>>,
+    pub first_error: Mutex<Option<ConnectionFailure>>,
     /// Ingest without acks: (messages counted in Redis, how many may be sent beyond them).
     gate: OnceLock<(Arc<AtomicU64>, u64)>,
     histograms: Vec<Mutex<Histogram<u64>>>,
@@ -134,16 +147,17 @@ impl Shared {
         }
     }
 
-    pub fn error(&self, error: String) {
+    /// Keep the first failure of a connection during the run (later ones are its echoes).
+    pub fn error(&self, error: ConnectionFailure) {
         let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
         first.get_or_insert(error);
     }
 
-    pub fn take_error(&self) -> Option<String> {
+    pub fn take_error(&self) -> Option<ConnectionFailure> {
         self.first_error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .take()
     }
 
     /// Record latencies (ns) into one shard under one lock.

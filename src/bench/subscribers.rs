@@ -14,8 +14,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::stats::{now_ns, Batch, Order, Shared};
-use super::wire::{self, Event, FrameReader, Target, WsConn};
+use super::stats::{now_ns, Batch, ConnectionFailure, Order, Shared};
+use super::wire::{self, Event, FrameReader, Target, WireError, WsConn};
+
+/// Why a subscriber connection ended before the run did.
+#[derive(Debug, thiserror::Error)]
+pub enum Ended {
+    #[error("the connection ended")]
+    Eof,
+    #[error("{0}")]
+    Protocol(WireError),
+    #[error("closed by the server ({})", .0.map_or("no code".to_string(), |c| c.to_string()))]
+    Closed(Option<u16>),
+    #[error("the connection broke")]
+    Broke,
+}
 
 /// The open subscriber connections; dropping this closes them all.
 pub struct Subscribers {
@@ -55,7 +68,7 @@ pub struct Plan<'a> {
 }
 
 /// Open every connection, `concurrency` at a time; the first failure fails the run.
-pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, String> {
+pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, WireError> {
     let targets: Vec<Target> = (0..plan.channels)
         .map(|c| plan.target.for_channel(c))
         .collect();
@@ -96,7 +109,7 @@ async fn receive(conn: WsConn, mut order: Order, buffer: usize, shared: &Shared)
         let data: &[u8] = if pending.is_empty() {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => {
-                    ended(shared, order.channel, "the connection ended".into());
+                    ended(shared, order.channel, Ended::Eof);
                     return;
                 }
                 Ok(n) => &buf[..n],
@@ -114,7 +127,7 @@ async fn receive(conn: WsConn, mut order: Order, buffer: usize, shared: &Shared)
         pending = Vec::new();
         order.flush(&mut batch, shared);
         if let Err(e) = fed {
-            ended(shared, order.channel, e);
+            ended(shared, order.channel, Ended::Protocol(e));
             return;
         }
         if let Some(code) = closed {
@@ -124,17 +137,12 @@ async fn receive(conn: WsConn, mut order: Order, buffer: usize, shared: &Shared)
                 &code.unwrap_or(1000).to_be_bytes(),
             );
             let _ = stream.write_all(&reply).await;
-            let code = code.map_or("no code".to_string(), |c| c.to_string());
-            ended(
-                shared,
-                order.channel,
-                format!("closed by the server ({code})"),
-            );
+            ended(shared, order.channel, Ended::Closed(code));
             return;
         }
         if !reply.is_empty() {
             if stream.write_all(&reply).await.is_err() {
-                ended(shared, order.channel, "the connection broke".into());
+                ended(shared, order.channel, Ended::Broke);
                 return;
             }
             reply.clear();
@@ -142,7 +150,7 @@ async fn receive(conn: WsConn, mut order: Order, buffer: usize, shared: &Shared)
     }
 }
 
-fn ended(shared: &Shared, channel: usize, why: String) {
+fn ended(shared: &Shared, channel: usize, why: Ended) {
     shared.ended.fetch_add(1, Ordering::Relaxed);
-    shared.error(format!("a subscriber of channel {channel}: {why}"));
+    shared.error(ConnectionFailure::Subscriber { channel, why });
 }

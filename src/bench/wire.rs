@@ -5,6 +5,7 @@
 //! WebSocket client handshake, a streaming frame reader that keeps only the first bytes of each
 //! message (so a 256 KiB frame is never buffered), masked client frames, and pipelined
 //! HTTP/1.1 POST requests with a response parser.
+//! What can go wrong on the wire is a [`WireError`].
 //! Must not: keep statistics or decide when to send; callers do.
 
 use std::io;
@@ -19,6 +20,41 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connections per source address before the next 127.0.0.x is used.
 const PER_SOURCE: usize = 20_000;
 
+/// A bad target URL, a failed connect or handshake, or bytes that break the protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("{url}: not a URL")]
+    NotAUrl { url: String },
+    #[error("{url}: the bench speaks ws://, http:// and redis://, not {scheme}://")]
+    Scheme { url: String, scheme: String },
+    #[error("{url}: {source}")]
+    Io { url: String, source: io::Error },
+    #[error("{url}: no address")]
+    NoAddress { url: String },
+    #[error("{url}: {ip} is not a loopback address; the bench loads only this machine")]
+    NotLoopback { url: String, ip: IpAddr },
+    #[error("{url}: no handshake within {CONNECT_TIMEOUT:?}")]
+    HandshakeTimeout { url: String },
+    #[error("{url}: the connection ended during the handshake")]
+    HandshakeEnded { url: String },
+    #[error("{url}: handshake response too long")]
+    HandshakeTooLong { url: String },
+    #[error("{url}: refused: {status_line}")]
+    Refused { url: String, status_line: String },
+    #[error("the server sent a masked frame")]
+    MaskedFrame,
+    #[error("bad control frame")]
+    BadControlFrame,
+    #[error("unknown opcode {0}")]
+    UnknownOpcode(u8),
+    #[error("non-UTF-8 response head")]
+    NonUtf8Head,
+    #[error("bad status line: {0}")]
+    BadStatusLine(String),
+    #[error("bad chunk size {0:?}")]
+    BadChunkSize(String),
+}
+
 /// What a URL names: a scheme, a loopback socket address and the rest (path or channel).
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -32,10 +68,10 @@ pub struct Target {
 
 /// Parse `scheme://host:port/rest` and resolve it; refuses anything but loopback addresses,
 /// since a benchmark sends load only to this machine.
-pub async fn target(url: &str) -> Result<Target, String> {
+pub async fn target(url: &str) -> Result<Target, WireError> {
     let (scheme, rest) = url
         .split_once("://")
-        .ok_or_else(|| format!("{url}: not a URL"))?;
+        .ok_or_else(|| WireError::NotAUrl { url: url.into() })?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -44,9 +80,10 @@ pub async fn target(url: &str) -> Result<Target, String> {
         "ws" | "http" => 80,
         "redis" => 6379,
         other => {
-            return Err(format!(
-                "{url}: the bench speaks ws://, http:// and redis://, not {other}://"
-            ))
+            return Err(WireError::Scheme {
+                url: url.into(),
+                scheme: other.into(),
+            })
         }
     };
     let host_port = if authority
@@ -59,14 +96,17 @@ pub async fn target(url: &str) -> Result<Target, String> {
     };
     let addr = tokio::net::lookup_host(&host_port)
         .await
-        .map_err(|e| format!("{url}: {e}"))?
+        .map_err(|source| WireError::Io {
+            url: url.into(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| format!("{url}: no address"))?;
+        .ok_or_else(|| WireError::NoAddress { url: url.into() })?;
     if !addr.ip().is_loopback() {
-        return Err(format!(
-            "{url}: {} is not a loopback address; the bench loads only this machine",
-            addr.ip()
-        ));
+        return Err(WireError::NotLoopback {
+            url: url.into(),
+            ip: addr.ip(),
+        });
     }
     let path = if scheme == "redis" {
         path.trim_start_matches('/').to_string()
@@ -119,14 +159,11 @@ pub async fn ws_connect(
     target: &Target,
     index: usize,
     protocol: Option<&str>,
-) -> Result<WsConn, String> {
+) -> Result<WsConn, WireError> {
     tokio::time::timeout(CONNECT_TIMEOUT, ws_handshake(target, index, protocol))
         .await
-        .map_err(|_| {
-            format!(
-                "ws://{}{}: no handshake within {CONNECT_TIMEOUT:?}",
-                target.authority, target.path
-            )
+        .map_err(|_| WireError::HandshakeTimeout {
+            url: format!("ws://{}{}", target.authority, target.path),
         })?
 }
 
@@ -134,11 +171,13 @@ async fn ws_handshake(
     target: &Target,
     index: usize,
     protocol: Option<&str>,
-) -> Result<WsConn, String> {
+) -> Result<WsConn, WireError> {
     let url = format!("ws://{}{}", target.authority, target.path);
-    let mut stream = connect_tcp(target.addr, index)
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
+    let io = |source| WireError::Io {
+        url: url.clone(),
+        source,
+    };
+    let mut stream = connect_tcp(target.addr, index).await.map_err(io)?;
     let mut request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
@@ -148,33 +187,27 @@ async fn ws_handshake(
         request.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
     }
     request.push_str("\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
+    stream.write_all(request.as_bytes()).await.map_err(io)?;
     let mut response = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     let end = loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
+        let n = stream.read(&mut chunk).await.map_err(io)?;
         if n == 0 {
-            return Err(format!("{url}: the connection ended during the handshake"));
+            return Err(WireError::HandshakeEnded { url });
         }
         response.extend_from_slice(&chunk[..n]);
         if let Some(i) = find(&response, b"\r\n\r\n") {
             break i + 4;
         }
         if response.len() > 16 * 1024 {
-            return Err(format!("{url}: handshake response too long"));
+            return Err(WireError::HandshakeTooLong { url });
         }
     };
     let head = String::from_utf8_lossy(&response[..end]);
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if status != "101" {
-        let first = head.lines().next().unwrap_or("");
-        return Err(format!("{url}: refused: {first}"));
+        let status_line = head.lines().next().unwrap_or("").to_string();
+        return Err(WireError::Refused { url, status_line });
     }
     let protocol_selected = protocol.is_some_and(|p| {
         head.lines().any(|line| {
@@ -249,7 +282,11 @@ impl Default for FrameReader {
 impl FrameReader {
     /// Consume `data`, calling `on` for each complete message or control frame. An error is
     /// a protocol violation (a masked or oversized control frame).
-    pub fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Event<'_>)) -> Result<(), String> {
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        on: &mut impl FnMut(Event<'_>),
+    ) -> Result<(), WireError> {
         loop {
             if !self.in_frame {
                 // Gather the header: 2 bytes, then the extended length.
@@ -298,10 +335,10 @@ impl FrameReader {
         }
     }
 
-    fn start_frame(&mut self, header_len: usize) -> Result<(), String> {
+    fn start_frame(&mut self, header_len: usize) -> Result<(), WireError> {
         let h = &self.header;
         if h[1] & 0x80 != 0 {
-            return Err("the server sent a masked frame".into());
+            return Err(WireError::MaskedFrame);
         }
         self.fin = h[0] & 0x80 != 0;
         let opcode = h[0] & 0x0f;
@@ -318,11 +355,11 @@ impl FrameReader {
             }
             8..=10 => {
                 if self.remaining > 125 || !self.fin {
-                    return Err("bad control frame".into());
+                    return Err(WireError::BadControlFrame);
                 }
                 self.control_len = 0;
             }
-            other => return Err(format!("unknown opcode {other}")),
+            other => return Err(WireError::UnknownOpcode(other)),
         }
         // A continuation keeps the data opcode of its message.
         if opcode != 0 {
@@ -396,7 +433,7 @@ pub struct ResponseReader {
 
 impl ResponseReader {
     /// Add bytes and return the status codes of every response now complete.
-    pub fn feed(&mut self, data: &[u8], statuses: &mut Vec<u16>) -> Result<(), String> {
+    pub fn feed(&mut self, data: &[u8], statuses: &mut Vec<u16>) -> Result<(), WireError> {
         self.buf.extend_from_slice(data);
         let mut at = 0;
         while let Some(used) = parse_response(&self.buf[at..], statuses)? {
@@ -408,16 +445,16 @@ impl ResponseReader {
 }
 
 /// One response at the start of `buf`: its length once complete, `None` while incomplete.
-fn parse_response(buf: &[u8], statuses: &mut Vec<u16>) -> Result<Option<usize>, String> {
+fn parse_response(buf: &[u8], statuses: &mut Vec<u16>) -> Result<Option<usize>, WireError> {
     let Some(head_end) = find(buf, b"\r\n\r\n") else {
         return Ok(None);
     };
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| "non-UTF-8 response head")?;
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| WireError::NonUtf8Head)?;
     let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line: {}", head.lines().next().unwrap_or("")))?;
+        .ok_or_else(|| WireError::BadStatusLine(head.lines().next().unwrap_or("").into()))?;
     let mut length = None;
     let mut chunked = false;
     for line in head.lines().skip(1) {
@@ -441,7 +478,7 @@ fn parse_response(buf: &[u8], statuses: &mut Vec<u16>) -> Result<Option<usize>, 
             };
             let size_text = std::str::from_utf8(&buf[at..at + line_end]).unwrap_or("");
             let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+                .map_err(|_| WireError::BadChunkSize(size_text.into()))?;
             at += line_end + 2;
             if size == 0 {
                 // No trailers expected: the final CRLF.

@@ -75,14 +75,25 @@ pub struct SubArgs {
     pub raw: bool,
 }
 
-fn parse_url(s: &str) -> Result<String, String> {
-    let uri: hyper::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+/// Why a URL argument is refused (clap prints it after the argument's name, exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("not a URL: {0}")]
+    Invalid(#[from] hyper::http::uri::InvalidUri),
+    #[error("the URL must start with ws:// or wss://")]
+    Scheme,
+    #[error("the URL has no host")]
+    NoHost,
+}
+
+fn parse_url(s: &str) -> Result<String, UrlError> {
+    let uri: hyper::Uri = s.parse()?;
     match uri.scheme_str() {
         Some("ws") | Some("wss") => {}
-        _ => return Err("the URL must start with ws:// or wss://".into()),
+        _ => return Err(UrlError::Scheme),
     }
     if uri.host().is_none_or(str::is_empty) {
-        return Err("the URL has no host".into());
+        return Err(UrlError::NoHost);
     }
     Ok(s.to_string())
 }

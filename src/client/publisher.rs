@@ -20,10 +20,10 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, BufReader, Stdin};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::args::PubArgs;
-use super::connect::{open, Backoff, Tls, Ws};
+use super::connect::{open, Backoff, Lost, Tls, Ws};
 use super::INTERRUPTED;
 
 use crate::ACK_PROTOCOL;
@@ -129,9 +129,20 @@ enum End {
     /// Input ended and everything was acknowledged.
     Done,
     /// The connection was lost; reconnect and resend.
-    Lost(String),
+    Lost(Lost),
     Interrupted,
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why `pub` gives up (exit 1).
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("the server acknowledged a message that was never sent")]
+    UnexpectedAck,
+    #[error("reading input: {0}")]
+    Input(#[from] io::Error),
+    #[error("{url} did not accept the {ACK_PROTOCOL} subprotocol: not a lightrelay server?")]
+    NoAckProtocol { url: String },
 }
 
 pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
@@ -170,10 +181,11 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
                 }
             }
             Ok((_, false)) => {
-                eprintln!("lightrelay: {} did not accept the {ACK_PROTOCOL} subprotocol: not a lightrelay server?", args.url);
+                let url = args.url.clone();
+                eprintln!("lightrelay: {}", Failure::NoAckProtocol { url });
                 return ExitCode::FAILURE;
             }
-            Err(e) => e,
+            Err(e) => Lost::Connect(e),
         };
         let wait = backoff.next_wait();
         eprintln!(
@@ -193,7 +205,7 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
                     Ok(Some(message)) => pending.push(message),
                     Ok(None) => {}
                     Err(e) => {
-                        eprintln!("lightrelay: reading input: {e}");
+                        eprintln!("lightrelay: {}", Failure::Input(e));
                         return ExitCode::FAILURE;
                     }
                 },
@@ -210,12 +222,11 @@ enum Step {
 async fn step(
     sink: &mut futures_util::stream::SplitSink<Ws, Message>,
     next: Option<Message>,
-) -> Result<Step, String> {
+) -> Result<Step, tungstenite::Error> {
     match next {
         Some(message) => sink.feed(message).await.map(|()| Step::Fed),
         None => sink.flush().await.map(|()| Step::Flushed),
     }
-    .map_err(|e| e.to_string())
 }
 
 async fn session<F>(
@@ -254,18 +265,15 @@ where
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(_))) => {
                     if pending.sent == 0 {
-                        return End::Failed("the server acknowledged a message that was never sent".into());
+                        return End::Failed(Failure::UnexpectedAck);
                     }
                     pending.messages.pop_front();
                     pending.sent -= 1;
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    let why = frame.map_or("closed by the server".to_string(), |f| format!("closed by the server: {} {}", u16::from(f.code), f.reason));
-                    return End::Lost(why);
-                }
+                Some(Ok(Message::Close(frame))) => return End::Lost(Lost::Closed(frame)),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return End::Lost(e.to_string()),
-                None => return End::Lost("connection ended".into()),
+                Some(Err(e)) => return End::Lost(Lost::Broken(e)),
+                None => return End::Lost(Lost::Ended),
             },
             stepped = step(&mut sink, unsent), if can_step => match stepped {
                 Ok(Step::Fed) => {
@@ -273,12 +281,12 @@ where
                     unflushed = true;
                 }
                 Ok(Step::Flushed) => unflushed = false,
-                Err(e) => return End::Lost(e),
+                Err(e) => return End::Lost(Lost::Broken(e)),
             },
             next = source.next(), if can_read => match next {
                 Ok(Some(message)) => pending.push(message),
                 Ok(None) => {}
-                Err(e) => return End::Failed(format!("reading input: {e}")),
+                Err(e) => return End::Failed(Failure::Input(e)),
             },
         }
     }

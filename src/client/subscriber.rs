@@ -8,11 +8,10 @@ use std::process::ExitCode;
 use base64::Engine;
 use futures_util::StreamExt;
 use tokio::io::{AsyncWriteExt, Stdout};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::args::SubArgs;
-use super::connect::{open, Backoff, Tls};
+use super::connect::{open, Backoff, Lost, Tls};
 use super::INTERRUPTED;
 
 pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
@@ -50,15 +49,10 @@ pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
                                 .into_bytes(),
                         ),
                         Some(Ok(Message::Close(frame))) => {
-                            let normal = frame.as_ref().is_none_or(|f| {
-                                matches!(f.code, CloseCode::Normal | CloseCode::Away)
-                            });
-                            let why = frame.map_or("closed".to_string(), |f| {
-                                format!("closed: {} {}", u16::from(f.code), f.reason)
-                            });
+                            let why = Lost::Closed(frame);
                             if args.once {
                                 eprintln!("lightrelay: {why}");
-                                return if normal {
+                                return if why.is_normal_close() {
                                     ExitCode::SUCCESS
                                 } else {
                                     ExitCode::FAILURE
@@ -67,8 +61,8 @@ pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
                             break why;
                         }
                         Some(Ok(_)) => continue,
-                        Some(Err(e)) => break e.to_string(),
-                        None => break "connection ended".to_string(),
+                        Some(Err(e)) => break Lost::Broken(e),
+                        None => break Lost::Ended,
                     };
                     if write(&mut out, payload).await.is_err() {
                         // stdout closed (`| head`): nothing more is wanted.
@@ -81,7 +75,7 @@ pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
                     }
                 }
             }
-            Err(e) => e,
+            Err(e) => Lost::Connect(e),
         };
         if args.once {
             eprintln!("lightrelay: {}: {problem}", args.url);

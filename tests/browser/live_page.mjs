@@ -240,7 +240,14 @@ async function main() {
     // 4. Phone width: nothing wider than the screen.
     step('phone width');
     await page.setViewportSize({ width: 390, height: 844 });
-    await page.waitForTimeout(300);
+    // The chart follows its box through a ResizeObserver: wait until it was redrawn at the
+    // box's new width (uPlot's root element), whatever that width is.
+    await waitFor(page, 'the chart redrawn at the phone width', () => {
+      const chart = document.getElementById('chart');
+      const plot = chart.querySelector('.uplot');
+      return window.innerWidth === 390 && plot !== null
+        && plot.offsetWidth === Math.max(200, chart.clientWidth);
+    });
     const [overflow, culprits] = await page.evaluate(() => [
       document.documentElement.scrollWidth - window.innerWidth,
       [...document.querySelectorAll('body *')]

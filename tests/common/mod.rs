@@ -714,5 +714,48 @@ impl Redis {
                 .expect("redis closed the pipeline");
             assert!(!line.starts_with('-'), "redis: {line}");
         }
+
+/// A child's standard error, read line by line as it comes (on a thread of its own), so a
+/// test can wait for what the child says instead of sleeping.
+pub struct StderrLines {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl StderrLines {
+    /// Take over `child`'s piped stderr.
+    pub fn read(child: &mut Child) -> StderrLines {
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            // Ends when the child exits and its stderr closes.
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        StderrLines { lines, reader }
+    }
+
+    /// Wait (as [`eventually`] does) until the lines so far satisfy `ok`.
+    pub async fn wait_for(&self, what: &str, ok: impl Fn(&[String]) -> bool) {
+        let ok = &ok;
+        eventually(|| async move {
+            let lines = self.lines.lock().unwrap().clone();
+            match ok(&lines) {
+                true => Ok(()),
+                false => Err(format!("stderr never showed {what}: {lines:?}")),
+            }
+        })
+        .await
+    }
+
+    /// Everything the child wrote, once it has exited (its stderr is then closed).
+    pub fn all(self) -> String {
+        let _ = self.reader.join();
+        let lines = self.lines.lock().unwrap();
+        lines.join("\n")
     }
 }
