@@ -110,7 +110,7 @@ fn raise_open_file_limit(max_connections: usize) {
 /// 4 × 8 KiB header buffers, and what an unfinished request can cost. Past it: 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-/// Refusals over `--max-connections` that may linger at once (see [`refuse_over_capacity`]);
+/// Refusals over `--max-connections` that may linger at once (see [`linger`]);
 /// past that, a refused connection is answered without waiting and closed at once.
 const LINGERING_REFUSALS: usize = 64;
 
@@ -136,28 +136,7 @@ pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) ->
                     Some(slot) => {
                         relay.tracker.spawn(serve_http(relay.clone(), stream, slot));
                     }
-                    None => {
-                        relay.metrics.refused("over_capacity");
-                        let answer = super::http::raw_refusal(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            &format!(
-                                "server full: {} connections (--max-connections)",
-                                relay.common.max_connections
-                            ),
-                            "retry-after: 1\r\n",
-                        );
-                        match lingering.clone().try_acquire_owned() {
-                            Ok(permit) => {
-                                relay.tracker.spawn(async move {
-                                    refuse_over_capacity(stream, answer).await;
-                                    drop(permit);
-                                });
-                            }
-                            Err(_) => {
-                                let _ = stream.try_write(&answer);
-                            }
-                        }
-                    }
+                    None => refuse_over_capacity(&relay, stream, &lingering),
                 }
             }
             Err(e) => {
@@ -185,10 +164,35 @@ pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) ->
     Ok(())
 }
 
-/// Answer a connection over `--max-connections` with `answer` (a 503), written on the socket
-/// without hyper, and close it; for at most a second, reading (and dropping) what the client
-/// sent meanwhile so that the close does not reset the connection before the 503 is read.
-async fn refuse_over_capacity(mut stream: TcpStream, answer: Vec<u8>) {
+/// Answer a connection over `--max-connections` with a 503 written on the socket without
+/// hyper, and close it. Up to [`LINGERING_REFUSALS`] at once linger (see [`linger`]); past
+/// that, the answer is written if the socket takes it at once, and the connection dropped.
+fn refuse_over_capacity<R: Role>(relay: &Relay<R>, stream: TcpStream, lingering: &Arc<Semaphore>) {
+    relay.metrics.refused("over_capacity");
+    let answer = http::raw_refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!(
+            "server full: {} connections (--max-connections)",
+            relay.common.max_connections
+        ),
+        "retry-after: 1\r\n",
+    );
+    match lingering.clone().try_acquire_owned() {
+        Ok(permit) => {
+            relay.tracker.spawn(async move {
+                linger(stream, answer).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            let _ = stream.try_write(&answer);
+        }
+    }
+}
+
+/// Write `answer`, send FIN, and for at most a second read (and drop) what the client sent
+/// meanwhile, so that closing does not reset the connection before the answer is read.
+async fn linger(mut stream: TcpStream, answer: Vec<u8>) {
     let linger = async {
         stream.write_all(&answer).await?;
         stream.shutdown().await?;
