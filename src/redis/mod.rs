@@ -62,7 +62,11 @@ fn builder(args: &CommonArgs, purpose: Purpose) -> Result<Builder, Error> {
     // Keep retrying the first connection too: a relay starts (and listens) while Redis is down.
     config.fail_fast = false;
     // Empty (`LIGHTRELAY_REDIS_CA=` in the defaults file) means not set.
-    if let Some(ca) = args.redis_ca.as_ref().filter(|ca| !ca.as_os_str().is_empty()) {
+    if let Some(ca) = args
+        .redis_ca
+        .as_ref()
+        .filter(|ca| !ca.as_os_str().is_empty())
+    {
         if config.tls.is_none() {
             return Err(Error::Config(
                 "--redis-ca is set but --redis-url is not rediss://".into(),

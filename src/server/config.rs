@@ -1,7 +1,9 @@
 //! Command-line flags and their environment variables, for both servers.
 //!
-//! Owns: every flag's name, default, environment variable and parsing (durations, sizes,
-//! Redis URLs), so a bad value is refused by clap with exit code 2 before anything starts.
+//! Owns: every flag's name, default, environment variable, parsing (durations, sizes, Redis
+//! URLs) and allowed range, so a bad value is refused by clap with exit code 2 and one line
+//! naming the flag and its range before anything starts; and [`CommonArgs::check`], the one
+//! rule that spans two flags (`--idle-timeout` longer than `--ping-interval`).
 //! Must not: open sockets, talk to Redis or read files; it only describes what to do.
 
 use std::net::SocketAddr;
@@ -26,35 +28,37 @@ pub struct CommonArgs {
 
     /// How long publishing may wait for an unreachable Redis before the client is closed
     /// with 1013.
-    #[arg(long, env = "LIGHTRELAY_REDIS_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "LIGHTRELAY_REDIS_TIMEOUT", default_value = "10s", value_parser = redis_timeout)]
     pub redis_timeout: Duration,
 
     /// Prepended to the request path to name the Redis channel.
     #[arg(long, env = "LIGHTRELAY_CHANNEL_PREFIX", default_value = "lightlevel")]
     pub channel_prefix: String,
 
-    /// Longest accepted request path, in bytes (longer: HTTP 400).
-    #[arg(long, env = "LIGHTRELAY_MAX_PATH_BYTES", default_value_t = 256)]
+    /// Longest accepted request path, in bytes (longer: HTTP 400). 1 to 8192.
+    #[arg(long, env = "LIGHTRELAY_MAX_PATH_BYTES", default_value_t = 256, value_parser = max_path_bytes)]
     pub max_path_bytes: usize,
 
-    /// Largest WebSocket message or POST body, in bytes (also 64KiB, 1MiB). Larger: close 1009 / HTTP 413.
-    #[arg(long, env = "LIGHTRELAY_MAX_MESSAGE_BYTES", default_value = "1MiB", value_parser = parse_size)]
+    /// Largest WebSocket message or POST body, in bytes (also 64KiB, 1MiB), 1 to 256MiB.
+    /// Larger: close 1009 / HTTP 413.
+    #[arg(long, env = "LIGHTRELAY_MAX_MESSAGE_BYTES", default_value = "1MiB", value_parser = max_message_bytes)]
     pub max_message_bytes: usize,
 
     /// Interval between WebSocket pings to each client, and between health PINGs to Redis.
-    #[arg(long, env = "LIGHTRELAY_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "LIGHTRELAY_PING_INTERVAL", default_value = "30s", value_parser = ping_interval)]
     pub ping_interval: Duration,
 
-    /// A client silent for this long (no frame, no pong) is closed.
-    #[arg(long, env = "LIGHTRELAY_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    /// A client silent for this long (no frame, no pong) is closed. Longer than --ping-interval.
+    #[arg(long, env = "LIGHTRELAY_IDLE_TIMEOUT", default_value = "90s", value_parser = idle_timeout)]
     pub idle_timeout: Duration,
 
     /// A connection that has not finished its HTTP request or WebSocket handshake by then is dropped.
-    #[arg(long, env = "LIGHTRELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "LIGHTRELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = handshake_timeout)]
     pub handshake_timeout: Duration,
 
-    /// Most WebSocket clients at once; past it, upgrades are answered 503.
-    #[arg(long, env = "LIGHTRELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    /// Most TCP connections at once (WebSocket clients and plain HTTP requests alike); past
+    /// it, a new connection is answered 503 and closed. 1 to 1000000.
+    #[arg(long, env = "LIGHTRELAY_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = max_connections)]
     pub max_connections: usize,
 
     /// Publishes in flight per client before the server stops reading from it (back-pressure).
@@ -68,7 +72,7 @@ pub struct CommonArgs {
     pub redis_connections: u32,
 
     /// How long SIGTERM/SIGINT waits for clients to be closed and publishes to finish.
-    #[arg(long, env = "LIGHTRELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "LIGHTRELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = shutdown_timeout)]
     pub shutdown_timeout: Duration,
 
     /// Log format on stderr (the filter comes from RUST_LOG, default info).
@@ -163,6 +167,115 @@ fn parse_path(s: &str) -> Result<std::path::PathBuf, String> {
     Ok(s.into())
 }
 
+// Allowed ranges. Each keeps a value from breaking the server rather than from being unusual:
+// a zero interval spins every session and floods Redis with PINGs, a huge size or duration
+// overflows arithmetic at the first connection. README's flag table lists the same numbers.
+
+/// `--ping-interval`: below 100 ms pings would be most of the traffic (and a PING to Redis per
+/// interval and connection); above an hour no proxy keeps an idle connection open anyway.
+pub(crate) const PING_INTERVAL: (Duration, Duration) = (ms(100), secs(3_600));
+/// `--idle-timeout`: at least a second, at most a day (and longer than `--ping-interval`).
+pub(crate) const IDLE_TIMEOUT: (Duration, Duration) = (secs(1), secs(86_400));
+/// `--handshake-timeout`: a request needs at least a round trip; ten minutes is generous for
+/// the slowest link, and past it a stalled request only holds a connection slot.
+pub(crate) const HANDSHAKE_TIMEOUT: (Duration, Duration) = (ms(100), secs(600));
+/// `--redis-timeout`: shorter than 100 ms would close clients on a Redis hiccup.
+pub(crate) const REDIS_TIMEOUT: (Duration, Duration) = (ms(100), secs(3_600));
+/// `--shutdown-timeout`: 0 drops clients at once; an hour bounds a stop that systemd waits for.
+pub(crate) const SHUTDOWN_TIMEOUT: (Duration, Duration) = (secs(0), secs(3_600));
+/// `--max-message-bytes`: a message is held several times on its way (read buffer, frame,
+/// Redis command; per POST, the POST body budget holds eight of them), and Redis refuses bulk
+/// strings over 512 MB by default: 256 MiB stays clear of both.
+pub(crate) const MAX_MESSAGE_BYTES: (usize, usize) = (1, 256 << 20);
+/// `--max-path-bytes`: a request line must fit in 8 KiB (nginx's and our header buffer).
+pub(crate) const MAX_PATH_BYTES: (usize, usize) = (1, 8_192);
+/// `--max-connections`: a million is past what one process serves (and its file descriptors).
+pub(crate) const MAX_CONNECTIONS: (usize, usize) = (1, 1_000_000);
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn ping_interval(s: &str) -> Result<Duration, String> {
+    duration_in(s, PING_INTERVAL)
+}
+
+fn idle_timeout(s: &str) -> Result<Duration, String> {
+    duration_in(s, IDLE_TIMEOUT)
+}
+
+fn handshake_timeout(s: &str) -> Result<Duration, String> {
+    duration_in(s, HANDSHAKE_TIMEOUT)
+}
+
+fn redis_timeout(s: &str) -> Result<Duration, String> {
+    duration_in(s, REDIS_TIMEOUT)
+}
+
+fn shutdown_timeout(s: &str) -> Result<Duration, String> {
+    duration_in(s, SHUTDOWN_TIMEOUT)
+}
+
+fn max_message_bytes(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    within(n, MAX_MESSAGE_BYTES, |n| match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+        n => n.to_string(),
+    })
+}
+
+fn max_path_bytes(s: &str) -> Result<usize, String> {
+    within(parse_count(s)?, MAX_PATH_BYTES, |n| n.to_string())
+}
+
+fn max_connections(s: &str) -> Result<usize, String> {
+    within(parse_count(s)?, MAX_CONNECTIONS, |n| n.to_string())
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))
+}
+
+fn duration_in(s: &str, range: (Duration, Duration)) -> Result<Duration, String> {
+    within(parse_duration(s)?, range, |d| {
+        humantime::format_duration(d).to_string()
+    })
+}
+
+/// `value`, or the one-line reason naming the allowed range (clap puts the flag before it).
+fn within<T: PartialOrd + Copy>(
+    value: T,
+    (min, max): (T, T),
+    show: impl Fn(T) -> String,
+) -> Result<T, String> {
+    if value < min || value > max {
+        return Err(format!("allowed: {} to {}", show(min), show(max)));
+    }
+    Ok(value)
+}
+
+impl CommonArgs {
+    /// The rule no single flag can check: a client that only answers pings (a browser, an
+    /// idle subscriber) must not be closed as idle between two of them. A broken rule is
+    /// one line for stderr, naming both flags; the server exits 2 with it.
+    pub fn check(&self) -> Result<(), String> {
+        if self.idle_timeout <= self.ping_interval {
+            return Err(format!(
+                "--idle-timeout ({}) must be longer than --ping-interval ({})",
+                humantime::format_duration(self.idle_timeout),
+                humantime::format_duration(self.ping_interval),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Seconds (`30`) or a number with a unit (`30s`, `500ms`, `2m`, `1h`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -219,6 +332,24 @@ mod tests {
         assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
         assert!(parse_size("1GiB").is_err());
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn bounded_flags_refuse_values_outside_their_range_and_name_it() {
+        assert_eq!(ping_interval("100ms").unwrap(), Duration::from_millis(100));
+        assert_eq!(ping_interval("0").unwrap_err(), "allowed: 100ms to 1h");
+        assert!(idle_timeout("999ms").is_err());
+        assert!(idle_timeout("2d").is_err());
+        assert_eq!(shutdown_timeout("0").unwrap(), Duration::ZERO);
+        assert_eq!(
+            max_message_bytes("257MiB").unwrap_err(),
+            "allowed: 1 to 256MiB"
+        );
+        assert_eq!(max_message_bytes("256MiB").unwrap(), 256 << 20);
+        assert!(max_message_bytes("0").is_err());
+        assert!(max_path_bytes("8193").is_err());
+        assert!(max_connections("0").is_err());
+        assert!(max_connections("18446744073709551616").is_err());
     }
 
     #[test]

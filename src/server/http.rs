@@ -2,29 +2,39 @@
 //!
 //! Owns: routing (`/healthz`, `/metrics`, `POST /PATH`, the live page's files on the subscribe
 //! server, WebSocket upgrades, 426 for the rest),
-//! the refusals that happen before an upgrade (400 bad path, 503 over `--max-connections`),
-//! the WebSocket handshake itself (accept key, `lightrelay.ack` subprotocol, buffer sizes) and
-//! handing the upgraded connection to its session.
-//! Must not: hold per-connection state after the upgrade, or block on Redis except for a POST
-//! publish (bounded by `--redis-timeout`).
+//! the refusals that happen before an upgrade (400 bad path, bad key or HTTP/1.0; 413, 408,
+//! 503 when the POST body budget is spent), each with a one-line reason and
+//! `Connection: close` so the connection ends with the answer; the raw answers written
+//! before hyper parses anything ([`raw_refusal`]: 503 over `--max-connections`, and
+//! [`RequestLineGuard`]'s 400 for a request target hyper's parser would refuse with an empty
+//! body); the WebSocket handshake itself (accept key, `lightrelay.ack` subprotocol, buffer
+//! sizes) and handing the upgraded connection, with its connection slot, to its session.
+//! Must not: hold per-connection state after the upgrade, wait for the POST body budget, or
+//! block on Redis except for a POST publish (bounded by `--redis-timeout`).
 //! Room left: authentication (SPEC §8) is a check between `upgrade_target` and the 101.
 
 use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
+use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use super::channel::ChannelName;
-use super::relay::{Relay, Role, Upgraded};
+use super::metrics::Metrics;
+use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
 use super::socket::Socket;
 use crate::ACK_PROTOCOL;
 
@@ -41,13 +51,37 @@ pub(crate) fn reply(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     response
 }
 
-/// Answer one HTTP request.
+/// A refusal: `reply` with `Connection: close`, so hyper ends the connection once the answer
+/// is out instead of keeping it open for another request until the handshake timeout.
+pub(crate) fn refusal(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    let mut response = reply(status, body);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// A whole refusal as bytes, for the answers written on the socket before (or instead of)
+/// hyper: `reason` is one line.
+pub(crate) fn raw_refusal(status: StatusCode, reason: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\n{extra_headers}\r\n{reason}\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        reason.len() + 1,
+    )
+    .into_bytes()
+}
+
+/// Answer one HTTP request on a connection holding `slot`.
 pub(crate) async fn handle<R: Role>(
     relay: Arc<Relay<R>>,
+    slot: Arc<ConnectionSlot<R>>,
     req: Request<Incoming>,
 ) -> Result<Reply, Infallible> {
     if is_upgrade(&req) {
-        return Ok(upgrade(relay, req).await);
+        return Ok(upgrade(relay, slot, req).await);
     }
     let path = req.uri().path();
     // The live page (SPEC §7) belongs to the subscribe server; the publish server's `GET /`
@@ -74,7 +108,7 @@ pub(crate) async fn handle<R: Role>(
         }
         (&Method::POST, _) if relay.role.publishes() => post(relay, req).await,
         _ => {
-            let mut response = reply(
+            let mut response = refusal(
                 StatusCode::UPGRADE_REQUIRED,
                 "this is a WebSocket endpoint: connect with ws:// (GET /healthz and /metrics answer plain HTTP)\n",
             );
@@ -110,7 +144,7 @@ fn channel_of<R: Role>(
     let common = &relay.common;
     ChannelName::from_target(&common.channel_prefix, target, common.max_path_bytes).map_err(|e| {
         relay.metrics.refused("bad_path");
-        Box::new(reply(StatusCode::BAD_REQUEST, format!("{e}\n")))
+        Box::new(refusal(StatusCode::BAD_REQUEST, format!("{e}\n")))
     })
 }
 
@@ -121,6 +155,37 @@ async fn post<R: Role>(relay: Arc<Relay<R>>, req: Request<Incoming>) -> Reply {
         Err(refusal) => return *refusal,
     };
     let max = relay.common.max_message_bytes;
+    let too_large = || {
+        refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {max} bytes (--max-message-bytes)\n"),
+        )
+    };
+    // A declared Content-Length is known before any of the body: refuse at once rather than
+    // after reading (or waiting for) bytes that will be thrown away.
+    let declared = req.body().size_hint().lower();
+    if declared > max as u64 {
+        return too_large();
+    }
+    // The bytes this body may hold, from the process-wide budget, taken without waiting: a
+    // body without Content-Length (chunked) may grow to --max-message-bytes.
+    let want = match req.body().size_hint().exact() {
+        Some(len) => len as usize,
+        None => max,
+    };
+    // Bounded by MAX_MESSAGE_BYTES (256 MiB), so it fits a u32.
+    let want = u32::try_from(want).unwrap_or(u32::MAX);
+    let Ok(_held) = relay.post_budget.try_acquire_many(want) else {
+        relay.metrics.refused("post_budget");
+        let mut response = refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many POST bodies being received at once; try again shortly\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
     // The body is part of the request: hyper's header timeout does not cover it, so a body
     // that stalls is bounded here by the same --handshake-timeout (else it holds the
     // connection forever).
@@ -128,21 +193,16 @@ async fn post<R: Role>(relay: Arc<Relay<R>>, req: Request<Incoming>) -> Reply {
     let collected =
         tokio::time::timeout(patience, Limited::new(req.into_body(), max).collect()).await;
     let Ok(collected) = collected else {
-        return reply(
+        return refusal(
             StatusCode::REQUEST_TIMEOUT,
             format!("body not received within {patience:?} (--handshake-timeout)\n"),
         );
     };
     let body = match collected {
         Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return reply(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("body larger than {max} bytes (--max-message-bytes)\n"),
-            );
-        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
         Err(e) => {
-            return reply(
+            return refusal(
                 StatusCode::BAD_REQUEST,
                 format!("could not read body: {e}\n"),
             )
@@ -155,11 +215,22 @@ async fn post<R: Role>(relay: Arc<Relay<R>>, req: Request<Incoming>) -> Reply {
 }
 
 /// Check an upgrade request, answer 101 and start its session; or refuse it before the upgrade.
-async fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> Reply {
+async fn upgrade<R: Role>(
+    relay: Arc<Relay<R>>,
+    slot: Arc<ConnectionSlot<R>>,
+    mut req: Request<Incoming>,
+) -> Reply {
     if req.method() != Method::GET {
-        return reply(
+        return refusal(
             StatusCode::BAD_REQUEST,
             "a WebSocket upgrade must be a GET\n",
+        );
+    }
+    // RFC 6455 §4.1: the opening handshake is an HTTP/1.1 request (1.0 has no Upgrade).
+    if req.version() != Version::HTTP_11 {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade must be an HTTP/1.1 request\n",
         );
     }
     let channel = match channel_of(&relay, &req) {
@@ -172,7 +243,7 @@ async fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> R
         .map(|v| v.as_bytes())
         != Some(b"13")
     {
-        let mut response = reply(
+        let mut response = refusal(
             StatusCode::UPGRADE_REQUIRED,
             "only WebSocket version 13 is supported\n",
         );
@@ -183,21 +254,17 @@ async fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> R
         return response;
     }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        return reply(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+        return refusal(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
-    if !header_has_token(&req, header::CONNECTION, "upgrade") {
-        return reply(StatusCode::BAD_REQUEST, "missing 'Connection: upgrade'\n");
-    }
-    let Some(slot) = relay.admit() else {
-        relay.metrics.refused("over_capacity");
-        return reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "server full: {} connections (--max-connections)\n",
-                relay.common.max_connections
-            ),
+    if !is_websocket_key(key.as_bytes()) {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key must be 16 bytes in base64 (24 characters)\n",
         );
-    };
+    }
+    if !header_has_token(&req, header::CONNECTION, "upgrade") {
+        return refusal(StatusCode::BAD_REQUEST, "missing 'Connection: upgrade'\n");
+    }
     // Acks only where messages are published: a subscribe server without --accept-publish
     // does not select the subprotocol, so an ack publisher pointed at it fails at once
     // instead of waiting for acks that never come.
@@ -262,14 +329,178 @@ async fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> R
     response
 }
 
+/// RFC 6455 §4.1: the key is a base64-encoded 16-byte value.
+fn is_websocket_key(key: &[u8]) -> bool {
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|bytes| bytes.len() == 16)
+}
+
 /// Back from hyper's upgraded connection to the TCP stream itself, and what hyper read past
 /// the request: the session and the hub share the stream as a [`Socket`] (the hub writes
 /// directly to idle subscribers). Nothing of hyper's is kept: its read buffer would stay
 /// allocated (8 KiB) for as long as a slice of it lived.
 fn into_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(Socket, Vec<u8>)> {
-    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    let parts = upgraded.downcast::<TokioIo<RequestLineGuard>>().ok()?;
     let read_ahead = parts.read_buf.to_vec();
-    Some((Socket::new(parts.io.into_inner()), read_ahead))
+    Some((Socket::new(parts.io.into_inner().stream), read_ahead))
+}
+
+/// The TCP stream as hyper reads it, watching the request target of the connection's first
+/// request as it passes (SPEC §2). hyper's parser refuses a target holding DEL, a byte
+/// 0x80-0xFF or a control byte with a bare 400 and an empty body, and has no hook to say
+/// more; so the guard sees such a byte first, writes a 400 with the reason itself and ends
+/// the connection (an I/O error to hyper, which then answers nothing). After the first
+/// request line it only passes reads and writes through; the upgrade unwraps it.
+pub(crate) struct RequestLineGuard {
+    stream: TcpStream,
+    state: Scan,
+    metrics: Metrics,
+}
+
+enum Scan {
+    /// In the method (a token), before the first space.
+    Method,
+    /// In the request target, `offset` bytes in.
+    Target { offset: usize },
+    /// The request line passed (or is not one this guard judges): hyper decides.
+    Passed,
+    /// Writing the 400.
+    Refusing { answer: Vec<u8>, written: usize },
+    /// Sending FIN after the 400.
+    Closing,
+    /// Reading what the client had sent (at most `left` more bytes), so that closing the
+    /// socket does not reset the connection and lose the 400 on its way (nginx's lingering
+    /// close); hyper's header timeout bounds the time.
+    Draining { left: usize },
+    /// The 400 is out: every further read fails, so hyper ends the connection.
+    Refused,
+}
+
+impl RequestLineGuard {
+    pub(crate) fn new(stream: TcpStream, metrics: Metrics) -> Self {
+        RequestLineGuard {
+            stream,
+            state: Scan::Method,
+            metrics,
+        }
+    }
+
+    /// Follow the request line through `bytes`; the reason when the target holds a byte
+    /// outside 0x21-0x7E.
+    fn scan(&mut self, bytes: &[u8]) -> Option<String> {
+        for &byte in bytes {
+            match &mut self.state {
+                Scan::Method if byte == b' ' => self.state = Scan::Target { offset: 0 },
+                // A method is a token; anything else is hyper's to refuse.
+                Scan::Method if !byte.is_ascii_graphic() => self.state = Scan::Passed,
+                Scan::Method => {}
+                Scan::Target { .. } if matches!(byte, b' ' | b'\r' | b'\n') => {
+                    self.state = Scan::Passed;
+                }
+                Scan::Target { offset } if !(0x21..=0x7E).contains(&byte) => {
+                    return Some(format!(
+                        "request target holds byte 0x{byte:02X} at offset {offset}; \
+                         only printable ASCII (0x21-0x7E) is allowed"
+                    ));
+                }
+                Scan::Target { offset } => *offset += 1,
+                _ => return None,
+            }
+        }
+        None
+    }
+}
+
+impl AsyncRead for RequestLineGuard {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                Scan::Passed => return Pin::new(&mut this.stream).poll_read(cx, buf),
+                Scan::Method | Scan::Target { .. } => {
+                    let before = buf.filled().len();
+                    ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
+                    let Some(reason) = this.scan(&buf.filled()[before..]) else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    // hyper never sees these bytes.
+                    buf.set_filled(before);
+                    this.metrics.refused("bad_path");
+                    this.state = Scan::Refusing {
+                        answer: raw_refusal(StatusCode::BAD_REQUEST, &reason, ""),
+                        written: 0,
+                    };
+                }
+                Scan::Refusing { answer, written } => {
+                    while *written < answer.len() {
+                        match ready!(Pin::new(&mut this.stream).poll_write(cx, &answer[*written..]))
+                        {
+                            Ok(0) => break,
+                            Ok(n) => *written += n,
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                    }
+                    this.state = Scan::Closing;
+                }
+                Scan::Closing => {
+                    // An error here only means the client is gone already.
+                    let _ = ready!(Pin::new(&mut this.stream).poll_shutdown(cx));
+                    this.state = Scan::Draining { left: 64 * 1024 };
+                }
+                Scan::Draining { left } => {
+                    let mut scratch = [0u8; 1024];
+                    let mut scratch = ReadBuf::new(&mut scratch);
+                    match ready!(Pin::new(&mut this.stream).poll_read(cx, &mut scratch)) {
+                        Ok(()) if !scratch.filled().is_empty() && *left > 1024 => {
+                            *left -= scratch.filled().len();
+                        }
+                        _ => this.state = Scan::Refused,
+                    }
+                }
+                Scan::Refused => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "request target refused before parsing",
+                    )))
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for RequestLineGuard {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 /// Buffer sizes, chosen on purpose: tungstenite's defaults (128 KiB to read, 128 KiB before a

@@ -1,9 +1,12 @@
 //! A server's life from bind to exit (SPEC §5): the accept loop and the graceful stop.
 //!
-//! Owns: binding, sd_notify `READY=1` once bound, the accept loop (TCP_NODELAY, back-off on
-//! accept errors), one hyper connection per TCP connection with the handshake timeout, and
-//! the graceful stop: stop accepting, let every session close with 1001 after its in-flight
-//! publishes, exit within `--shutdown-timeout`.
+//! Owns: the checks before start (the flag rule clap cannot see, the open-file limit raised
+//! to its hard limit), binding, sd_notify `READY=1` once bound, the accept loop (TCP_NODELAY,
+//! back-off on accept errors, `--max-connections`: every accepted connection takes a slot
+//! or is answered 503 on the socket and closed), one hyper connection per TCP connection
+//! with the handshake timeout and a bounded request head, and the graceful stop: stop
+//! accepting, let every session close with 1001 after its in-flight publishes, exit within
+//! `--shutdown-timeout`.
 //! Must not: route requests (`http` does) or know a role's Redis connections.
 
 use std::future::Future;
@@ -14,13 +17,17 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::StatusCode;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::config::CommonArgs;
+use super::http::RequestLineGuard;
 use super::metrics::Metrics;
-use super::relay::{Relay, Role};
+use super::relay::{ConnectionSlot, Relay, Role};
 use super::{http, shutdown};
 use crate::Error;
 
@@ -32,6 +39,11 @@ where
     R: Role,
     F: FnOnce(&CommonArgs, &Metrics, &CancellationToken) -> Result<R, Error>,
 {
+    if let Err(why) = common.check() {
+        eprintln!("error: {why}");
+        return ExitCode::from(2);
+    }
+    raise_open_file_limit(common.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,6 +87,37 @@ where
     })
 }
 
+/// File descriptors a server needs besides its client connections: the listener, Redis
+/// connections (`--redis-connections`, the subscriber, health checks), logs, the runtime.
+const OTHER_FILES: u64 = 64;
+
+/// Raise the soft open-file limit to the hard one (systemd's default soft limit, 1024, is
+/// far below `--max-connections`), and warn when even that cannot hold `--max-connections`:
+/// past it, accepting fails and connections wait in the kernel's backlog instead of getting
+/// their 503.
+fn raise_open_file_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if (max_connections as u64).saturating_add(OTHER_FILES) > limit => {
+            tracing::warn!(
+                open_file_limit = limit,
+                max_connections,
+                "the open-file limit (RLIMIT_NOFILE, LimitNOFILE= under systemd) is below \
+                 --max-connections + {OTHER_FILES}: connections past it wait unanswered"
+            );
+        }
+        Ok(limit) => tracing::debug!(open_file_limit = limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+}
+
+/// The most bytes of one request head (request line and headers) held at once: like nginx's
+/// 4 × 8 KiB header buffers, and what an unfinished request can cost. Past it: 431.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Refusals over `--max-connections` that may linger at once (see [`linger`]);
+/// past that, a refused connection is answered without waiting and closed at once.
+const LINGERING_REFUSALS: usize = 64;
+
 /// Serve on `listener` until the relay's shutdown token is cancelled, then stop gracefully.
 pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) -> Result<(), Error> {
     let addr = listener.local_addr()?;
@@ -82,6 +125,7 @@ pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) ->
     tracing::info!(%addr, %redis, role = R::NAME, "listening");
     shutdown::notify_ready();
     let shutdown = relay.shutdown.clone();
+    let lingering = Arc::new(Semaphore::new(LINGERING_REFUSALS));
 
     let mut accept_errors = 0u32;
     loop {
@@ -92,7 +136,12 @@ pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) ->
         match accepted {
             Ok((stream, _peer)) => {
                 accept_errors = 0;
-                relay.tracker.spawn(serve_http(relay.clone(), stream));
+                match relay.admit() {
+                    Some(slot) => {
+                        relay.tracker.spawn(serve_http(relay.clone(), stream, slot));
+                    }
+                    None => refuse_over_capacity(&relay, stream, &lingering),
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait instead of spinning.
@@ -119,17 +168,68 @@ pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) ->
     Ok(())
 }
 
-/// One TCP connection: plain HTTP requests until it upgrades (or ends).
-fn serve_http<R: Role>(relay: Arc<Relay<R>>, stream: TcpStream) -> impl Future<Output = ()> {
+/// Answer a connection over `--max-connections` with a 503 written on the socket without
+/// hyper, and close it. Up to [`LINGERING_REFUSALS`] at once linger (see [`linger`]); past
+/// that, the answer is written if the socket takes it at once, and the connection dropped.
+fn refuse_over_capacity<R: Role>(relay: &Relay<R>, stream: TcpStream, lingering: &Arc<Semaphore>) {
+    relay.metrics.refused("over_capacity");
+    let answer = http::raw_refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!(
+            "server full: {} connections (--max-connections)",
+            relay.common.max_connections
+        ),
+        "retry-after: 1\r\n",
+    );
+    match lingering.clone().try_acquire_owned() {
+        Ok(permit) => {
+            relay.tracker.spawn(async move {
+                linger(stream, answer).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            let _ = stream.try_write(&answer);
+        }
+    }
+}
+
+/// Write `answer`, send FIN, and for at most a second read (and drop) what the client sent
+/// meanwhile, so that closing does not reset the connection before the answer is read.
+async fn linger(mut stream: TcpStream, answer: Vec<u8>) {
+    let linger = async {
+        stream.write_all(&answer).await?;
+        stream.shutdown().await?;
+        let mut scratch = [0u8; 1024];
+        for _ in 0..64 {
+            if stream.read(&mut scratch).await? == 0 {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
+}
+
+/// One TCP connection, holding `slot`: plain HTTP requests until it upgrades (or ends). The
+/// slot is shared with the upgraded session, which outlives hyper's connection.
+fn serve_http<R: Role>(
+    relay: Arc<Relay<R>>,
+    stream: TcpStream,
+    slot: ConnectionSlot<R>,
+) -> impl Future<Output = ()> {
     let _ = stream.set_nodelay(true);
     let shutdown = relay.shutdown.clone();
     let handshake_timeout = relay.common.handshake_timeout;
+    let io = TokioIo::new(RequestLineGuard::new(stream, relay.metrics.clone()));
     async move {
-        let service = service_fn(move |req| http::handle(relay.clone(), req));
+        let slot = Arc::new(slot);
+        let service = service_fn(move |req| http::handle(relay.clone(), slot.clone(), req));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(handshake_timeout)
-            .serve_connection(TokioIo::new(stream), service)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(io, service)
             .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {

@@ -1,10 +1,12 @@
 //! What one server process shares between its connections, and the role that makes it a
 //! publish or a subscribe server.
 //!
-//! Owns: [`Relay`] (the role, the shared flags, metrics, the task tracker, the shutdown token
-//! and the `--max-connections` count) and the [`Role`] trait: the few things the two servers
-//! do differently (what a connection does once upgraded, whether `POST` publishes, which
-//! Redis connections `/healthz` covers, the live page).
+//! Owns: [`Relay`] (the role, the shared flags, metrics, the task tracker, the shutdown token,
+//! the `--max-connections` count and the budget of POST body bytes held at once) and the
+//! [`Role`] trait: the few things the two servers do differently (what a connection does once
+//! upgraded, whether `POST` publishes, which Redis connections `/healthz` covers, the live
+//! page). A [`ConnectionSlot`] is taken per accepted TCP connection (by `listener`) and lives
+//! as long as the connection, its WebSocket session included.
 //! Must not: know what a role does with Redis; the role owns its connections.
 
 use std::future::Future;
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -86,16 +89,26 @@ pub(crate) struct Relay<R> {
     pub metrics: Metrics,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
+    /// POST body bytes that requests may hold at once, all connections together: a permit per
+    /// byte, taken before a body is read (see [`post_body_budget`]).
+    pub post_budget: Semaphore,
     connections: AtomicUsize,
 }
 
-/// A connection's place under `--max-connections`; freed when dropped.
+/// The POST body budget for a `--max-message-bytes`: 64 MiB, or eight largest bodies when
+/// that is more, so a few clients sending large bodies at once cannot take the memory of
+/// the process while a modest server still takes several at a time.
+pub(crate) fn post_body_budget(max_message_bytes: usize) -> usize {
+    (64 << 20).max(max_message_bytes.saturating_mul(8))
+}
+
+/// A TCP connection's place under `--max-connections`; freed when dropped. Shared (`Arc`)
+/// between hyper's connection and the WebSocket session that outlives it.
 pub(crate) struct ConnectionSlot<R>(Arc<Relay<R>>);
 
 impl<R> Drop for ConnectionSlot<R> {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.connections.dec();
     }
 }
 
@@ -106,17 +119,19 @@ impl<R: Role> Relay<R> {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let common_max_message_bytes = common.max_message_bytes;
         Arc::new(Relay {
             role,
             common,
             metrics,
             tracker: TaskTracker::new(),
             shutdown,
+            post_budget: Semaphore::new(post_body_budget(common_max_message_bytes)),
             connections: AtomicUsize::new(0),
         })
     }
 
-    /// Take a connection slot, or `None` when `--max-connections` are open.
+    /// Take a slot for an accepted TCP connection, or `None` when `--max-connections` are open.
     pub fn admit(self: &Arc<Self>) -> Option<ConnectionSlot<R>> {
         let max = self.common.max_connections;
         self.connections
@@ -124,7 +139,6 @@ impl<R: Role> Relay<R> {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        self.metrics.connections.inc();
         Some(ConnectionSlot(self.clone()))
     }
 
@@ -133,18 +147,21 @@ impl<R: Role> Relay<R> {
         self.metrics.render()
     }
 
-    /// Run an upgraded connection to its end, then count how it ended and free its slot.
+    /// Run an upgraded connection to its end, then count how it ended and free its slot
+    /// (the connection's, taken when it was accepted).
     pub fn serve(
         self: &Arc<Self>,
         connection: Upgraded,
         prepared: R::Prepared,
-        slot: ConnectionSlot<R>,
+        slot: Arc<ConnectionSlot<R>>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let channel = connection.channel.clone();
         let session = R::serve(self.clone(), connection, prepared);
         let metrics = self.metrics.clone();
         async move {
+            metrics.connections.inc();
             let ending = session.await;
+            metrics.connections.dec();
             metrics.closed(ending.label());
             tracing::debug!(channel = %channel, ending = ?ending, "connection closed");
             drop(slot);

@@ -536,10 +536,19 @@ impl Server {
     }
 
     /// The whole `/metrics` text.
+    /// (A 503 is asked again: every connection takes a slot under `--max-connections`, and
+    /// the one of the request before may not be freed yet.)
     pub async fn metrics_text(&self) -> String {
-        let (status, body) = http(self.addr, "GET", "/metrics", &[], b"").await;
-        assert_eq!(status, 200);
-        String::from_utf8(body).unwrap()
+        eventually(|| async move {
+            match http(self.addr, "GET", "/metrics", &[], b"").await {
+                (200, body) => Ok(String::from_utf8(body).unwrap()),
+                (status, body) => Err(format!(
+                    "/metrics answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                )),
+            }
+        })
+        .await
     }
 
     /// Poll `/healthz` until it answers `status`; returns that answer's body.
@@ -714,6 +723,8 @@ impl Redis {
                 .expect("redis closed the pipeline");
             assert!(!line.starts_with('-'), "redis: {line}");
         }
+    }
+}
 
 /// A child's standard error, read line by line as it comes (on a thread of its own), so a
 /// test can wait for what the child says instead of sleeping.
@@ -758,4 +769,59 @@ impl StderrLines {
         let lines = self.lines.lock().unwrap();
         lines.join("\n")
     }
+}
+
+// Raw HTTP for the hostile-input tests (issue 12): what a connection gets back when the server
+// refuses it, and whether the server then ends it.
+
+/// Send `request` on a fresh connection and read until the server closes it; returns all it
+/// sent. Fails if the connection is still open after [`PATIENCE`] (a refusal must end its
+/// connection, not wait for a timeout).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_until_closed(&mut stream).await
+}
+
+/// Read from `stream` until the server ends it (EOF or reset), within [`PATIENCE`].
+pub async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    // Bounded in count: a refusal is a few hundred bytes.
+    for _ in 0..10_000 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return String::from_utf8_lossy(&received).into_owned(),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "the server kept the connection open for {PATIENCE:?}; it had sent {:?}",
+                String::from_utf8_lossy(&received)
+            ),
+        }
+    }
+    panic!("the server kept sending");
+}
+
+/// The status code of a raw HTTP response (0 if there is none).
+pub fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The body of a raw HTTP response.
+pub fn body_of(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+/// Whether a raw HTTP response carries the header `name: value` (both case-insensitive).
+pub fn has_header(response: &str, name: &str, value: &str) -> bool {
+    let head = response.split_once("\r\n\r\n").map_or(response, |(h, _)| h);
+    head.lines().skip(1).any(|line| {
+        line.split_once(':').is_some_and(|(n, v)| {
+            n.trim().eq_ignore_ascii_case(name) && v.trim().eq_ignore_ascii_case(value)
+        })
+    })
 }
