@@ -228,6 +228,43 @@ async fn publishes_are_pipelined_many_in_flight_on_one_redis_connection() {
     );
 }
 
+/// Twenty read batches, each its own fred pipeline, all in flight while the proxy holds
+/// every reply: Redis runs them in the order they were read. This rests on fred handing a
+/// pipeline to its router at the first poll (done when the batch is sent, not when the
+/// session next polls it); a fred upgrade that changes that fails here.
+#[tokio::test]
+async fn batches_in_flight_together_reach_redis_in_the_order_they_were_read() {
+    let redis = Redis::start().await;
+    let proxy = HoldingProxy::start(redis.port, 200).await;
+    let via_proxy = format!("redis://127.0.0.1:{}", proxy.port);
+    let publish = Server::start(Kind::Publish, &via_proxy, &["--redis-connections", "1"]).await;
+    let mut watcher = redis.subscribe("lightlevel/order").await;
+    let mut ws = connect_ack(&publish.ws("/order")).await;
+    for batch in 0..20 {
+        for i in 0..10 {
+            ws.feed(Message::text(format!("{batch}.{i}")))
+                .await
+                .unwrap();
+        }
+        ws.flush().await.unwrap();
+        // Apart enough for the server to read each burst as a batch of its own.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for batch in 0..20 {
+        for i in 0..10 {
+            assert_eq!(watcher.next().await, format!("{batch}.{i}").as_bytes());
+        }
+    }
+    for i in 0..200 {
+        assert_eq!(next_text(&mut ws).await, "1", "ack {i}");
+    }
+    let in_flight = proxy.publishes_before_first_reply.load(Ordering::SeqCst);
+    assert!(
+        in_flight >= 100,
+        "only {in_flight} PUBLISHes in flight at once"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_closes_right_after_sending_still_has_every_message_published() {
     let redis = Redis::start().await;

@@ -78,6 +78,8 @@ where
         };
         let relay = Relay::new(role, common, metrics, shutdown);
         match run(relay, listener).await {
+            // A part the server cannot live without stopped: exit 1, so systemd restarts it.
+            Ok(()) if shutdown::failure().is_some() => ExitCode::FAILURE,
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

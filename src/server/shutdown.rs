@@ -2,7 +2,14 @@
 //!
 //! Owns: turning the first SIGTERM or SIGINT into the cancellation of the shutdown token every
 //! task watches, and telling systemd `READY=1` (once the listener is bound) and `STOPPING=1`.
+//! Owns too: the process's fatal failure ([`fatal`]): a part the server cannot work without
+//! (the subscribe server's hub) stopped, so the server stops gracefully and exits 1, and
+//! systemd (`Restart=on-failure`) starts it again. A relay that keeps accepting clients it
+//! can deliver nothing to, while its health check stays green, is the failure we must not
+//! have.
 //! Must not: close connections itself; each session sees the token and closes with 1001.
+
+use std::sync::Mutex;
 
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
@@ -33,4 +40,23 @@ pub fn notify_ready() {
 
 pub fn notify_stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
+}
+
+/// Why the process is stopping on its own, if it is.
+static FAILURE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Stop the process because `why` happened: logged, then the same graceful stop as SIGTERM,
+/// and exit code 1.
+pub(crate) fn fatal(token: &CancellationToken, why: String) {
+    tracing::error!(reason = %why, "stopping: a part of the server failed");
+    FAILURE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert(why);
+    token.cancel();
+}
+
+/// The reason given to [`fatal`], if it was called.
+pub(crate) fn failure() -> Option<String> {
+    FAILURE.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }

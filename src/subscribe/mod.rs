@@ -24,7 +24,7 @@ use crate::server::http::Reply;
 use crate::server::metrics::Metrics;
 use crate::server::outbox::{Limits, Outbox};
 use crate::server::session::{self, Ending};
-use crate::server::{Relay, Role, Upgraded};
+use crate::server::{shutdown, Relay, Role, Upgraded};
 use crate::Error;
 use hub::{Hub, Membership, Topic};
 
@@ -197,8 +197,72 @@ fn spawn_hub(
     let helper = (cores > 1)
         .then(tokio::runtime::Handle::try_current)
         .and_then(Result::ok);
-    std::thread::Builder::new()
-        .name("lightrelay-hub".into())
-        .spawn(move || runtime.block_on(hub.run(subscriber, shutdown, helper)))?;
+    supervise("lightrelay-hub", shutdown.clone(), move || {
+        runtime.block_on(hub.run(subscriber, shutdown, helper));
+    })?;
     Ok(())
+}
+
+/// Run `body` on a thread named `name`; if it ends (returns or panics) before `shutdown`,
+/// the process stops with exit code 1 (`shutdown::fatal`): without its hub, a subscribe
+/// server would accept clients and deliver nothing.
+fn supervise(
+    name: &str,
+    shutdown: CancellationToken,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    let thread = name.to_string();
+    std::thread::Builder::new()
+        .name(thread.clone())
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+            if !shutdown.is_cancelled() {
+                let why = match outcome {
+                    Ok(()) => format!("{thread} stopped (Redis's message stream closed)"),
+                    Err(_) => format!("{thread} panicked"),
+                };
+                shutdown::fatal(&shutdown, why);
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A hub thread that panics, or returns, stops the process (exit 1), not silently.
+    #[test]
+    fn a_hub_that_stops_stops_the_process() {
+        for (name, body) in [
+            (
+                "panicking",
+                Box::new(|| panic!("a bug")) as Box<dyn FnOnce() + Send>,
+            ),
+            ("returning", Box::new(|| {})),
+        ] {
+            let token = CancellationToken::new();
+            supervise(name, token.clone(), body).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !token.is_cancelled() {
+                assert!(std::time::Instant::now() < deadline, "{name}: not stopped");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let why = shutdown::failure().expect("a failure reason");
+            assert!(why.contains("panicking panicked"), "{why}");
+        }
+    }
+
+    /// At shutdown the hub's end is expected: nothing is reported.
+    #[test]
+    fn a_hub_that_ends_at_shutdown_is_not_a_failure() {
+        let token = CancellationToken::new();
+        token.cancel();
+        let (done, ended) = std::sync::mpsc::channel();
+        supervise("at-shutdown", token, move || done.send(()).unwrap()).unwrap();
+        ended.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(shutdown::failure().is_none_or(|why| !why.contains("at-shutdown")));
+    }
 }
