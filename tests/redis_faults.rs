@@ -195,3 +195,92 @@ async fn what_is_published_right_after_the_upgrade_reaches_the_new_subscriber() 
         assert_eq!(next_data_text(&mut fresh).await, "first");
     }
 }
+
+/// A `rediss://` Redis whose certificate is not trusted: the relay retries, and `/healthz`
+/// and the metrics say why (the certificate), not just "not connected". With `--redis-ca`
+/// naming the certificate, it connects.
+#[tokio::test]
+async fn an_untrusted_redis_certificate_is_shown_and_redis_ca_trusts_it() {
+    let dir = temp_dir("redis-tls");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (dir.join("redis.pem"), dir.join("redis.key"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let port = free_port();
+    let mut redis = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-auth-clients",
+            "no",
+        ])
+        .arg("--tls-cert-file")
+        .arg(&cert_pem)
+        .arg("--tls-key-file")
+        .arg(&key_pem)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert_pem)
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port).await;
+    let url = format!("rediss://127.0.0.1:{port}");
+
+    let untrusted = Server::start_unhealthy(Kind::Subscribe, &url, &[]).await;
+    let reason = eventually(|| async {
+        let reason = untrusted.wait_health(503).await;
+        if reason.contains("Certificate") {
+            Ok(reason)
+        } else {
+            Err(format!("healthz says: {reason}"))
+        }
+    })
+    .await;
+    assert!(reason.starts_with("redis subscriber"), "{reason}");
+    untrusted
+        .wait_series("lightrelay_redis_errors_total{kind=\"tls\"}", |v| v >= 1.0)
+        .await;
+
+    let ca = cert_pem.to_str().unwrap();
+    let trusted = Server::start(Kind::Subscribe, &url, &["--redis-ca", ca]).await;
+    trusted.wait_health(200).await;
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
+
+/// `--redis-ca` with a file that holds no certificate is a start-up error: exit 2, one line.
+#[tokio::test]
+async fn a_redis_ca_without_a_certificate_exits_2() {
+    let dir = temp_dir("redis-ca");
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let output = server_command(Kind::Publish)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            "rediss://127.0.0.1:1",
+        ])
+        .arg("--redis-ca")
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.lines().next().unwrap_or("").contains("--redis-ca"),
+        "{stderr}"
+    );
+}
