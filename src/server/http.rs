@@ -511,7 +511,7 @@ impl AsyncWrite for RequestLineGuard {
 /// to 16 KiB of queued frames before a write call, so a burst goes out in few syscalls while
 /// an idle connection holds no write buffer at all.
 fn ws_config<R: Role>(max: usize) -> WebSocketConfig {
-    const WRITE_BUFFER: usize = 16 * 1024;
+    use super::socket::WRITE_BUFFER;
     let mut config = WebSocketConfig::default();
     config.read_buffer_size = R::READ_BUFFER;
     config.write_buffer_size = WRITE_BUFFER;

@@ -150,6 +150,10 @@ impl Outbox {
         let mut state = self.lock();
         if let (true, Some(socket)) = (state.lent, self.socket.get()) {
             // `lent` implies an empty queue and no tail: the frame goes out in order.
+            debug_assert!(
+                state.frames.is_empty() && !socket.has_tail(),
+                "a lent socket with frames queued or a tail"
+            );
             match socket.try_write_frame(encoded) {
                 Ok(true) => return Pushed::Written,
                 Ok(false) => {

@@ -25,6 +25,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The one write-path limit: tungstenite gathers queued frames up to this many bytes before a
+/// write (`http::ws_config`), the hub writes frames up to this size straight into idle
+/// sockets, and a session writes larger frames itself from their shared payload.
+pub(crate) const WRITE_BUFFER: usize = 16 * 1024;
+
 /// A shared handle on a client's socket; cloning it shares the socket.
 #[derive(Clone, Debug)]
 pub struct Socket(Arc<Inner>);

@@ -457,7 +457,7 @@ impl Recovery {
 const SPLIT_AT: usize = 64;
 
 /// The largest frame the hub writes directly (the sessions' write buffer size).
-const DIRECT_MAX: usize = 16 * 1024;
+const DIRECT_MAX: usize = crate::server::socket::WRITE_BUFFER;
 
 /// The helper's half of a split fan-out.
 fn odd(key: usize) -> bool {
