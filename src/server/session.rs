@@ -198,10 +198,11 @@ where
         batch: VecDeque::new(),
         tail: false,
         unflushed: false,
-        ping_due: false,
-        last_heard: now,
-        next_ping: now + settings.ping_interval,
-        ending: None,
+        phase: Phase::Open(Open {
+            last_heard: now,
+            next_ping: now + settings.ping_interval,
+            ping_due: false,
+        }),
         settings,
         metrics,
     });
@@ -228,14 +229,33 @@ struct Connection<S, I> {
     tail: bool,
     /// Frames were handed to tungstenite since the last completed flush.
     unflushed: bool,
-    ping_due: bool,
-    last_heard: Instant,
-    next_ping: Instant,
-    /// How the connection is ending, once it is: nothing more is read, the publishes in
-    /// flight finish, then the session returns this (shutdown: 1001 after the acks).
-    ending: Option<Ending>,
+    phase: Phase,
     settings: SessionSettings,
     metrics: Metrics,
+}
+
+/// Where a connection is in its life. Each phase holds its own deadlines and no other's, so a
+/// timer of one phase cannot fire in another: a draining session has no idle deadline to
+/// re-arm (one that stayed armed after the ending, already past, woke the task on every poll
+/// and spun a core for as long as a Redis stall lasted).
+enum Phase {
+    /// Reading and writing, pinging the client and watching it for silence.
+    Open(Open),
+    /// Ending: nothing more is read, the publishes in flight finish (their only deadline is
+    /// `--redis-timeout`), then the session closes with this (shutdown: 1001 after the acks).
+    Draining(Ending),
+    /// `poll` returned the ending; `close` runs the close handshake.
+    Closing,
+}
+
+/// The open phase's state: its timers.
+struct Open {
+    /// When the client was last heard from (any frame, pongs included): `--idle-timeout`.
+    last_heard: Instant,
+    /// When the next ping is due: `--ping-interval`.
+    next_ping: Instant,
+    /// A ping is due and not yet handed to tungstenite.
+    ping_due: bool,
 }
 
 impl<S, I> Connection<S, I>
@@ -246,7 +266,8 @@ where
     async fn drive(mut self: Box<Self>, shutdown: CancellationToken) -> Ending {
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
-        let timer = tokio::time::sleep_until(self.next_deadline());
+        let start = self.next_deadline().unwrap_or_else(Instant::now);
+        let timer = tokio::time::sleep_until(start);
         tokio::pin!(timer);
         let ending =
             std::future::poll_fn(|cx| self.poll(cx, cancelled.as_mut(), timer.as_mut())).await;
@@ -259,14 +280,14 @@ where
         cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
         mut timer: Pin<&mut Sleep>,
     ) -> Poll<Ending> {
-        if self.ending.is_none() && cancelled.poll(cx).is_ready() {
-            self.ending = Some(Ending::GoingAway);
+        if self.is_open() && cancelled.poll(cx).is_ready() {
+            self.end(Ending::GoingAway);
         }
         // From here on only this session writes to the socket.
         self.tail |= self.outbox.take_back(cx.waker());
         for _ in 0..POLL_BUDGET {
-            if self.ending.is_none() && self.outbox.overflowed() {
-                self.ending = Some(Ending::SlowConsumer);
+            if self.is_open() && self.outbox.overflowed() {
+                self.end(Ending::SlowConsumer);
             }
             let mut progress = match self.poll_acks(cx) {
                 Ok(progress) => progress,
@@ -274,48 +295,52 @@ where
             };
             // However the connection ends, what was read from it is published first: frames
             // already taken off the socket must not be dropped (bounded by --redis-timeout).
-            if self.ending.is_some() && self.inbound.is_empty() {
-                return Poll::Ready(self.ending.take().unwrap_or(Ending::Broken));
+            if !self.is_open() && self.inbound.is_empty() {
+                return Poll::Ready(self.take_ending());
             }
             if self.can_write() {
                 match self.poll_write(cx) {
                     Ok(wrote) => progress |= wrote,
                     Err(ending) => {
-                        self.ending.get_or_insert(ending);
+                        self.end(ending);
                         continue;
                     }
                 }
             }
-            if self.ending.is_none() {
+            if self.is_open() {
                 match self.poll_read(cx) {
                     Ok(read) => progress |= read,
                     Err(ending) => {
-                        self.ending = Some(ending);
+                        self.end(ending);
                         continue;
                     }
                 }
             }
-            // Timers: one sleep serves the ping, the idle timeout and --redis-timeout. It may
-            // fire early (a frame moved the idle deadline on); it is then simply re-armed.
+            // Timers: one sleep serves the phase's deadlines. It may fire early (a frame moved
+            // the idle deadline on); it is then simply re-armed.
             let now = Instant::now();
-            if self.ending.is_none() && now >= self.last_heard + self.settings.idle_timeout {
-                self.ending = Some(Ending::IdleTimeout);
-                continue;
+            if let Phase::Open(open) = &mut self.phase {
+                if now >= open.last_heard + self.settings.idle_timeout {
+                    self.end(Ending::IdleTimeout);
+                    continue;
+                }
+                if now >= open.next_ping {
+                    open.ping_due = true;
+                    open.next_ping = now + self.settings.ping_interval;
+                    progress = true;
+                }
             }
             if self.inbound.deadline().is_some_and(|d| now >= d) {
                 return Poll::Ready(Ending::RedisUnavailable(self.inbound.time_out()));
             }
-            if now >= self.next_ping {
-                self.ping_due = true;
-                self.next_ping = now + self.settings.ping_interval;
-                progress = true;
-            }
-            let deadline = self.next_deadline();
-            if deadline < timer.deadline() || timer.is_elapsed() {
-                timer.as_mut().reset(deadline);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                progress = true;
+            // Every deadline left is in the future now, so the timer cannot be ready at once.
+            if let Some(deadline) = self.next_deadline() {
+                if deadline < timer.deadline() || timer.is_elapsed() {
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    progress = true;
+                }
             }
             if !progress {
                 if self.is_idle() {
@@ -330,24 +355,55 @@ where
         Poll::Pending
     }
 
+    fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open(_))
+    }
+
+    /// Leave the open phase with `ending`; a connection already ending keeps its first reason.
+    fn end(&mut self, ending: Ending) {
+        if self.is_open() {
+            self.phase = Phase::Draining(ending);
+        }
+    }
+
+    /// The ending `poll` returns; the phase becomes [`Phase::Closing`].
+    fn take_ending(&mut self) -> Ending {
+        match std::mem::replace(&mut self.phase, Phase::Closing) {
+            Phase::Draining(ending) => ending,
+            Phase::Open(_) | Phase::Closing => Ending::Broken,
+        }
+    }
+
+    fn ping_due(&self) -> bool {
+        matches!(&self.phase, Phase::Open(open) if open.ping_due)
+    }
+
     /// Nothing taken from the outbox is unwritten and tungstenite holds no unsent bytes.
     fn is_idle(&self) -> bool {
-        self.batch.is_empty()
-            && !self.tail
-            && !self.unflushed
-            && !self.ping_due
-            && self.ending.is_none()
+        self.batch.is_empty() && !self.tail && !self.unflushed && self.is_open() && !self.ping_due()
     }
 
     /// Whether frames can still go out.
     fn can_write(&self) -> bool {
-        self.ending.as_ref().is_none_or(Ending::can_write)
+        match &self.phase {
+            Phase::Open(_) => true,
+            Phase::Draining(ending) => ending.can_write(),
+            Phase::Closing => false,
+        }
     }
 
-    fn next_deadline(&self) -> Instant {
-        let idle = self.last_heard + self.settings.idle_timeout;
-        let publish = self.inbound.deadline().unwrap_or(idle);
-        self.next_ping.min(idle).min(publish)
+    /// The earliest deadline of the current phase: ping, idle timeout and the oldest
+    /// publish's `--redis-timeout` while open; only the latter while draining.
+    fn next_deadline(&self) -> Option<Instant> {
+        let publish = self.inbound.deadline();
+        match &self.phase {
+            Phase::Open(open) => {
+                let idle = open.last_heard + self.settings.idle_timeout;
+                let own = open.next_ping.min(idle);
+                Some(publish.map_or(own, |p| p.min(own)))
+            }
+            Phase::Draining(_) | Phase::Closing => publish,
+        }
     }
 
     /// Publishes Redis accepted: one ack each (in ack mode), in order.
@@ -376,14 +432,15 @@ where
         }
         let (mut frames, mut bytes) = (0u64, 0u64);
         loop {
-            if self.batch.is_empty() && !self.ping_due {
+            let ping_due = self.ping_due();
+            if self.batch.is_empty() && !ping_due {
                 self.outbox.take(&mut self.batch, cx.waker());
                 if self.batch.is_empty() {
                     break;
                 }
             }
             let own_socket = self.outbox.socket().is_some();
-            if own_socket && !self.ping_due && self.batch.front().is_some_and(is_large) {
+            if own_socket && !ping_due && self.batch.front().is_some_and(is_large) {
                 match self.poll_write_large(cx) {
                     Poll::Ready(Ok(payload)) => {
                         frames += 1;
@@ -400,8 +457,10 @@ where
                 Poll::Ready(Err(_)) => return Err(Ending::Broken),
                 Poll::Pending => break,
             }
-            let frame = if self.ping_due {
-                self.ping_due = false;
+            let frame = if ping_due {
+                if let Phase::Open(open) = &mut self.phase {
+                    open.ping_due = false;
+                }
                 Message::Ping(Bytes::new())
             } else {
                 let Some(frame) = self.batch.pop_front() else {
@@ -504,7 +563,9 @@ where
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
-            self.last_heard = Instant::now();
+            if let Phase::Open(open) = &mut self.phase {
+                open.last_heard = Instant::now();
+            }
             progress = true;
             match frame {
                 Message::Text(text) => self.accept(Bytes::from(text)),

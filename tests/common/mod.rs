@@ -663,3 +663,53 @@ pub async fn finish_close(ws: &mut Ws) {
     }
     panic!("frames kept coming after the close frame");
 }
+
+// Helpers for the hostile-client tests.
+
+impl Redis {
+    /// SIGSTOP: Redis stops answering but keeps every connection open (a stall), until the
+    /// returned guard is dropped (SIGCONT), also when the test fails.
+    pub fn pause(&self) -> PausedRedis {
+        let pid = self.child.as_ref().expect("redis is running").id();
+        signal_pid(pid, "STOP");
+        PausedRedis { pid }
+    }
+}
+
+/// A stopped redis-server, continued when dropped.
+pub struct PausedRedis {
+    pid: u32,
+}
+
+impl Drop for PausedRedis {
+    fn drop(&mut self) {
+        signal_pid(self.pid, "CONT");
+    }
+}
+
+/// Send a signal to a process this test started.
+fn signal_pid(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -s {signal} {pid} failed");
+}
+
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (in parentheses, which may hold spaces): state is the
+    // first, utime and stime the 12th and 13th.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second: u64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100);
+    Duration::from_millis(ticks * 1000 / per_second)
+}
