@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use fred::prelude::PubsubInterface;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
@@ -60,5 +61,57 @@ async fn a_session_draining_through_a_redis_stall_does_not_spin() {
     assert!(
         close.code == CloseCode::Away || close.code == CloseCode::Again,
         "close: {close:?}"
+    );
+}
+
+/// A subscriber that stops reading fills its socket's buffers, and then only its bounded
+/// outbox: the server's send buffer is capped (64 KiB asked, 128 KiB given), where Linux
+/// alone grew it to ~4 MiB per client. Measured from the client's side: with a small receive
+/// buffer of its own, everything it gets once it reads again, up to the newest message, is
+/// what the kernel buffers held (the outbox skipped the rest).
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_holds_little_kernel_memory() {
+    let redis = Redis::start().await;
+    let subscribe = Server::start(
+        Kind::Subscribe,
+        &redis.url(),
+        &["--slow-consumer", "skip", "--client-queue", "16"],
+    )
+    .await;
+    let mut ws = connect_small_receive_buffer(&subscribe.ws("/deaf")).await;
+    until_receiving_raw(&redis, "lightlevel/deaf", &mut ws).await;
+
+    const SIZE: usize = 4096;
+    const COUNT: usize = 2000;
+    let client = redis.client().await;
+    let payload = "x".repeat(SIZE);
+    for _ in 0..COUNT {
+        let _: i64 = client
+            .publish("lightlevel/deaf", payload.as_str())
+            .await
+            .unwrap();
+    }
+    // The socket blocked and the outbox overflowed: the rest was skipped.
+    subscribe
+        .wait_series(
+            "lightrelay_dropped_total{reason=\"slow_consumer_skip\"}",
+            |n| n > 0.0,
+        )
+        .await;
+    let _: i64 = client.publish("lightlevel/deaf", "last").await.unwrap();
+
+    let mut received = 0usize;
+    loop {
+        match next_raw_data(&mut ws).await {
+            Message::Text(t) if t.as_str() == "last" => break,
+            Message::Text(t) => received += t.len(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Kernel buffers (ours 128 KiB, the client's small one) and the outbox (16 messages):
+    // 192 KiB when measured, against 3.6 MiB without the cap.
+    assert!(
+        received < 512 * 1024,
+        "{received} bytes were buffered for a client that did not read"
     );
 }

@@ -713,3 +713,60 @@ pub fn cpu_time(pid: u32) -> Duration {
         .unwrap_or(100);
     Duration::from_millis(ticks * 1000 / per_second)
 }
+
+/// A WebSocket over a plain TCP stream (no TLS wrapper).
+pub type RawWs = WebSocketStream<TcpStream>;
+
+/// Connect with a small receive buffer (16 KiB asked), so that what a server manages to push
+/// into a client that does not read is mostly what the server's side buffers.
+pub async fn connect_small_receive_buffer(url: &str) -> RawWs {
+    let addr: SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(url, stream))
+        .await
+        .unwrap()
+        .unwrap();
+    ws
+}
+
+/// [`until_receiving`] for a [`RawWs`].
+pub async fn until_receiving_raw(redis: &Redis, channel: &str, ws: &mut RawWs) {
+    let client = redis.client().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let _: i64 = client.publish(channel, PROBE).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(100), next_raw_data(ws)).await {
+            Ok(Message::Text(t)) if t.as_str() == PROBE => break,
+            Ok(other) => panic!("expected a probe on {channel}, got {other:?}"),
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{channel}: the client never received a message"
+            ),
+        }
+    }
+    let _ = client.quit().await;
+}
+
+/// The next data or close frame on a [`RawWs`] (pings and pongs skipped), within [`PATIENCE`].
+pub async fn next_raw_data(ws: &mut RawWs) -> Message {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for _ in 0..100_000 {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("connection ended without a close frame")
+            .expect("websocket error");
+        if !matches!(frame, Message::Ping(_) | Message::Pong(_)) {
+            return frame;
+        }
+    }
+    panic!("only pings arrived");
+}
