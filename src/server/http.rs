@@ -25,6 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::channel::ChannelName;
 use super::relay::{Relay, Role, Upgraded};
+use super::frames::Watched;
 use super::socket::Socket;
 use crate::ACK_PROTOCOL;
 
@@ -225,10 +226,15 @@ fn upgrade<R: Role>(relay: Arc<Relay<R>>, mut req: Request<Incoming>) -> Reply {
         // each header and payload with a syscall of its own (a publisher at full rate lost a
         // quarter of its throughput that way).
         let ws = if read_ahead.is_empty() {
-            WebSocketStream::from_raw_socket(socket.clone(), WsRole::Server, Some(ws_config)).await
+            WebSocketStream::from_raw_socket(
+                Watched::new(socket.clone()),
+                WsRole::Server,
+                Some(ws_config),
+            )
+            .await
         } else {
             WebSocketStream::from_partially_read(
-                socket.clone(),
+                Watched::after(socket.clone(), &read_ahead),
                 read_ahead,
                 WsRole::Server,
                 Some(ws_config),

@@ -10,6 +10,7 @@
 //! window, so one slow or broken client cannot slow anyone else.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
+use super::frames::Watched;
 use super::metrics::Metrics;
 use super::outbox::Outbox;
 
@@ -45,6 +47,10 @@ pub enum Ending {
     IdleTimeout,
     /// A message over `--max-message-bytes`: 1009.
     TooBig(usize),
+    /// A message begun and not finished within `--handshake-timeout`: 1008.
+    Unfinished(Duration),
+    /// The unfinished messages of all clients would hold more than their budget: 1013.
+    Busy(usize),
     /// Redis did not accept a publish in time: 1013 (try again later), with why.
     RedisUnavailable(String),
     /// Broken framing: 1002; invalid UTF-8 in a text frame: 1007.
@@ -70,6 +76,8 @@ impl Ending {
             Ending::SlowConsumer => "slow_consumer",
             Ending::IdleTimeout => "idle_timeout",
             Ending::TooBig(_) => "too_big",
+            Ending::Unfinished(_) => "message_timeout",
+            Ending::Busy(_) => "busy",
             Ending::RedisUnavailable(_) => "redis_unavailable",
             Ending::Protocol(..) => "protocol_error",
         }
@@ -84,6 +92,14 @@ impl Ending {
             Ending::TooBig(max) => (
                 CloseCode::Size,
                 format!("message too big (limit {max} bytes)"),
+            ),
+            Ending::Unfinished(limit) => (
+                CloseCode::Policy,
+                format!("message not finished within {limit:?} (--handshake-timeout)"),
+            ),
+            Ending::Busy(budget) => (
+                CloseCode::Again,
+                format!("server busy: unfinished messages over {budget} bytes; try again later"),
             ),
             Ending::RedisUnavailable(why) => (CloseCode::Again, why.clone()),
             Ending::Protocol(code, reason) => (*code, reason.clone()),
@@ -112,8 +128,9 @@ fn truncate_reason(mut reason: String) -> String {
 pub struct SessionSettings {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
-    /// How long closing (sending the close frame, waiting for the answer) may take.
-    pub close_timeout: Duration,
+    /// `--handshake-timeout`: how long a message may take to arrive once its first byte has,
+    /// and how long closing (sending the close frame, waiting for the answer) may take.
+    pub handshake_timeout: Duration,
     pub max_message_bytes: usize,
     /// The client asked for `lightrelay.ack`: one text frame with the receiver count per
     /// message, once Redis accepted it.
@@ -179,7 +196,7 @@ impl<I: Inbound> Inbound for Option<I> {
 /// every awaited future in separate slots, so passing a WebSocket by value through a few
 /// layers of futures stores it several times over; passing a `Box` stores a pointer.
 pub(crate) fn run<S, I>(
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Watched<S>>,
     outbox: Arc<Outbox>,
     inbound: I,
     settings: SessionSettings,
@@ -202,7 +219,10 @@ where
             last_heard: now,
             next_ping: now + settings.ping_interval,
             ping_due: false,
+            message_started: None,
+            finished_seen: 0,
         }),
+        held: 0,
         settings,
         metrics,
     });
@@ -218,7 +238,7 @@ const READ_BUDGET: usize = 64;
 /// WebSocket: no lock between a reader and a writer half, no stored futures besides one
 /// timer and the shutdown signal, so an idle connection costs little more than its socket.
 struct Connection<S, I> {
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Watched<S>>,
     outbox: Arc<Outbox>,
     inbound: I,
     /// Frames taken from the outbox and not yet handed to tungstenite.
@@ -230,6 +250,8 @@ struct Connection<S, I> {
     /// Frames were handed to tungstenite since the last completed flush.
     unflushed: bool,
     phase: Phase,
+    /// What this connection's unfinished message counts against [`UNFINISHED`].
+    held: usize,
     settings: SessionSettings,
     metrics: Metrics,
 }
@@ -256,7 +278,32 @@ struct Open {
     next_ping: Instant,
     /// A ping is due and not yet handed to tungstenite.
     ping_due: bool,
+    /// Since when the client has owed the rest of a message it began (at most
+    /// `--handshake-timeout`); `None` while nothing is unfinished or while the session does
+    /// not read (its publish window is full).
+    message_started: Option<Instant>,
+    /// [`FrameWatch::finished`] when last looked at: a change means the client got on.
+    finished_seen: u32,
 }
+
+/// Bytes that all unfinished messages of the process declared, counted from
+/// [`UNFINISHED_FROM`] bytes each: tungstenite reserves a frame's whole length when its header
+/// arrives and keeps a fragmented message's frames until its last, so a client that sends the
+/// start of a message holds up to `--max-message-bytes` of memory (twice that when
+/// fragmented) for nothing.
+static UNFINISHED: AtomicUsize = AtomicUsize::new(0);
+
+/// What all unfinished messages together may hold: this, or `--max-message-bytes` if larger.
+/// Past it, the connection whose message would go over is closed with 1013 (try again later).
+pub(crate) const UNFINISHED_BUDGET: usize = 64 << 20;
+
+/// Unfinished messages smaller than this are not counted: a connection's own buffers hold as
+/// much, and a publisher's reads end mid-frame all the time (no shared counter to touch).
+const UNFINISHED_FROM: usize = 16 << 10;
+
+/// How long, and how much, a failed connection is read after its close frame.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+const DRAIN_BYTES: usize = 1 << 20;
 
 impl<S, I> Connection<S, I>
 where
@@ -319,6 +366,12 @@ where
             // Timers: one sleep serves the phase's deadlines. It may fire early (a frame moved
             // the idle deadline on); it is then simply re-armed.
             let now = Instant::now();
+            if self.is_open() {
+                if let Err(ending) = self.watch_messages(now) {
+                    self.end(ending);
+                    continue;
+                }
+            }
             if let Phase::Open(open) = &mut self.phase {
                 if now >= open.last_heard + self.settings.idle_timeout {
                     self.end(Ending::IdleTimeout);
@@ -353,6 +406,45 @@ where
         // Busy: let other connections run, and come back.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Bound what a client's unfinished message costs: its time from the first byte (`--handshake-timeout`)
+    /// and its share of the process's [`UNFINISHED_BUDGET`]. Open phase only.
+    fn watch_messages(&mut self, now: Instant) -> Result<(), Ending> {
+        let Phase::Open(open) = &mut self.phase else {
+            return Ok(());
+        };
+        let watch = self.ws.get_ref().watch();
+        let finished = watch.finished();
+        open.message_started = match open.message_started {
+            // Not reading (back-pressure) is not the client's delay.
+            _ if !watch.unfinished() || self.inbound.is_full() => None,
+            Some(started) if finished == open.finished_seen => Some(started),
+            _ => Some(now),
+        };
+        open.finished_seen = finished;
+        let timeout = self.settings.handshake_timeout;
+        if open.message_started.is_some_and(|started| now >= started + timeout) {
+            return Err(Ending::Unfinished(timeout));
+        }
+        let held = usize::try_from(watch.held()).unwrap_or(usize::MAX);
+        let held = if held < UNFINISHED_FROM { 0 } else { held };
+        if held == self.held {
+            return Ok(());
+        }
+        if held < self.held {
+            UNFINISHED.fetch_sub(self.held - held, Ordering::Relaxed);
+            self.held = held;
+            return Ok(());
+        }
+        let more = held - self.held;
+        self.held = held;
+        let total = UNFINISHED.fetch_add(more, Ordering::Relaxed).saturating_add(more);
+        let budget = UNFINISHED_BUDGET.max(self.settings.max_message_bytes);
+        if total > budget {
+            return Err(Ending::Busy(budget));
+        }
+        Ok(())
     }
 
     fn is_open(&self) -> bool {
@@ -399,7 +491,10 @@ where
         match &self.phase {
             Phase::Open(open) => {
                 let idle = open.last_heard + self.settings.idle_timeout;
-                let own = open.next_ping.min(idle);
+                let mut own = open.next_ping.min(idle);
+                if let Some(started) = open.message_started {
+                    own = own.min(started + self.settings.handshake_timeout);
+                }
                 Some(publish.map_or(own, |p| p.min(own)))
             }
             Phase::Draining(_) | Phase::Closing => publish,
@@ -559,7 +654,8 @@ where
                 Poll::Pending => break,
                 Poll::Ready(None) => return Err(Ending::ClientClosed),
                 Poll::Ready(Some(Err(e))) => {
-                    return Err(ending_of(e, self.settings.max_message_bytes))
+                    let in_close = self.ws.get_ref().watch().closed();
+                    return Err(ending_of(e, self.settings.max_message_bytes, in_close));
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
@@ -586,7 +682,7 @@ where
     /// Send what is queued (acks of publishes Redis accepted among it) and then the close
     /// frame that says why, wait for the client's answer, all within the close timeout.
     async fn close(&mut self, ending: Ending) -> Ending {
-        let close_timeout = self.settings.close_timeout;
+        let close_timeout = self.settings.handshake_timeout;
         let closing = async {
             let ws = &mut self.ws;
             let outbox = &self.outbox;
@@ -613,6 +709,12 @@ where
                         break;
                     }
                 }
+                // tungstenite stopped reading (the client broke the protocol or sent too
+                // much): closing with unread bytes would reset the connection, and the client
+                // could lose the close frame. Read what it still sends, up to its close frame.
+                if !ws.get_ref().watch().closed() {
+                    let _ = tokio::time::timeout(DRAIN_TIME, drain(ws.get_mut())).await;
+                }
             } else {
                 ws.flush().await?;
             }
@@ -627,6 +729,23 @@ impl<S, I> Drop for Connection<S, I> {
     fn drop(&mut self) {
         // However the task ends, the hub writes no more into this socket.
         self.outbox.withdraw();
+        if self.held > 0 {
+            UNFINISHED.fetch_sub(self.held, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Read and discard what the client sends until its close frame, the end of the stream or
+/// [`DRAIN_BYTES`]; one buffer, allocated only here.
+async fn drain<S: AsyncRead + Unpin>(stream: &mut Watched<S>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut read = 0;
+    while read < DRAIN_BYTES && !stream.watch().closed() {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read += n,
+        }
     }
 }
 
@@ -638,7 +757,8 @@ fn is_large(frame: &Message) -> bool {
 
 const LARGE_FRAME: usize = 16 * 1024;
 
-fn ending_of(error: tungstenite::Error, max_message_bytes: usize) -> Ending {
+/// The ending a read error means; `in_close`: a close frame was among what was read.
+fn ending_of(error: tungstenite::Error, max_message_bytes: usize, in_close: bool) -> Ending {
     use tungstenite::error::{CapacityError, Error as E, ProtocolError};
     match error {
         E::Capacity(CapacityError::MessageTooLong { .. }) => Ending::TooBig(max_message_bytes),
@@ -646,6 +766,11 @@ fn ending_of(error: tungstenite::Error, max_message_bytes: usize) -> Ending {
         // A TCP connection that ends without a close frame is broken, not a protocol error.
         E::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Ending::Broken,
         E::Protocol(e) => Ending::Protocol(CloseCode::Protocol, e.to_string()),
+        // tungstenite says the same for a text message and a close frame's reason. (A text
+        // frame read in the same read as a close frame behind it is taken for the latter.)
+        E::Utf8(_) if in_close => {
+            Ending::Protocol(CloseCode::Invalid, "close reason is not valid UTF-8".into())
+        }
         E::Utf8(_) => Ending::Protocol(CloseCode::Invalid, "text frame is not valid UTF-8".into()),
         _ => Ending::Broken,
     }
