@@ -248,7 +248,7 @@ mod tests {
 
     #[test]
     fn follows_frames_however_the_reads_split() {
-                let mut wire = client_frame(TEXT, true, b"hello");
+        let mut wire = client_frame(TEXT, true, b"hello");
         wire.extend(client_frame(BINARY, true, &[7u8; 300]));
         wire.extend(client_frame(TEXT, true, &vec![b'x'; 70_000]));
         wire.extend(client_frame(PING, true, b""));

@@ -24,8 +24,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use super::channel::ChannelName;
-use super::relay::{Relay, Role, Upgraded};
 use super::frames::Watched;
+use super::relay::{Relay, Role, Upgraded};
 use super::socket::Socket;
 use crate::ACK_PROTOCOL;
 

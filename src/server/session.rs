@@ -424,7 +424,10 @@ where
         };
         open.finished_seen = finished;
         let timeout = self.settings.handshake_timeout;
-        if open.message_started.is_some_and(|started| now >= started + timeout) {
+        if open
+            .message_started
+            .is_some_and(|started| now >= started + timeout)
+        {
             return Err(Ending::Unfinished(timeout));
         }
         let held = usize::try_from(watch.held()).unwrap_or(usize::MAX);
@@ -439,7 +442,9 @@ where
         }
         let more = held - self.held;
         self.held = held;
-        let total = UNFINISHED.fetch_add(more, Ordering::Relaxed).saturating_add(more);
+        let total = UNFINISHED
+            .fetch_add(more, Ordering::Relaxed)
+            .saturating_add(more);
         let budget = UNFINISHED_BUDGET.max(self.settings.max_message_bytes);
         if total > budget {
             return Err(Ending::Busy(budget));

@@ -858,22 +858,28 @@ pub async fn read_server_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
 }
 
 /// Read a raw stream's frames, answering pings, until its close frame: its code and reason.
+/// One deadline for the whole wait ([`PATIENCE`]): pings must not extend it.
 pub async fn raw_close_frame(stream: &mut TcpStream) -> (u16, String) {
-    for _ in 0..10_000 {
-        match read_server_frame(stream).await {
-            (OP_CLOSE, payload) => {
-                assert!(payload.len() >= 2, "close frame without a code");
-                let code = u16::from_be_bytes([payload[0], payload[1]]);
-                return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+    let wait = async {
+        for _ in 0..10_000 {
+            match read_server_frame(stream).await {
+                (OP_CLOSE, payload) => {
+                    assert!(payload.len() >= 2, "close frame without a code");
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+                }
+                (OP_PING, payload) => stream
+                    .write_all(&client_frame(OP_PONG, true, &payload))
+                    .await
+                    .unwrap(),
+                _ => {}
             }
-            (OP_PING, payload) => stream
-                .write_all(&client_frame(OP_PONG, true, &payload))
-                .await
-                .unwrap(),
-            _ => {}
         }
-    }
-    panic!("no close frame among 10000 frames");
+        panic!("no close frame among 10000 frames");
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("no close frame in time")
 }
 
 /// After the close frame: the server ends the TCP connection cleanly (FIN, not a reset) once
