@@ -780,3 +780,165 @@ fn ending_of(error: tungstenite::Error, max_message_bytes: usize, in_close: bool
         _ => Ending::Broken,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A session's phases over an in-memory stream, in paused time: every deadline is met
+    //! exactly, and no timer of the open phase is left once it ended.
+
+    use super::*;
+    use crate::server::config::SlowConsumer;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::DuplexStream;
+    use tokio::task::JoinHandle;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    const PING: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(30);
+    const HANDSHAKE: Duration = Duration::from_secs(5);
+
+    fn settings(ping_interval: Duration) -> SessionSettings {
+        SessionSettings {
+            ping_interval,
+            idle_timeout: IDLE,
+            handshake_timeout: HANDSHAKE,
+            max_message_bytes: 1 << 20,
+            ack: false,
+        }
+    }
+
+    type Client = WebSocketStream<DuplexStream>;
+
+    /// A session over one end of an in-memory stream, and a client on the other.
+    async fn open_session<I: Inbound + Send + 'static>(
+        settings: SessionSettings,
+        inbound: I,
+    ) -> (JoinHandle<Ending>, Client) {
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let server = WebSocketStream::from_raw_socket(Watched::new(server), Role::Server, None);
+        let client = WebSocketStream::from_raw_socket(client, Role::Client, None);
+        let (server, client) = tokio::join!(server, client);
+        let outbox = Arc::new(Outbox::new(16, SlowConsumer::Close));
+        let session = run(
+            server,
+            outbox,
+            inbound,
+            settings,
+            CancellationToken::new(),
+            Metrics::new(),
+        );
+        (tokio::spawn(session), client)
+    }
+
+    /// The next frame the client reads (reading answers pings).
+    async fn next(client: &mut Client) -> Message {
+        client.next().await.expect("ended").expect("error")
+    }
+
+    fn discard() -> Option<Box<crate::publish::PublishWindow>> {
+        None
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_go_out_at_the_ping_interval() {
+        let start = Instant::now();
+        let (_session, mut client) = open_session(settings(PING), discard()).await;
+        for n in 1..=3 {
+            assert!(matches!(next(&mut client).await, Message::Ping(_)));
+            assert_eq!(start.elapsed(), PING * n);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_with_1001_at_the_idle_deadline() {
+        let start = Instant::now();
+        // No ping before the idle timeout: nothing makes the client answer.
+        let (session, mut client) = open_session(settings(IDLE * 2), discard()).await;
+        let Message::Close(Some(close)) = next(&mut client).await else {
+            panic!("expected a close frame");
+        };
+        assert_eq!(start.elapsed(), IDLE);
+        assert_eq!(close.code, CloseCode::Away);
+        assert_eq!(close.reason.as_str(), "idle timeout");
+        assert!(matches!(session.await.unwrap(), Ending::IdleTimeout));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_begun_and_not_finished_is_closed_at_the_handshake_timeout() {
+        let (session, mut client) = open_session(settings(PING), discard()).await;
+        let fragment = Frame::message(
+            Bytes::from_static(b"the start"),
+            OpCode::Data(Data::Text),
+            false,
+        );
+        client.send(Message::Frame(fragment)).await.unwrap();
+        let sent = Instant::now();
+        let Message::Close(Some(close)) = next(&mut client).await else {
+            panic!("expected a close frame");
+        };
+        assert_eq!(sent.elapsed(), HANDSHAKE);
+        assert_eq!(close.code, CloseCode::Policy);
+        assert!(matches!(session.await.unwrap(), Ending::Unfinished(_)));
+    }
+
+    /// Publishes that never complete (Redis stalled), the window full, until a deadline.
+    struct Stalled {
+        polls: Arc<AtomicUsize>,
+        deadline: Instant,
+    }
+
+    impl Inbound for Stalled {
+        fn push(&mut self, _payload: Bytes) {}
+        fn send(&mut self) {}
+        fn is_full(&self) -> bool {
+            true
+        }
+        fn is_empty(&self) -> bool {
+            false
+        }
+        fn poll_next(&mut self, _cx: &mut Context<'_>) -> Poll<Result<i64, String>> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            Poll::Pending
+        }
+        fn deadline(&self) -> Option<Instant> {
+            Some(self.deadline)
+        }
+        fn time_out(&mut self) -> String {
+            "redis stalled".into()
+        }
+    }
+
+    /// Once the open phase ended (idle timeout), only the publishes' deadline is left: the
+    /// session sleeps until it instead of waking on the idle deadline it passed.
+    #[tokio::test(start_paused = true)]
+    async fn no_timer_of_the_open_phase_is_left_while_draining() {
+        let start = Instant::now();
+        let polls = Arc::new(AtomicUsize::new(0));
+        let stalled = Stalled {
+            polls: polls.clone(),
+            deadline: start + IDLE * 3,
+        };
+        let (session, mut client) = open_session(settings(IDLE * 4), stalled).await;
+        // Moved by hand: a spinning session would keep paused time from moving on its own.
+        tokio::time::advance(IDLE + Duration::from_secs(1)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // Draining now. Let the session run if anything woke it: nothing should have.
+        let before = polls.load(Ordering::Relaxed);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let woken = polls.load(Ordering::Relaxed) - before;
+        assert!(woken < 5, "a draining session was polled {woken} times");
+
+        let Message::Close(Some(close)) = next(&mut client).await else {
+            panic!("expected a close frame");
+        };
+        assert_eq!(start.elapsed(), IDLE * 3);
+        assert_eq!(close.code, CloseCode::Again);
+        assert!(matches!(session.await.unwrap(), Ending::RedisUnavailable(_)));
+    }
+}
