@@ -1,13 +1,19 @@
 //! One WebSocket client's life, on either server: read, write, keep alive, close (SPEC §3–5).
 //!
-//! Owns: the connection's single task. It reads frames (handing them to its [`Inbound`]: the
-//! publish side's window, or `None`: discarded), writes what its [`Outbox`] holds (several queued
-//! frames per write, then one flush), pings every `--ping-interval`, closes a peer silent for
-//! `--idle-timeout`, and ends with the close code that says why (see [`Ending`]). A
-//! subscriber's session lends its socket to its outbox whenever it goes idle with nothing
-//! queued, so the hub can write the next frame directly, and takes it back at its next poll.
+//! Owns: the connection's single task, in phases ([`Phase`]): *open* (it reads frames, handing
+//! them to its [`Inbound`]: the publish side's window, or `None`: discarded; pings every
+//! `--ping-interval`; closes a peer silent for `--idle-timeout`, or one that began a message and
+//! did not finish it within `--handshake-timeout`, and keeps all unfinished messages of the
+//! process within a byte budget), *draining* (nothing read, the publishes in flight finish
+//! within `--redis-timeout`) and closing (the close frame that says why, see [`Ending`]; after
+//! failing a client it reads what the client still sends, bounded, so the TCP close is not a
+//! reset). Each phase holds only its own deadlines, all served by one timer. It writes what its
+//! [`Outbox`] holds (several queued frames per write, then one flush). A subscriber's session
+//! lends its socket to its outbox whenever it goes idle with nothing queued, so the hub can
+//! write the next frame directly, and takes it back at its next poll.
 //! Must not: touch Redis subscriptions or other clients; it only sees its own outbox and
-//! window, so one slow or broken client cannot slow anyone else.
+//! window (and one process-wide count of unfinished bytes), so one slow or broken client
+//! cannot slow anyone else.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -939,6 +945,9 @@ mod tests {
         };
         assert_eq!(start.elapsed(), IDLE * 3);
         assert_eq!(close.code, CloseCode::Again);
-        assert!(matches!(session.await.unwrap(), Ending::RedisUnavailable(_)));
+        assert!(matches!(
+            session.await.unwrap(),
+            Ending::RedisUnavailable(_)
+        ));
     }
 }
