@@ -714,10 +714,13 @@ where
             }
             if let Some(frame) = ending.close_frame() {
                 ws.send(Message::Close(Some(frame))).await?;
-                // Wait for the client's answering close frame so the TCP close is clean.
-                while let Some(Ok(frame)) = ws.next().await {
-                    if matches!(frame, Message::Close(_)) {
-                        break;
+                // Wait for the client's answering close frame so the TCP close is clean; but
+                // not through tungstenite for an unfinished message it would go on collecting.
+                if !matches!(ending, Ending::Unfinished(_) | Ending::Busy(_)) {
+                    while let Some(Ok(frame)) = ws.next().await {
+                        if matches!(frame, Message::Close(_)) {
+                            break;
+                        }
                     }
                 }
                 // tungstenite stopped reading (the client broke the protocol or sent too
