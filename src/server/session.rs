@@ -727,7 +727,9 @@ where
                 // much): closing with unread bytes would reset the connection, and the client
                 // could lose the close frame. Read what it still sends, up to its close frame.
                 if !ws.get_ref().watch().closed() {
-                    let _ = tokio::time::timeout(DRAIN_TIME, drain(ws.get_mut())).await;
+                    // Boxed: its timer would otherwise enlarge every connection's task.
+                    let draining = Box::pin(tokio::time::timeout(DRAIN_TIME, drain(ws.get_mut())));
+                    let _ = draining.await;
                 }
             } else {
                 ws.flush().await?;
