@@ -698,8 +698,14 @@ where
             let ws = &mut self.ws;
             let outbox = &self.outbox;
             if ending.can_write() {
+                // The batch first, then what is still queued: `take_now` swaps its queue with
+                // the deque it is given, so it gets an empty one (given the batch, it kept the
+                // batch's frames and they were never written: a capped socket buffer left
+                // more of them there at shutdown).
                 let mut rest = std::mem::take(&mut self.batch);
-                outbox.take_now(&mut rest);
+                let mut queued = VecDeque::new();
+                outbox.take_now(&mut queued);
+                rest.append(&mut queued);
                 for frame in rest {
                     match outbox.socket().filter(|_| is_large(&frame)) {
                         // As in `poll_write_large`: larger than tungstenite's buffer may hold.
