@@ -232,13 +232,19 @@ async fn sub_reconnects_after_a_relay_restart_and_once_exits_when_the_relay_stop
     let addr = subscribe.addr;
     let again = spawn_sub(&["sub", "--count", "2", &subscribe.ws("/r")]);
     let once = spawn_sub(&["sub", "--once", &subscribe.ws("/r1")]);
-    // A connection joins its channel after the handshake: wait until both channels are
-    // subscribed in Redis, which happens only after the join.
+    // Both channels subscribed in Redis (each client is answered once its channel is).
     subscribe
         .wait_metric("lightrelay_channels", |n| n >= 2.0)
         .await;
     redis.publish("lightlevel/r", "before").await;
     redis.publish("lightlevel/r1", "before").await;
+    // Both written to their clients before the stop: what is still on its way from Redis
+    // when SIGTERM comes is not delivered.
+    subscribe
+        .wait_metric("lightrelay_messages_total{direction=\"ws_out\"}", |n| {
+            n >= 2.0
+        })
+        .await;
     subscribe.signal("TERM");
     assert_eq!(subscribe.wait_exit().await, Some(0));
     drop(subscribe);

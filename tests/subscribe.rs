@@ -593,7 +593,14 @@ async fn frames_arrive_whole_and_in_order_whether_the_hub_writes_them_or_the_ses
         _ => 100,
     };
     let redis = Redis::start().await;
-    let flags = ["--client-queue", "100000", "--ping-interval", "200ms"];
+    let flags = [
+        "--client-queue",
+        "100000",
+        "--client-queue-bytes",
+        "64MiB",
+        "--ping-interval",
+        "200ms",
+    ];
     let subscribe = Server::start(Kind::Subscribe, &redis.url(), &flags).await;
     let mut readers = Vec::new();
     for r in 0..6 {

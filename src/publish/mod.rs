@@ -75,7 +75,7 @@ pub(crate) fn session_settings(common: &CommonArgs, ack: bool) -> SessionSetting
     SessionSettings {
         ping_interval: common.ping_interval,
         idle_timeout: common.idle_timeout,
-        close_timeout: common.handshake_timeout,
+        handshake_timeout: common.handshake_timeout,
         max_message_bytes: common.max_message_bytes,
         ack,
     }

@@ -33,6 +33,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use super::channel::ChannelName;
+use super::frames::Watched;
 use super::metrics::Metrics;
 use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
 use super::socket::Socket;
@@ -293,10 +294,15 @@ async fn upgrade<R: Role>(
         // each header and payload with a syscall of its own (a publisher at full rate lost a
         // quarter of its throughput that way).
         let ws = if read_ahead.is_empty() {
-            WebSocketStream::from_raw_socket(socket.clone(), WsRole::Server, Some(ws_config)).await
+            WebSocketStream::from_raw_socket(
+                Watched::new(socket.clone()),
+                WsRole::Server,
+                Some(ws_config),
+            )
+            .await
         } else {
             WebSocketStream::from_partially_read(
-                socket.clone(),
+                Watched::after(socket.clone(), &read_ahead),
                 read_ahead,
                 WsRole::Server,
                 Some(ws_config),

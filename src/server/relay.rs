@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use super::channel::ChannelName;
 use super::config::CommonArgs;
+use super::frames::Watched;
 use super::http::Reply;
 use super::metrics::Metrics;
 use super::session::Ending;
@@ -75,7 +76,7 @@ pub(crate) trait Role: Send + Sync + Sized + 'static {
 
 /// A connection just upgraded to WebSocket, with what the request asked for.
 pub(crate) struct Upgraded {
-    pub ws: WebSocketStream<Socket>,
+    pub ws: WebSocketStream<Watched<Socket>>,
     pub socket: Socket,
     pub channel: ChannelName,
     /// The client asked for, and was given, `lightrelay.ack`.

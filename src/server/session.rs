@@ -1,15 +1,22 @@
 //! One WebSocket client's life, on either server: read, write, keep alive, close (SPEC §3–5).
 //!
-//! Owns: the connection's single task. It reads frames (handing them to its [`Inbound`]: the
-//! publish side's window, or `None`: discarded), writes what its [`Outbox`] holds (several queued
-//! frames per write, then one flush), pings every `--ping-interval`, closes a peer silent for
-//! `--idle-timeout`, and ends with the close code that says why (see [`Ending`]). A
-//! subscriber's session lends its socket to its outbox whenever it goes idle with nothing
-//! queued, so the hub can write the next frame directly, and takes it back at its next poll.
+//! Owns: the connection's single task, in phases ([`Phase`]): *open* (it reads frames, handing
+//! them to its [`Inbound`]: the publish side's window, or `None`: discarded; pings every
+//! `--ping-interval`; closes a peer silent for `--idle-timeout`, or one that began a message and
+//! did not finish it within `--handshake-timeout`, and keeps all unfinished messages of the
+//! process within a byte budget), *draining* (nothing read, the publishes in flight finish
+//! within `--redis-timeout`) and closing (the close frame that says why, see [`Ending`]; after
+//! failing a client it reads what the client still sends, bounded, so the TCP close is not a
+//! reset). Each phase holds only its own deadlines, all served by one timer. It writes what its
+//! [`Outbox`] holds (several queued frames per write, then one flush). A subscriber's session
+//! lends its socket to its outbox whenever it goes idle with nothing queued, so the hub can
+//! write the next frame directly, and takes it back at its next poll.
 //! Must not: touch Redis subscriptions or other clients; it only sees its own outbox and
-//! window, so one slow or broken client cannot slow anyone else.
+//! window (and one process-wide count of unfinished bytes), so one slow or broken client
+//! cannot slow anyone else.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +34,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
+use super::frames::Watched;
 use super::metrics::Metrics;
 use super::outbox::Outbox;
 
@@ -45,6 +53,10 @@ pub enum Ending {
     IdleTimeout,
     /// A message over `--max-message-bytes`: 1009.
     TooBig(usize),
+    /// A message begun and not finished within `--handshake-timeout`: 1008.
+    Unfinished(Duration),
+    /// The unfinished messages of all clients would hold more than their budget: 1013.
+    Busy(usize),
     /// Redis did not accept a publish in time: 1013 (try again later), with why.
     RedisUnavailable(String),
     /// Broken framing: 1002; invalid UTF-8 in a text frame: 1007.
@@ -70,6 +82,8 @@ impl Ending {
             Ending::SlowConsumer => "slow_consumer",
             Ending::IdleTimeout => "idle_timeout",
             Ending::TooBig(_) => "too_big",
+            Ending::Unfinished(_) => "message_timeout",
+            Ending::Busy(_) => "busy",
             Ending::RedisUnavailable(_) => "redis_unavailable",
             Ending::Protocol(..) => "protocol_error",
         }
@@ -84,6 +98,14 @@ impl Ending {
             Ending::TooBig(max) => (
                 CloseCode::Size,
                 format!("message too big (limit {max} bytes)"),
+            ),
+            Ending::Unfinished(limit) => (
+                CloseCode::Policy,
+                format!("message not finished within {limit:?} (--handshake-timeout)"),
+            ),
+            Ending::Busy(budget) => (
+                CloseCode::Again,
+                format!("server busy: unfinished messages over {budget} bytes; try again later"),
             ),
             Ending::RedisUnavailable(why) => (CloseCode::Again, why.clone()),
             Ending::Protocol(code, reason) => (*code, reason.clone()),
@@ -112,8 +134,9 @@ fn truncate_reason(mut reason: String) -> String {
 pub struct SessionSettings {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
-    /// How long closing (sending the close frame, waiting for the answer) may take.
-    pub close_timeout: Duration,
+    /// `--handshake-timeout`: how long a message may take to arrive once its first byte has,
+    /// and how long closing (sending the close frame, waiting for the answer) may take.
+    pub handshake_timeout: Duration,
     pub max_message_bytes: usize,
     /// The client asked for `lightrelay.ack`: one text frame with the receiver count per
     /// message, once Redis accepted it.
@@ -179,7 +202,7 @@ impl<I: Inbound> Inbound for Option<I> {
 /// every awaited future in separate slots, so passing a WebSocket by value through a few
 /// layers of futures stores it several times over; passing a `Box` stores a pointer.
 pub(crate) fn run<S, I>(
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Watched<S>>,
     outbox: Arc<Outbox>,
     inbound: I,
     settings: SessionSettings,
@@ -198,10 +221,14 @@ where
         batch: VecDeque::new(),
         tail: false,
         unflushed: false,
-        ping_due: false,
-        last_heard: now,
-        next_ping: now + settings.ping_interval,
-        ending: None,
+        phase: Phase::Open(Open {
+            last_heard: now,
+            next_ping: now + settings.ping_interval,
+            ping_due: false,
+            message_started: None,
+            finished_seen: 0,
+        }),
+        held: 0,
         settings,
         metrics,
     });
@@ -217,7 +244,7 @@ const READ_BUDGET: usize = 64;
 /// WebSocket: no lock between a reader and a writer half, no stored futures besides one
 /// timer and the shutdown signal, so an idle connection costs little more than its socket.
 struct Connection<S, I> {
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Watched<S>>,
     outbox: Arc<Outbox>,
     inbound: I,
     /// Frames taken from the outbox and not yet handed to tungstenite.
@@ -228,15 +255,61 @@ struct Connection<S, I> {
     tail: bool,
     /// Frames were handed to tungstenite since the last completed flush.
     unflushed: bool,
-    ping_due: bool,
-    last_heard: Instant,
-    next_ping: Instant,
-    /// How the connection is ending, once it is: nothing more is read, the publishes in
-    /// flight finish, then the session returns this (shutdown: 1001 after the acks).
-    ending: Option<Ending>,
+    phase: Phase,
+    /// What this connection's unfinished message counts against [`UNFINISHED`].
+    held: usize,
     settings: SessionSettings,
     metrics: Metrics,
 }
+
+/// Where a connection is in its life. Each phase holds its own deadlines and no other's, so a
+/// timer of one phase cannot fire in another: a draining session has no idle deadline to
+/// re-arm (one that stayed armed after the ending, already past, woke the task on every poll
+/// and spun a core for as long as a Redis stall lasted).
+enum Phase {
+    /// Reading and writing, pinging the client and watching it for silence.
+    Open(Open),
+    /// Ending: nothing more is read, the publishes in flight finish (their only deadline is
+    /// `--redis-timeout`), then the session closes with this (shutdown: 1001 after the acks).
+    Draining(Ending),
+    /// `poll` returned the ending; `close` runs the close handshake.
+    Closing,
+}
+
+/// The open phase's state: its timers.
+struct Open {
+    /// When the client was last heard from (any frame, pongs included): `--idle-timeout`.
+    last_heard: Instant,
+    /// When the next ping is due: `--ping-interval`.
+    next_ping: Instant,
+    /// A ping is due and not yet handed to tungstenite.
+    ping_due: bool,
+    /// Since when the client has owed the rest of a message it began (at most
+    /// `--handshake-timeout`); `None` while nothing is unfinished or while the session does
+    /// not read (its publish window is full).
+    message_started: Option<Instant>,
+    /// [`FrameWatch::finished`] when last looked at: a change means the client got on.
+    finished_seen: u32,
+}
+
+/// Bytes that all unfinished messages of the process declared, counted from
+/// [`UNFINISHED_FROM`] bytes each: tungstenite reserves a frame's whole length when its header
+/// arrives and keeps a fragmented message's frames until its last, so a client that sends the
+/// start of a message holds up to `--max-message-bytes` of memory (twice that when
+/// fragmented) for nothing.
+static UNFINISHED: AtomicUsize = AtomicUsize::new(0);
+
+/// What all unfinished messages together may hold: this, or `--max-message-bytes` if larger.
+/// Past it, the connection whose message would go over is closed with 1013 (try again later).
+pub(crate) const UNFINISHED_BUDGET: usize = 64 << 20;
+
+/// Unfinished messages smaller than this are not counted: a connection's own buffers hold as
+/// much, and a publisher's reads end mid-frame all the time (no shared counter to touch).
+const UNFINISHED_FROM: usize = 16 << 10;
+
+/// How long, and how much, a failed connection is read after its close frame.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+const DRAIN_BYTES: usize = 1 << 20;
 
 impl<S, I> Connection<S, I>
 where
@@ -246,7 +319,8 @@ where
     async fn drive(mut self: Box<Self>, shutdown: CancellationToken) -> Ending {
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
-        let timer = tokio::time::sleep_until(self.next_deadline());
+        let start = self.next_deadline().unwrap_or_else(Instant::now);
+        let timer = tokio::time::sleep_until(start);
         tokio::pin!(timer);
         let ending =
             std::future::poll_fn(|cx| self.poll(cx, cancelled.as_mut(), timer.as_mut())).await;
@@ -259,14 +333,14 @@ where
         cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
         mut timer: Pin<&mut Sleep>,
     ) -> Poll<Ending> {
-        if self.ending.is_none() && cancelled.poll(cx).is_ready() {
-            self.ending = Some(Ending::GoingAway);
+        if self.is_open() && cancelled.poll(cx).is_ready() {
+            self.end(Ending::GoingAway);
         }
         // From here on only this session writes to the socket.
         self.tail |= self.outbox.take_back(cx.waker());
         for _ in 0..POLL_BUDGET {
-            if self.ending.is_none() && self.outbox.overflowed() {
-                self.ending = Some(Ending::SlowConsumer);
+            if self.is_open() && self.outbox.overflowed() {
+                self.end(Ending::SlowConsumer);
             }
             let mut progress = match self.poll_acks(cx) {
                 Ok(progress) => progress,
@@ -274,8 +348,8 @@ where
             };
             // However the connection ends, what was read from it is published first: frames
             // already taken off the socket must not be dropped (bounded by --redis-timeout).
-            if self.ending.is_some() && self.inbound.is_empty() {
-                return Poll::Ready(self.ending.take().unwrap_or(Ending::Broken));
+            if !self.is_open() && self.inbound.is_empty() {
+                return Poll::Ready(self.take_ending());
             }
             if self.can_write() {
                 let wrote = self.poll_write(cx);
@@ -285,41 +359,51 @@ where
                 match wrote {
                     Ok(wrote) => progress |= wrote,
                     Err(ending) => {
-                        self.ending.get_or_insert(ending);
+                        self.end(ending);
                         continue;
                     }
                 }
             }
-            if self.ending.is_none() {
+            if self.is_open() {
                 match self.poll_read(cx) {
                     Ok(read) => progress |= read,
                     Err(ending) => {
-                        self.ending = Some(ending);
+                        self.end(ending);
                         continue;
                     }
                 }
             }
-            // Timers: one sleep serves the ping, the idle timeout and --redis-timeout. It may
-            // fire early (a frame moved the idle deadline on); it is then simply re-armed.
+            // Timers: one sleep serves the phase's deadlines. It may fire early (a frame moved
+            // the idle deadline on); it is then simply re-armed.
             let now = Instant::now();
-            if self.ending.is_none() && now >= self.last_heard + self.settings.idle_timeout {
-                self.ending = Some(Ending::IdleTimeout);
-                continue;
+            if self.is_open() {
+                if let Err(ending) = self.watch_messages(now) {
+                    self.end(ending);
+                    continue;
+                }
+            }
+            if let Phase::Open(open) = &mut self.phase {
+                if now >= open.last_heard + self.settings.idle_timeout {
+                    self.end(Ending::IdleTimeout);
+                    continue;
+                }
+                if now >= open.next_ping {
+                    open.ping_due = true;
+                    open.next_ping = now + self.settings.ping_interval;
+                    progress = true;
+                }
             }
             if self.inbound.deadline().is_some_and(|d| now >= d) {
                 return Poll::Ready(Ending::RedisUnavailable(self.inbound.time_out()));
             }
-            if now >= self.next_ping {
-                self.ping_due = true;
-                self.next_ping = now + self.settings.ping_interval;
-                progress = true;
-            }
-            let deadline = self.next_deadline();
-            if deadline < timer.deadline() || timer.is_elapsed() {
-                timer.as_mut().reset(deadline);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                progress = true;
+            // Every deadline left is in the future now, so the timer cannot be ready at once.
+            if let Some(deadline) = self.next_deadline() {
+                if deadline < timer.deadline() || timer.is_elapsed() {
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    progress = true;
+                }
             }
             if !progress {
                 if self.is_idle() {
@@ -334,24 +418,102 @@ where
         Poll::Pending
     }
 
+    /// Bound what a client's unfinished message costs: its time from the first byte (`--handshake-timeout`)
+    /// and its share of the process's [`UNFINISHED_BUDGET`]. Open phase only.
+    fn watch_messages(&mut self, now: Instant) -> Result<(), Ending> {
+        let Phase::Open(open) = &mut self.phase else {
+            return Ok(());
+        };
+        let watch = self.ws.get_ref().watch();
+        let finished = watch.finished();
+        open.message_started = match open.message_started {
+            // Not reading (back-pressure) is not the client's delay.
+            _ if !watch.unfinished() || self.inbound.is_full() => None,
+            Some(started) if finished == open.finished_seen => Some(started),
+            _ => Some(now),
+        };
+        open.finished_seen = finished;
+        let timeout = self.settings.handshake_timeout;
+        if open
+            .message_started
+            .is_some_and(|started| now >= started + timeout)
+        {
+            return Err(Ending::Unfinished(timeout));
+        }
+        let held = usize::try_from(watch.held()).unwrap_or(usize::MAX);
+        let held = if held < UNFINISHED_FROM { 0 } else { held };
+        if held == self.held {
+            return Ok(());
+        }
+        if held < self.held {
+            UNFINISHED.fetch_sub(self.held - held, Ordering::Relaxed);
+            self.held = held;
+            return Ok(());
+        }
+        let more = held - self.held;
+        self.held = held;
+        let total = UNFINISHED
+            .fetch_add(more, Ordering::Relaxed)
+            .saturating_add(more);
+        let budget = UNFINISHED_BUDGET.max(self.settings.max_message_bytes);
+        if total > budget {
+            return Err(Ending::Busy(budget));
+        }
+        Ok(())
+    }
+
+    fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open(_))
+    }
+
+    /// Leave the open phase with `ending`; a connection already ending keeps its first reason.
+    fn end(&mut self, ending: Ending) {
+        if self.is_open() {
+            self.phase = Phase::Draining(ending);
+        }
+    }
+
+    /// The ending `poll` returns; the phase becomes [`Phase::Closing`].
+    fn take_ending(&mut self) -> Ending {
+        match std::mem::replace(&mut self.phase, Phase::Closing) {
+            Phase::Draining(ending) => ending,
+            Phase::Open(_) | Phase::Closing => Ending::Broken,
+        }
+    }
+
+    fn ping_due(&self) -> bool {
+        matches!(&self.phase, Phase::Open(open) if open.ping_due)
+    }
+
     /// Nothing taken from the outbox is unwritten and tungstenite holds no unsent bytes.
     fn is_idle(&self) -> bool {
-        self.batch.is_empty()
-            && !self.tail
-            && !self.unflushed
-            && !self.ping_due
-            && self.ending.is_none()
+        self.batch.is_empty() && !self.tail && !self.unflushed && self.is_open() && !self.ping_due()
     }
 
     /// Whether frames can still go out.
     fn can_write(&self) -> bool {
-        self.ending.as_ref().is_none_or(Ending::can_write)
+        match &self.phase {
+            Phase::Open(_) => true,
+            Phase::Draining(ending) => ending.can_write(),
+            Phase::Closing => false,
+        }
     }
 
-    fn next_deadline(&self) -> Instant {
-        let idle = self.last_heard + self.settings.idle_timeout;
-        let publish = self.inbound.deadline().unwrap_or(idle);
-        self.next_ping.min(idle).min(publish)
+    /// The earliest deadline of the current phase: ping, idle timeout and the oldest
+    /// publish's `--redis-timeout` while open; only the latter while draining.
+    fn next_deadline(&self) -> Option<Instant> {
+        let publish = self.inbound.deadline();
+        match &self.phase {
+            Phase::Open(open) => {
+                let idle = open.last_heard + self.settings.idle_timeout;
+                let mut own = open.next_ping.min(idle);
+                if let Some(started) = open.message_started {
+                    own = own.min(started + self.settings.handshake_timeout);
+                }
+                Some(publish.map_or(own, |p| p.min(own)))
+            }
+            Phase::Draining(_) | Phase::Closing => publish,
+        }
     }
 
     /// Publishes Redis accepted: one ack each (in ack mode), in order.
@@ -380,14 +542,15 @@ where
         }
         let (mut frames, mut bytes) = (0u64, 0u64);
         loop {
-            if self.batch.is_empty() && !self.ping_due {
+            let ping_due = self.ping_due();
+            if self.batch.is_empty() && !ping_due {
                 self.outbox.take(&mut self.batch, cx.waker());
                 if self.batch.is_empty() {
                     break;
                 }
             }
             let own_socket = self.outbox.socket().is_some();
-            if own_socket && !self.ping_due && self.batch.front().is_some_and(is_large) {
+            if own_socket && !ping_due && self.batch.front().is_some_and(is_large) {
                 match self.poll_write_large(cx) {
                     Poll::Ready(Ok(payload)) => {
                         frames += 1;
@@ -404,8 +567,10 @@ where
                 Poll::Ready(Err(_)) => return Err(Ending::Broken),
                 Poll::Pending => break,
             }
-            let frame = if self.ping_due {
-                self.ping_due = false;
+            let frame = if ping_due {
+                if let Phase::Open(open) = &mut self.phase {
+                    open.ping_due = false;
+                }
                 Message::Ping(Bytes::new())
             } else {
                 let Some(frame) = self.batch.pop_front() else {
@@ -504,11 +669,14 @@ where
                 Poll::Pending => break,
                 Poll::Ready(None) => return Err(Ending::ClientClosed),
                 Poll::Ready(Some(Err(e))) => {
-                    return Err(ending_of(e, self.settings.max_message_bytes))
+                    let in_close = self.ws.get_ref().watch().closed();
+                    return Err(ending_of(e, self.settings.max_message_bytes, in_close));
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
-            self.last_heard = Instant::now();
+            if let Phase::Open(open) = &mut self.phase {
+                open.last_heard = Instant::now();
+            }
             progress = true;
             match frame {
                 Message::Text(text) => self.accept(Bytes::from(text)),
@@ -529,13 +697,19 @@ where
     /// Send what is queued (acks of publishes Redis accepted among it) and then the close
     /// frame that says why, wait for the client's answer, all within the close timeout.
     async fn close(&mut self, ending: Ending) -> Ending {
-        let close_timeout = self.settings.close_timeout;
+        let close_timeout = self.settings.handshake_timeout;
         let closing = async {
             let ws = &mut self.ws;
             let outbox = &self.outbox;
             if ending.can_write() {
+                // The batch first, then what is still queued: `take_now` swaps its queue with
+                // the deque it is given, so it gets an empty one (given the batch, it kept the
+                // batch's frames and they were never written: a capped socket buffer left
+                // more of them there at shutdown).
                 let mut rest = std::mem::take(&mut self.batch);
-                outbox.take_now(&mut rest);
+                let mut queued = VecDeque::new();
+                outbox.take_now(&mut queued);
+                rest.append(&mut queued);
                 for frame in rest {
                     match outbox.socket().filter(|_| is_large(&frame)) {
                         // As in `poll_write_large`: larger than tungstenite's buffer may hold.
@@ -550,11 +724,22 @@ where
             }
             if let Some(frame) = ending.close_frame() {
                 ws.send(Message::Close(Some(frame))).await?;
-                // Wait for the client's answering close frame so the TCP close is clean.
-                while let Some(Ok(frame)) = ws.next().await {
-                    if matches!(frame, Message::Close(_)) {
-                        break;
+                // Wait for the client's answering close frame so the TCP close is clean; but
+                // not through tungstenite for an unfinished message it would go on collecting.
+                if !matches!(ending, Ending::Unfinished(_) | Ending::Busy(_)) {
+                    while let Some(Ok(frame)) = ws.next().await {
+                        if matches!(frame, Message::Close(_)) {
+                            break;
+                        }
                     }
+                }
+                // tungstenite stopped reading (the client broke the protocol or sent too
+                // much): closing with unread bytes would reset the connection, and the client
+                // could lose the close frame. Read what it still sends, up to its close frame.
+                if !ws.get_ref().watch().closed() {
+                    // Boxed: its timer would otherwise enlarge every connection's task.
+                    let draining = Box::pin(tokio::time::timeout(DRAIN_TIME, drain(ws.get_mut())));
+                    let _ = draining.await;
                 }
             } else {
                 ws.flush().await?;
@@ -570,6 +755,23 @@ impl<S, I> Drop for Connection<S, I> {
     fn drop(&mut self) {
         // However the task ends, the hub writes no more into this socket.
         self.outbox.withdraw();
+        if self.held > 0 {
+            UNFINISHED.fetch_sub(self.held, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Read and discard what the client sends until its close frame, the end of the stream or
+/// [`DRAIN_BYTES`]; one buffer, allocated only here.
+async fn drain<S: AsyncRead + Unpin>(stream: &mut Watched<S>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut read = 0;
+    while read < DRAIN_BYTES && !stream.watch().closed() {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read += n,
+        }
     }
 }
 
@@ -581,7 +783,8 @@ fn is_large(frame: &Message) -> bool {
 
 const LARGE_FRAME: usize = 16 * 1024;
 
-fn ending_of(error: tungstenite::Error, max_message_bytes: usize) -> Ending {
+/// The ending a read error means; `in_close`: a close frame was among what was read.
+fn ending_of(error: tungstenite::Error, max_message_bytes: usize, in_close: bool) -> Ending {
     use tungstenite::error::{CapacityError, Error as E, ProtocolError};
     match error {
         E::Capacity(CapacityError::MessageTooLong { .. }) => Ending::TooBig(max_message_bytes),
@@ -589,7 +792,180 @@ fn ending_of(error: tungstenite::Error, max_message_bytes: usize) -> Ending {
         // A TCP connection that ends without a close frame is broken, not a protocol error.
         E::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Ending::Broken,
         E::Protocol(e) => Ending::Protocol(CloseCode::Protocol, e.to_string()),
+        // tungstenite says the same for a text message and a close frame's reason. (A text
+        // frame read in the same read as a close frame behind it is taken for the latter.)
+        E::Utf8(_) if in_close => {
+            Ending::Protocol(CloseCode::Invalid, "close reason is not valid UTF-8".into())
+        }
         E::Utf8(_) => Ending::Protocol(CloseCode::Invalid, "text frame is not valid UTF-8".into()),
         _ => Ending::Broken,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A session's phases over an in-memory stream, in paused time: every deadline is met
+    //! exactly, and no timer of the open phase is left once it ended.
+
+    use super::*;
+    use crate::server::config::SlowConsumer;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::DuplexStream;
+    use tokio::task::JoinHandle;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    const PING: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(30);
+    const HANDSHAKE: Duration = Duration::from_secs(5);
+
+    fn settings(ping_interval: Duration) -> SessionSettings {
+        SessionSettings {
+            ping_interval,
+            idle_timeout: IDLE,
+            handshake_timeout: HANDSHAKE,
+            max_message_bytes: 1 << 20,
+            ack: false,
+        }
+    }
+
+    type Client = WebSocketStream<DuplexStream>;
+
+    /// A session over one end of an in-memory stream, and a client on the other.
+    async fn open_session<I: Inbound + Send + 'static>(
+        settings: SessionSettings,
+        inbound: I,
+    ) -> (JoinHandle<Ending>, Client) {
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let server = WebSocketStream::from_raw_socket(Watched::new(server), Role::Server, None);
+        let client = WebSocketStream::from_raw_socket(client, Role::Client, None);
+        let (server, client) = tokio::join!(server, client);
+        let outbox = Arc::new(Outbox::new(
+            crate::server::outbox::Limits::messages(16),
+            SlowConsumer::Close,
+        ));
+        let session = run(
+            server,
+            outbox,
+            inbound,
+            settings,
+            CancellationToken::new(),
+            Metrics::new(),
+        );
+        (tokio::spawn(session), client)
+    }
+
+    /// The next frame the client reads (reading answers pings).
+    async fn next(client: &mut Client) -> Message {
+        client.next().await.expect("ended").expect("error")
+    }
+
+    fn discard() -> Option<Box<crate::publish::PublishWindow>> {
+        None
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_go_out_at_the_ping_interval() {
+        let start = Instant::now();
+        let (_session, mut client) = open_session(settings(PING), discard()).await;
+        for n in 1..=3 {
+            assert!(matches!(next(&mut client).await, Message::Ping(_)));
+            assert_eq!(start.elapsed(), PING * n);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_with_1001_at_the_idle_deadline() {
+        let start = Instant::now();
+        // No ping before the idle timeout: nothing makes the client answer.
+        let (session, mut client) = open_session(settings(IDLE * 2), discard()).await;
+        let Message::Close(Some(close)) = next(&mut client).await else {
+            panic!("expected a close frame");
+        };
+        assert_eq!(start.elapsed(), IDLE);
+        assert_eq!(close.code, CloseCode::Away);
+        assert_eq!(close.reason.as_str(), "idle timeout");
+        assert!(matches!(session.await.unwrap(), Ending::IdleTimeout));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_begun_and_not_finished_is_closed_at_the_handshake_timeout() {
+        let (session, mut client) = open_session(settings(PING), discard()).await;
+        let fragment = Frame::message(
+            Bytes::from_static(b"the start"),
+            OpCode::Data(Data::Text),
+            false,
+        );
+        client.send(Message::Frame(fragment)).await.unwrap();
+        let sent = Instant::now();
+        let Message::Close(Some(close)) = next(&mut client).await else {
+            panic!("expected a close frame");
+        };
+        assert_eq!(sent.elapsed(), HANDSHAKE);
+        assert_eq!(close.code, CloseCode::Policy);
+        assert!(matches!(session.await.unwrap(), Ending::Unfinished(_)));
+    }
+
+    /// Publishes that never complete (Redis stalled), the window full, until a deadline.
+    struct Stalled {
+        polls: Arc<AtomicUsize>,
+        deadline: Instant,
+    }
+
+    impl Inbound for Stalled {
+        fn push(&mut self, _payload: Bytes) {}
+        fn send(&mut self) {}
+        fn is_full(&self) -> bool {
+            true
+        }
+        fn is_empty(&self) -> bool {
+            false
+        }
+        fn poll_next(&mut self, _cx: &mut Context<'_>) -> Poll<Result<i64, String>> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            Poll::Pending
+        }
+        fn deadline(&self) -> Option<Instant> {
+            Some(self.deadline)
+        }
+        fn time_out(&mut self) -> String {
+            "redis stalled".into()
+        }
+    }
+
+    /// Once the open phase ended (idle timeout), only the publishes' deadline is left: the
+    /// session sleeps until it instead of waking on the idle deadline it passed.
+    #[tokio::test(start_paused = true)]
+    async fn no_timer_of_the_open_phase_is_left_while_draining() {
+        let start = Instant::now();
+        let polls = Arc::new(AtomicUsize::new(0));
+        let stalled = Stalled {
+            polls: polls.clone(),
+            deadline: start + IDLE * 3,
+        };
+        let (session, mut client) = open_session(settings(IDLE * 4), stalled).await;
+        // Moved by hand: a spinning session would keep paused time from moving on its own.
+        tokio::time::advance(IDLE + Duration::from_secs(1)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // Draining now. Let the session run if anything woke it: nothing should have.
+        let before = polls.load(Ordering::Relaxed);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let woken = polls.load(Ordering::Relaxed) - before;
+        assert!(woken < 5, "a draining session was polled {woken} times");
+
+        let Message::Close(Some(close)) = next(&mut client).await else {
+            panic!("expected a close frame");
+        };
+        assert_eq!(start.elapsed(), IDLE * 3);
+        assert_eq!(close.code, CloseCode::Again);
+        assert!(matches!(
+            session.await.unwrap(),
+            Ending::RedisUnavailable(_)
+        ));
     }
 }

@@ -60,8 +60,19 @@ impl Tail {
     }
 }
 
+/// Each client socket's send buffer, asked of the kernel (which doubles it: 128 KiB).
+/// Left to itself, Linux grows a socket's send buffer up to `net.ipv4.tcp_wmem`'s maximum
+/// (4 MiB): a subscriber that stopped reading pinned ~3.8 MiB of kernel memory (not counted in
+/// RSS: ~760 MiB for 200 such clients), and filling those buffers stalled healthy subscribers
+/// by up to 1 s. Past this cap a client that does not read backs up into its bounded outbox,
+/// where `--slow-consumer` applies. 128 KiB still holds ~1 ms of a 1 Gbit/s stream, and a
+/// large frame is written from its payload as the socket drains (the tail).
+pub const SEND_BUFFER: usize = 64 * 1024;
+
 impl Socket {
     pub fn new(stream: TcpStream) -> Self {
+        // Only a limit: a socket that refuses it keeps the kernel's default, and still works.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         Socket(Arc::new(Inner {
             stream,
             tail: Mutex::new(None),

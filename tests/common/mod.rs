@@ -825,3 +825,202 @@ pub fn has_header(response: &str, name: &str, value: &str) -> bool {
         })
     })
 }
+
+// Helpers for the hostile-client tests.
+
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (in parentheses, which may hold spaces): state is the
+    // first, utime and stime the 12th and 13th.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second: u64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100);
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// A WebSocket over a plain TCP stream (no TLS wrapper).
+pub type RawWs = WebSocketStream<TcpStream>;
+
+/// Connect with a small receive buffer (16 KiB asked), so that what a server manages to push
+/// into a client that does not read is mostly what the server's side buffers.
+pub async fn connect_small_receive_buffer(url: &str) -> RawWs {
+    let addr: SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(url, stream))
+        .await
+        .unwrap()
+        .unwrap();
+    ws
+}
+
+/// [`until_receiving`] for a [`RawWs`].
+pub async fn until_receiving_raw(redis: &Redis, channel: &str, ws: &mut RawWs) {
+    let client = redis.client().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let _: i64 = client.publish(channel, PROBE).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(100), next_raw_data(ws)).await {
+            Ok(Message::Text(t)) if t.as_str() == PROBE => break,
+            Ok(other) => panic!("expected a probe on {channel}, got {other:?}"),
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{channel}: the client never received a message"
+            ),
+        }
+    }
+    let _ = client.quit().await;
+}
+
+/// The next data or close frame on a [`RawWs`] (pings and pongs skipped), within [`PATIENCE`].
+pub async fn next_raw_data(ws: &mut RawWs) -> Message {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for _ in 0..100_000 {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("connection ended without a close frame")
+            .expect("websocket error");
+        if !matches!(frame, Message::Ping(_) | Message::Pong(_)) {
+            return frame;
+        }
+    }
+    panic!("only pings arrived");
+}
+
+/// A WebSocket client made by hand on a plain TCP stream, to send what a real client library
+/// would refuse to (partial, oversized or broken frames): upgrade `path`, return the stream.
+pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Byte by byte up to the blank line: nothing of the frames behind it is taken.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        assert!(head.len() < 4096, "no end to the upgrade response");
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut byte))
+            .await
+            .expect("no upgrade response in time")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+    stream
+}
+
+pub const OP_CONTINUE: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xa;
+
+/// The header of a frame as a client sends it (masked, with a zero key: the payload goes as
+/// it is), declaring `len` payload bytes.
+pub fn client_header(opcode: u8, fin: bool, len: u64) -> Vec<u8> {
+    let mut wire = vec![opcode | if fin { 0x80 } else { 0 }];
+    match len {
+        0..=125 => wire.push(0x80 | len as u8),
+        126..=65_535 => {
+            wire.push(0x80 | 126);
+            wire.extend((len as u16).to_be_bytes());
+        }
+        _ => {
+            wire.push(0x80 | 127);
+            wire.extend(len.to_be_bytes());
+        }
+    }
+    wire.extend([0, 0, 0, 0]);
+    wire
+}
+
+/// A whole client frame: [`client_header`] and `payload`.
+pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut wire = client_header(opcode, fin, payload.len() as u64);
+    wire.extend(payload);
+    wire
+}
+
+/// The next frame a server sends on a raw stream: its opcode and payload.
+pub async fn read_server_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    let read = async {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await?;
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut ext = [0u8; 2];
+                stream.read_exact(&mut ext).await?;
+                u64::from(u16::from_be_bytes(ext))
+            }
+            127 => {
+                let mut ext = [0u8; 8];
+                stream.read_exact(&mut ext).await?;
+                u64::from_be_bytes(ext)
+            }
+            len => u64::from(len),
+        };
+        let mut payload = vec![0u8; len as usize];
+        stream.read_exact(&mut payload).await?;
+        Ok::<_, std::io::Error>((head[0] & 0x0f, payload))
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("no frame in time")
+        .expect("the connection failed before a whole frame")
+}
+
+/// Read a raw stream's frames, answering pings, until its close frame: its code and reason.
+/// One deadline for the whole wait ([`PATIENCE`]): pings must not extend it.
+pub async fn raw_close_frame(stream: &mut TcpStream) -> (u16, String) {
+    let wait = async {
+        for _ in 0..10_000 {
+            match read_server_frame(stream).await {
+                (OP_CLOSE, payload) => {
+                    assert!(payload.len() >= 2, "close frame without a code");
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+                }
+                (OP_PING, payload) => stream
+                    .write_all(&client_frame(OP_PONG, true, &payload))
+                    .await
+                    .unwrap(),
+                _ => {}
+            }
+        }
+        panic!("no close frame among 10000 frames");
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("no close frame in time")
+}
+
+/// After the close frame: the server ends the TCP connection cleanly (FIN, not a reset) once
+/// it has read what the client sent.
+pub async fn ends_cleanly(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    match tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => panic!("the connection was reset instead of closed: {e}"),
+        Err(_) => panic!("the server did not close the connection"),
+    }
+}
