@@ -36,6 +36,14 @@ pub mod subscribe;
 /// select it, the client and the bench offer it.
 pub const ACK_PROTOCOL: &str = "lightrelay.ack";
 
+/// Lock `mutex`, also when a thread panicked while holding it. Every mutex in lightrelay
+/// guards state that each update leaves consistent in one step (a push, a swap, an
+/// assignment, a map insert), so a poisoned lock is still safe to use; refusing it would turn
+/// one panic into a dead hub, queue or socket.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Errors that stop a server from starting or running.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -149,14 +149,12 @@ impl Shared {
 
     /// Keep the first failure of a connection during the run (later ones are its echoes).
     pub fn error(&self, error: ConnectionFailure) {
-        let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+        let mut first = crate::lock(&self.first_error);
         first.get_or_insert(error);
     }
 
     pub fn take_error(&self) -> Option<ConnectionFailure> {
-        self.first_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.first_error)
             .take()
     }
 
@@ -165,9 +163,7 @@ impl Shared {
         if latencies_ns.is_empty() {
             return;
         }
-        let mut h = self.histograms[shard % SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut h = crate::lock(&self.histograms[shard % SHARDS]);
         for &ns in latencies_ns {
             h.saturating_record((ns / 1_000).max(1));
         }
@@ -176,14 +172,14 @@ impl Shared {
     /// Forget every latency recorded so far (the warm-up).
     pub fn reset_latency(&self) {
         for h in &self.histograms {
-            h.lock().unwrap_or_else(|e| e.into_inner()).reset();
+            crate::lock(h).reset();
         }
     }
 
     pub fn latency(&self) -> Latency {
         let mut all = new_histogram();
         for h in &self.histograms {
-            let _ = all.add(&*h.lock().unwrap_or_else(|e| e.into_inner()));
+            let _ = all.add(&*crate::lock(h));
         }
         Latency::of(&all)
     }
@@ -248,9 +244,7 @@ impl LocalLatency {
         self.0.saturating_record((ns / 1_000).max(1));
     }
     pub fn merge_into(&self, shared: &Shared) {
-        let mut h = shared.histograms[0]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut h = crate::lock(&shared.histograms[0]);
         let _ = h.add(&self.0);
     }
 }

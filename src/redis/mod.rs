@@ -26,7 +26,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::lock;
 use std::time::Duration;
 
 use fred::clients::{Pool, SubscriberClient};
@@ -152,12 +154,6 @@ struct Check {
     reason: Mutex<String>,
     /// The last connection error fred reported, in Redis's (or the OS's) words.
     last_error: Mutex<Option<String>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update under these locks is a single assignment or push: a poisoned lock is
-    // still consistent.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How a health check treats a connection that stops answering.

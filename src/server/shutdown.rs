@@ -49,14 +49,12 @@ static FAILURE: Mutex<Option<String>> = Mutex::new(None);
 /// and exit code 1.
 pub(crate) fn fatal(token: &CancellationToken, why: String) {
     tracing::error!(reason = %why, "stopping: a part of the server failed");
-    FAILURE
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    crate::lock(&FAILURE)
         .get_or_insert(why);
     token.cancel();
 }
 
 /// The reason given to [`fatal`], if it was called.
 pub(crate) fn failure() -> Option<String> {
-    FAILURE.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    crate::lock(&FAILURE).clone()
 }

@@ -169,7 +169,7 @@ impl Socket {
 
     fn tail(&self) -> MutexGuard<'_, Option<Tail>> {
         // Every update under this lock is a single assignment or advance.
-        self.0.tail.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.0.tail)
     }
 }
 

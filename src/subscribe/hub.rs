@@ -405,7 +405,7 @@ impl Hub {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update under this lock is a single insert/remove; a poisoned lock is consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.state)
     }
 }
 
