@@ -154,8 +154,7 @@ impl Shared {
     }
 
     pub fn take_error(&self) -> Option<ConnectionFailure> {
-        crate::lock(&self.first_error)
-            .take()
+        crate::lock(&self.first_error).take()
     }
 
     /// Record latencies (ns) into one shard under one lock.

@@ -49,8 +49,7 @@ static FAILURE: Mutex<Option<String>> = Mutex::new(None);
 /// and exit code 1.
 pub(crate) fn fatal(token: &CancellationToken, why: String) {
     tracing::error!(reason = %why, "stopping: a part of the server failed");
-    crate::lock(&FAILURE)
-        .get_or_insert(why);
+    crate::lock(&FAILURE).get_or_insert(why);
     token.cancel();
 }
 

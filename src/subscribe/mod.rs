@@ -172,11 +172,11 @@ impl Role for SubscribeRole {
             relay.shutdown.clone(),
             relay.metrics.clone(),
         );
-        async move {
-            let ending = session.await;
+        // A combinator, not an async block (see `Relay::serve`): the session is kept once.
+        futures_util::FutureExt::map(session, move |ending| {
             drop(membership);
             ending
-        }
+        })
     }
 }
 
