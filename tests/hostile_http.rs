@@ -41,7 +41,10 @@ async fn past_max_connections_a_connection_still_sending_its_request_holds_a_slo
                 stream.write_all(partial).await.unwrap();
                 idle.push(stream);
             }
-            let refused = raw_exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            // `Connection: close`: if a slot was free after all, the 200 ends too, and the
+            // round is tried again.
+            let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+            let refused = raw_exchange(addr, request).await;
             match status_of(&refused) {
                 503 => Ok((idle, refused)),
                 other => Err(format!(
