@@ -353,3 +353,71 @@ pub(crate) async fn publish_once(
     window.push(payload);
     window.next().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fred::prelude::Builder;
+    use std::task::Waker;
+
+    /// A window on a pool that never connects: what it sends waits, as during an outage.
+    fn window(capacity: usize, metrics: &Metrics) -> PublishWindow {
+        let pool = Builder::default_centralized().build_pool(1).unwrap();
+        let channel = ChannelName::from_redis(Bytes::from_static(b"lightlevel/unit"));
+        let timeout = Duration::from_secs(10);
+        PublishWindow::new(
+            &Publisher::new(pool),
+            channel,
+            capacity,
+            timeout,
+            metrics.clone(),
+        )
+    }
+
+    /// The window bounds what is in flight (back-pressure), its deadline is the oldest
+    /// message's start plus --redis-timeout, and giving up counts every abandoned message.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_window_waits_then_times_out_and_counts_what_it_abandoned() {
+        let metrics = Metrics::new();
+        let mut window = window(3, &metrics);
+        assert_eq!(window.deadline(), None);
+        let started = Instant::now();
+        window.push(Bytes::from_static(b"a"));
+        window.push(Bytes::from_static(b"b"));
+        assert!(!window.is_full());
+        window.send();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        window.push(Bytes::from_static(b"c"));
+        window.send();
+        assert!(
+            window.is_full(),
+            "three in flight: the session stops reading"
+        );
+        // The oldest batch sets the deadline, not the newest.
+        assert_eq!(window.deadline(), Some(started + Duration::from_secs(10)));
+        let cx = &mut Context::from_waker(Waker::noop());
+        assert!(window.poll_next(cx).is_pending(), "nothing answered yet");
+
+        let error = window.time_out();
+        assert!(matches!(error, PublishError::Timeout(_)), "{error}");
+        assert!(window.is_empty() && !window.is_full());
+        assert_eq!(window.deadline(), None);
+        assert!(window.poll_next(cx).is_pending());
+        let text = metrics.render();
+        assert!(
+            text.contains("lightrelay_dropped_total{reason=\"publish_failed\"} 3"),
+            "{text}"
+        );
+    }
+
+    /// Only fred's "never written" answer is safe to send again.
+    #[test]
+    fn only_an_unrouted_command_counts_as_never_written() {
+        use fred::error::{Error, ErrorKind};
+        let unrouted = Err(Error::new(ErrorKind::Unknown, "Failed to route command."));
+        let closed = Err(Error::new(ErrorKind::IO, "Connection closed."));
+        assert!(never_written(&unrouted));
+        assert!(!never_written(&closed));
+        assert!(!never_written(&Ok(1)));
+    }
+}

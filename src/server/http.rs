@@ -36,7 +36,7 @@ use super::channel::ChannelName;
 use super::frames::Watched;
 use super::metrics::Metrics;
 use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
-use super::socket::Socket;
+use super::write::socket::Socket;
 use crate::ACK_PROTOCOL;
 
 /// Every answer to a plain request.
@@ -553,7 +553,7 @@ impl AsyncWrite for RequestLineGuard {
 /// to 16 KiB of queued frames before a write call, so a burst goes out in few syscalls while
 /// an idle connection holds no write buffer at all.
 fn ws_config<R: Role>(max: usize) -> WebSocketConfig {
-    use super::socket::WRITE_BUFFER;
+    use super::write::socket::WRITE_BUFFER;
     let mut config = WebSocketConfig::default();
     config.read_buffer_size = R::READ_BUFFER;
     config.write_buffer_size = WRITE_BUFFER;

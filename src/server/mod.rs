@@ -18,12 +18,11 @@ pub(crate) mod frames;
 pub(crate) mod http;
 pub(crate) mod listener;
 pub(crate) mod metrics;
-pub(crate) mod outbox;
 pub(crate) mod relay;
 pub(crate) mod session;
 pub(crate) mod shutdown;
-pub(crate) mod socket;
 pub mod telemetry;
+pub(crate) mod write;
 
 pub(crate) use listener::main;
 pub(crate) use relay::{Relay, Role, Upgraded};

@@ -25,7 +25,7 @@ use super::frames::Watched;
 use super::http::Reply;
 use super::metrics::Metrics;
 use super::session::Ending;
-use super::socket::Socket;
+use super::write::socket::Socket;
 
 /// What one of the two servers does differently from the other.
 pub(crate) trait Role: Send + Sync + Sized + 'static {

@@ -36,7 +36,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::frames::Watched;
 use super::metrics::Metrics;
-use super::outbox::Outbox;
+use super::write::outbox::Outbox;
 
 /// How a session ended, and so which close frame (if any) the client gets.
 #[derive(Debug)]
@@ -781,7 +781,8 @@ fn is_large(frame: &Message) -> bool {
     matches!(frame, Message::Binary(_) | Message::Text(_)) && frame.len() > LARGE_FRAME
 }
 
-const LARGE_FRAME: usize = 16 * 1024;
+/// Larger than tungstenite's write buffer: written by the session from its payload.
+const LARGE_FRAME: usize = super::write::socket::WRITE_BUFFER;
 
 /// The ending a read error means; `in_close`: a close frame was among what was read.
 fn ending_of(error: tungstenite::Error, max_message_bytes: usize, in_close: bool) -> Ending {
@@ -842,7 +843,7 @@ mod tests {
         let client = WebSocketStream::from_raw_socket(client, Role::Client, None);
         let (server, client) = tokio::join!(server, client);
         let outbox = Arc::new(Outbox::new(
-            crate::server::outbox::Limits::messages(16),
+            crate::server::write::outbox::Limits::messages(16),
             SlowConsumer::Close,
         ));
         let session = run(

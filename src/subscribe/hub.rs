@@ -51,8 +51,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::server::channel::ChannelName;
 use crate::server::metrics::{DropReason, Metrics};
-use crate::server::outbox::{Outbox, Pushed};
-use crate::server::socket::EncodedFrame;
+use crate::server::write::outbox::{Outbox, Pushed};
+use crate::server::write::socket::EncodedFrame;
 
 /// What a client listens to. Today a plain channel; patterns and shard channels come later.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -457,7 +457,7 @@ impl Recovery {
 const SPLIT_AT: usize = 64;
 
 /// The largest frame the hub writes directly (the sessions' write buffer size).
-const DIRECT_MAX: usize = crate::server::socket::WRITE_BUFFER;
+const DIRECT_MAX: usize = crate::server::write::socket::WRITE_BUFFER;
 
 /// The helper's half of a split fan-out.
 fn odd(key: usize) -> bool {
@@ -516,5 +516,74 @@ fn frame_of(value: Value) -> Option<Message> {
         }),
         Value::Bytes(b) => Some(Message::Binary(b)),
         other => other.into_bytes().map(Message::Binary),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::config::SlowConsumer;
+    use crate::server::write::outbox::Limits;
+
+    fn topic(name: &str) -> Topic {
+        Topic::Channel(ChannelName::from_redis(Bytes::from(name.to_string())))
+    }
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(Limits::messages(16), SlowConsumer::Close))
+    }
+
+    fn dirty(hub: &Hub) -> Vec<Topic> {
+        hub.lock().dirty.drain().collect()
+    }
+
+    /// Only the first join and the last leave of a topic give the reconciler work: one
+    /// SUBSCRIBE per topic per process, whatever the number of clients.
+    #[test]
+    fn first_join_and_last_leave_mark_a_topic_dirty_and_nothing_else_does() {
+        let hub = Hub::new(Metrics::new());
+        let a = hub.join(topic("t"), outbox());
+        assert_eq!(dirty(&hub), vec![topic("t")]);
+        let b = hub.join(topic("t"), outbox());
+        assert!(dirty(&hub).is_empty(), "a second client subscribes nothing");
+        drop(a);
+        assert!(dirty(&hub).is_empty(), "a client leaving with others left");
+        drop(b);
+        assert_eq!(dirty(&hub), vec![topic("t")]);
+        assert!(hub.lock().topics.is_empty());
+    }
+
+    /// A topic becomes active when Redis confirmed it, and every reconnect makes it inactive
+    /// and dirty again until it is confirmed anew.
+    #[tokio::test]
+    async fn a_reconnect_makes_every_topic_inactive_and_dirty_until_confirmed_again() {
+        let hub = Hub::new(Metrics::new());
+        let _member = hub.join(topic("t"), outbox());
+        dirty(&hub);
+        let patience = Duration::from_millis(20);
+        assert!(!hub.wait_active(&topic("t"), patience).await);
+        hub.activate(&[topic("t")]);
+        assert!(hub.wait_active(&topic("t"), patience).await);
+
+        let mut subscribed = HashSet::from([topic("t")]);
+        assert_eq!(hub.connection_reset(&mut subscribed), 1);
+        assert!(subscribed.is_empty());
+        assert_eq!(dirty(&hub), vec![topic("t")]);
+        assert!(!hub.wait_active(&topic("t"), patience).await);
+    }
+
+    /// A client waiting for its topic is woken by the activation, not by its patience.
+    #[tokio::test]
+    async fn a_waiting_client_is_woken_when_its_topic_becomes_active() {
+        let hub = Hub::new(Metrics::new());
+        let _member = hub.join(topic("t"), outbox());
+        let waiter = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.wait_active(&topic("t"), Duration::from_secs(30)).await }
+        });
+        tokio::task::yield_now().await;
+        hub.activate(&[topic("t")]);
+        let woken = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(woken.expect("not woken by the activation").unwrap());
     }
 }

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::socket::{EncodedFrame, Socket};
 use crate::server::config::SlowConsumer;
-use crate::server::socket::{EncodedFrame, Socket};
 
 /// What a push did, so the pusher can count losses.
 #[derive(Debug, PartialEq, Eq)]
