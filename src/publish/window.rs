@@ -301,7 +301,7 @@ impl PublishWindow {
         // The window is abandoned: whatever is still in flight may or may not reach Redis,
         // and its client will not get an ack for it (an ack-mode client resends it).
         self.metrics
-            .dropped(DropReason::PublishFailed, self.len as u64);
+            .dropped(DropReason::publish_failed, self.len as u64);
         self.gathering.clear();
         self.gathering_since = None;
         self.in_flight = FuturesOrdered::new();

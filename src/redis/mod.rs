@@ -44,7 +44,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::config::CommonArgs;
-use crate::server::metrics::Metrics;
+use crate::server::metrics::{Metrics, RedisErrorKind};
 use crate::Error;
 
 /// How many messages fred may hold for the hub before it overwrites the oldest (counted as
@@ -303,17 +303,18 @@ async fn ping_loop<C>(
 
 /// The kind of a connection error, so that each kind is logged when it first happens, then
 /// again with back-off, never as a flood.
-fn error_class(error: &fred::error::Error) -> &'static str {
+fn error_class(error: &fred::error::Error) -> RedisErrorKind {
     use fred::error::ErrorKind;
     match error.kind() {
-        ErrorKind::Auth => "auth",
-        ErrorKind::Tls => "tls",
-        ErrorKind::Timeout => "timeout",
-        ErrorKind::IO if error.details().contains("Certificate") => "tls",
-        ErrorKind::IO if error.details().contains("refused") => "refused",
-        ErrorKind::IO => "io",
-        ErrorKind::Config | ErrorKind::Url => "config",
-        _ => "other",
+        ErrorKind::Auth => RedisErrorKind::auth,
+        ErrorKind::Tls => RedisErrorKind::tls,
+        ErrorKind::Timeout => RedisErrorKind::timeout,
+        // fred 10.1.0 reports certificate failures as IO errors.
+        ErrorKind::IO if error.details().contains("Certificate") => RedisErrorKind::tls,
+        ErrorKind::IO if error.details().contains("refused") => RedisErrorKind::refused,
+        ErrorKind::IO => RedisErrorKind::io,
+        ErrorKind::Config | ErrorKind::Url => RedisErrorKind::config,
+        _ => RedisErrorKind::other,
     }
 }
 
@@ -336,7 +337,7 @@ async fn report_events<C>(
 {
     let mut errors = client.error_rx();
     let mut reconnects = client.reconnect_rx();
-    let mut seen: HashMap<&'static str, Repeats> = HashMap::new();
+    let mut seen: HashMap<RedisErrorKind, Repeats> = HashMap::new();
     let mut connected_once = false;
     loop {
         tokio::select! {
@@ -347,16 +348,16 @@ async fn report_events<C>(
                     let text = error.to_string();
                     *lock(&check.last_error) = Some(text.clone());
                     let now = Instant::now();
-                    match seen.get_mut(class) {
+                    match seen.get_mut(&class) {
                         None => {
-                            tracing::warn!(connection = %check.name, kind = class, error = %text, "Redis connection error");
+                            tracing::warn!(connection = %check.name, kind = ?class, error = %text, "Redis connection error");
                             let gap = Duration::from_secs(10);
                             seen.insert(class, Repeats { count: 0, next_log: now + gap, gap });
                         }
                         Some(repeats) => {
                             repeats.count += 1;
                             if now >= repeats.next_log {
-                                tracing::warn!(connection = %check.name, kind = class, error = %text, repeated = repeats.count, "Redis connection error (repeated)");
+                                tracing::warn!(connection = %check.name, kind = ?class, error = %text, repeated = repeats.count, "Redis connection error (repeated)");
                                 repeats.count = 0;
                                 repeats.gap = (repeats.gap * 2).min(Duration::from_secs(600));
                                 repeats.next_log = now + repeats.gap;

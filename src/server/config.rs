@@ -101,19 +101,19 @@ pub struct SubscribeArgs {
     pub listen: SocketAddr,
 
     /// Most messages a client may have queued: past it, --slow-consumer applies at once
-    /// (a memory ceiling, with 16 × --client-queue-bytes).
+    /// (a memory ceiling, with 4 × --client-queue-bytes).
     #[arg(long, env = "LIGHTRELAY_CLIENT_QUEUE", default_value_t = 16_384,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub client_queue: u32,
 
     /// Bytes a client may have queued (payload + 64 per message) for --slow-consumer-grace
-    /// while its socket takes nothing, before --slow-consumer applies (also 64KiB, 1MiB).
-    #[arg(long, env = "LIGHTRELAY_CLIENT_QUEUE_BYTES", default_value = "1MiB", value_parser = parse_queue_bytes)]
+    /// while its socket takes nothing, before --slow-consumer applies (also 64KiB, 8MiB).
+    #[arg(long, env = "LIGHTRELAY_CLIENT_QUEUE_BYTES", default_value = "8MiB", value_parser = parse_queue_bytes)]
     pub client_queue_bytes: usize,
 
     /// How long a client's queue may stay over --client-queue-bytes, with its socket full,
     /// before --slow-consumer applies.
-    #[arg(long, env = "LIGHTRELAY_SLOW_CONSUMER_GRACE", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "LIGHTRELAY_SLOW_CONSUMER_GRACE", default_value = "60s", value_parser = parse_duration)]
     pub slow_consumer_grace: Duration,
 
     /// What to do with a slow client: close it (1008) or skip to the newest message.

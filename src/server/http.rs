@@ -34,7 +34,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::channel::ChannelName;
 use super::frames::Watched;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
 use super::write::socket::Socket;
 use crate::ACK_PROTOCOL;
@@ -144,7 +144,7 @@ fn channel_of<R: Role>(
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let common = &relay.common;
     ChannelName::from_target(&common.channel_prefix, target, common.max_path_bytes).map_err(|e| {
-        relay.metrics.refused("bad_path");
+        relay.metrics.refused(Refusal::bad_path);
         Box::new(refusal(StatusCode::BAD_REQUEST, format!("{e}\n")))
     })
 }
@@ -177,7 +177,7 @@ async fn post<R: Role>(relay: Arc<Relay<R>>, req: Request<Incoming>) -> Reply {
     // Bounded by MAX_MESSAGE_BYTES (256 MiB), so it fits a u32.
     let want = u32::try_from(want).unwrap_or(u32::MAX);
     let Ok(_held) = relay.post_budget.try_acquire_many(want) else {
-        relay.metrics.refused("post_budget");
+        relay.metrics.refused(Refusal::post_budget);
         let mut response = refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many POST bodies being received at once; try again shortly\n",
@@ -472,7 +472,7 @@ impl AsyncRead for RequestLineGuard {
                     };
                     // hyper never sees these bytes.
                     buf.set_filled(before);
-                    this.metrics.refused("bad_path");
+                    this.metrics.refused(Refusal::bad_path);
                     this.state = Scan::Refusing {
                         answer: raw_refusal(StatusCode::BAD_REQUEST, &reason, ""),
                         written: 0,

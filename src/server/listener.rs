@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::CommonArgs;
 use super::http::RequestLineGuard;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role};
 use super::{http, shutdown};
 use crate::Error;
@@ -174,7 +174,7 @@ pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) ->
 /// hyper, and close it. Up to [`LINGERING_REFUSALS`] at once linger (see [`linger`]); past
 /// that, the answer is written if the socket takes it at once, and the connection dropped.
 fn refuse_over_capacity<R: Role>(relay: &Relay<R>, stream: TcpStream, lingering: &Arc<Semaphore>) {
-    relay.metrics.refused("over_capacity");
+    relay.metrics.refused(Refusal::over_capacity);
     let answer = http::raw_refusal(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!(

@@ -9,36 +9,106 @@
 //! `redis_in` (messages received on subscriptions), `ws_out` (frames written to clients).
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-type Labels = [(&'static str, &'static str); 1];
+// Label values are typed enums, encoded by prometheus-client's derive. The derive writes a
+// variant's name as it is, so the variants are spelled as Prometheus shows them.
 
-/// Why a message did not reach a client or Redis. Every loss has one of these reasons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// `--slow-consumer skip` dropped a client's backlog.
-    SlowConsumerSkip,
-    /// `--slow-consumer close` discarded the queue of the client it closed.
-    SlowConsumerClose,
-    /// The Redis reader outran the hub; fred's broadcast buffer overwrote messages.
-    RedisLagged,
-    /// A publish was abandoned (Redis unreachable past --redis-timeout, or an error).
-    PublishFailed,
+/// A direction of `lightrelay_messages_total` and `lightrelay_bytes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    ws_in,
+    ws_out,
+    redis_in,
+    redis_out,
 }
 
-impl DropReason {
-    fn label(self) -> &'static str {
-        match self {
-            DropReason::SlowConsumerSkip => "slow_consumer_skip",
-            DropReason::SlowConsumerClose => "slow_consumer_close",
-            DropReason::RedisLagged => "redis_lagged",
-            DropReason::PublishFailed => "publish_failed",
-        }
-    }
+/// Why a message did not reach a client or Redis. Every loss has one of these reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DropReason {
+    /// `--slow-consumer skip` dropped a client's backlog.
+    slow_consumer_skip,
+    /// `--slow-consumer close` discarded the queue of the client it closed.
+    slow_consumer_close,
+    /// The Redis reader outran the hub; fred's broadcast buffer overwrote messages.
+    redis_lagged,
+    /// A publish was abandoned (Redis unreachable past --redis-timeout, or an error).
+    publish_failed,
+}
+
+/// Why a request was refused before any upgrade (`lightrelay_refused_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Refusal {
+    bad_path,
+    over_capacity,
+    post_budget,
+}
+
+/// How a WebSocket connection ended (`lightrelay_closed_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Closed {
+    client,
+    broken,
+    going_away,
+    slow_consumer,
+    idle_timeout,
+    too_big,
+    message_timeout,
+    busy,
+    redis_unavailable,
+    protocol_error,
+}
+
+/// The kind of a Redis connection error (`lightrelay_redis_errors_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RedisErrorKind {
+    auth,
+    tls,
+    timeout,
+    refused,
+    io,
+    config,
+    other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: Direction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabel {
+    reason: DropReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabel {
+    reason: Refusal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClosedLabel {
+    reason: Closed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ErrorKindLabel {
+    kind: RedisErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ConnectionLabel {
+    connection: String,
 }
 
 /// Messages and their payload bytes in one direction.
@@ -50,13 +120,15 @@ pub struct Flow {
 
 impl Flow {
     fn new(
-        messages: &Family<Labels, Counter>,
-        bytes: &Family<Labels, Counter>,
-        direction: &'static str,
+        messages: &Family<DirectionLabel, Counter>,
+        bytes: &Family<DirectionLabel, Counter>,
+        direction: Direction,
     ) -> Self {
         Flow {
-            messages: messages.get_or_create(&[("direction", direction)]).clone(),
-            bytes: bytes.get_or_create(&[("direction", direction)]).clone(),
+            messages: messages
+                .get_or_create(&DirectionLabel { direction })
+                .clone(),
+            bytes: bytes.get_or_create(&DirectionLabel { direction }).clone(),
         }
     }
 
@@ -85,11 +157,11 @@ pub struct Handles {
     pub ws_out: Flow,
     pub redis_in: Flow,
     pub redis_out: Flow,
-    dropped: Family<Labels, Counter>,
-    refused: Family<Labels, Counter>,
-    closed: Family<Labels, Counter>,
-    redis_errors: Family<Labels, Counter>,
-    redis_reconnects: Family<Vec<(&'static str, String)>, Counter>,
+    dropped: Family<DropLabel, Counter>,
+    refused: Family<RefusalLabel, Counter>,
+    closed: Family<ClosedLabel, Counter>,
+    redis_errors: Family<ErrorKindLabel, Counter>,
+    redis_reconnects: Family<ConnectionLabel, Counter>,
     pub redis_up: Gauge,
     resubscribed: Counter,
     unsubscribed_seconds: Histogram,
@@ -106,16 +178,16 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let connections = Gauge::default();
-        let messages = Family::<Labels, Counter>::default();
-        let bytes = Family::<Labels, Counter>::default();
-        let dropped = Family::<Labels, Counter>::default();
-        let refused = Family::<Labels, Counter>::default();
-        let closed = Family::<Labels, Counter>::default();
+        let messages = Family::<DirectionLabel, Counter>::default();
+        let bytes = Family::<DirectionLabel, Counter>::default();
+        let dropped = Family::<DropLabel, Counter>::default();
+        let refused = Family::<RefusalLabel, Counter>::default();
+        let closed = Family::<ClosedLabel, Counter>::default();
         let redis_up = Gauge::default();
         let resubscribed = Counter::default();
         let unsubscribed_seconds = Histogram::new(exponential_buckets(0.001, 4.0, 10));
-        let redis_errors = Family::<Labels, Counter>::default();
-        let redis_reconnects = Family::<Vec<(&'static str, String)>, Counter>::default();
+        let redis_errors = Family::<ErrorKindLabel, Counter>::default();
+        let redis_reconnects = Family::<ConnectionLabel, Counter>::default();
         let publish_latency = Histogram::new(exponential_buckets(0.000_1, 2.0, 17));
         let channels = Gauge::default();
         let queued_messages = Gauge::default();
@@ -206,19 +278,19 @@ impl Metrics {
 
         // Created up front so every series shows from the first scrape, at zero.
         for reason in [
-            DropReason::SlowConsumerSkip,
-            DropReason::SlowConsumerClose,
-            DropReason::RedisLagged,
-            DropReason::PublishFailed,
+            DropReason::slow_consumer_skip,
+            DropReason::slow_consumer_close,
+            DropReason::redis_lagged,
+            DropReason::publish_failed,
         ] {
-            let _ = dropped.get_or_create(&[("reason", reason.label())]);
+            let _ = dropped.get_or_create(&DropLabel { reason });
         }
         Metrics(std::sync::Arc::new(Handles {
             connections,
-            ws_in: Flow::new(&messages, &bytes, "ws_in"),
-            ws_out: Flow::new(&messages, &bytes, "ws_out"),
-            redis_in: Flow::new(&messages, &bytes, "redis_in"),
-            redis_out: Flow::new(&messages, &bytes, "redis_out"),
+            ws_in: Flow::new(&messages, &bytes, Direction::ws_in),
+            ws_out: Flow::new(&messages, &bytes, Direction::ws_out),
+            redis_in: Flow::new(&messages, &bytes, Direction::redis_in),
+            redis_out: Flow::new(&messages, &bytes, Direction::redis_out),
             dropped,
             refused,
             closed,
@@ -240,25 +312,25 @@ impl Metrics {
 impl Handles {
     pub fn dropped(&self, reason: DropReason, n: u64) {
         if n > 0 {
-            self.dropped
-                .get_or_create(&[("reason", reason.label())])
-                .inc_by(n);
+            self.dropped.get_or_create(&DropLabel { reason }).inc_by(n);
         }
     }
 
-    /// A request refused before the upgrade (`bad_path`, `over_capacity`, …).
-    pub fn refused(&self, reason: &'static str) {
-        self.refused.get_or_create(&[("reason", reason)]).inc();
+    /// A request refused before the upgrade.
+    pub fn refused(&self, reason: Refusal) {
+        self.refused.get_or_create(&RefusalLabel { reason }).inc();
     }
 
-    /// A WebSocket connection ended (`client`, `going_away`, `slow_consumer`, …).
-    pub fn closed(&self, reason: &'static str) {
-        self.closed.get_or_create(&[("reason", reason)]).inc();
+    /// A WebSocket connection ended.
+    pub fn closed(&self, reason: Closed) {
+        self.closed.get_or_create(&ClosedLabel { reason }).inc();
     }
 
     /// A Redis connection error of `kind`.
-    pub fn redis_error(&self, kind: &'static str) {
-        self.redis_errors.get_or_create(&[("kind", kind)]).inc();
+    pub fn redis_error(&self, kind: RedisErrorKind) {
+        self.redis_errors
+            .get_or_create(&ErrorKindLabel { kind })
+            .inc();
     }
 
     /// `channels` were subscribed again after the subscriber connection had been lost for
@@ -271,7 +343,9 @@ impl Handles {
     /// A Redis connection came back after it was lost.
     pub fn redis_reconnect(&self, connection: &str) {
         self.redis_reconnects
-            .get_or_create(&vec![("connection", connection.to_string())])
+            .get_or_create(&ConnectionLabel {
+                connection: connection.to_string(),
+            })
             .inc();
     }
 

@@ -35,7 +35,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::frames::Watched;
-use super::metrics::Metrics;
+use super::metrics::{Closed, Metrics};
 use super::write::outbox::Outbox;
 
 /// How a session ended, and so which close frame (if any) the client gets.
@@ -74,18 +74,18 @@ impl Ending {
     }
 
     /// The metric label for `lightrelay_closed_total{reason}`.
-    pub fn label(&self) -> &'static str {
+    pub fn label(&self) -> Closed {
         match self {
-            Ending::ClientClosed => "client",
-            Ending::Broken => "broken",
-            Ending::GoingAway => "going_away",
-            Ending::SlowConsumer => "slow_consumer",
-            Ending::IdleTimeout => "idle_timeout",
-            Ending::TooBig(_) => "too_big",
-            Ending::Unfinished(_) => "message_timeout",
-            Ending::Busy(_) => "busy",
-            Ending::RedisUnavailable(_) => "redis_unavailable",
-            Ending::Protocol(..) => "protocol_error",
+            Ending::ClientClosed => Closed::client,
+            Ending::Broken => Closed::broken,
+            Ending::GoingAway => Closed::going_away,
+            Ending::SlowConsumer => Closed::slow_consumer,
+            Ending::IdleTimeout => Closed::idle_timeout,
+            Ending::TooBig(_) => Closed::too_big,
+            Ending::Unfinished(_) => Closed::message_timeout,
+            Ending::Busy(_) => Closed::busy,
+            Ending::RedisUnavailable(_) => Closed::redis_unavailable,
+            Ending::Protocol(..) => Closed::protocol_error,
         }
     }
 

@@ -194,9 +194,9 @@ impl Hub {
             self.metrics.direct_writes.inc_by(tally.written);
         }
         self.metrics
-            .dropped(DropReason::SlowConsumerSkip, tally.skipped);
+            .dropped(DropReason::slow_consumer_skip, tally.skipped);
         self.metrics
-            .dropped(DropReason::SlowConsumerClose, tally.discarded);
+            .dropped(DropReason::slow_consumer_close, tally.discarded);
         subscribers.len()
     }
 
@@ -250,7 +250,7 @@ impl Hub {
                         .await;
                 }
                 Err(RecvError::Lagged(n)) => {
-                    self.metrics.dropped(DropReason::RedisLagged, n);
+                    self.metrics.dropped(DropReason::redis_lagged, n);
                     tracing::warn!(lost = n, "hub fell behind Redis; messages were dropped");
                 }
                 Err(RecvError::Closed) => return,
@@ -413,6 +413,8 @@ impl Hub {
 /// many channels were subscribed again since.
 #[derive(Default)]
 struct Recovery {
+    /// fred reports the first connection as a reconnect too; only later ones are recoveries.
+    connected_once: bool,
     lost_at: Option<Instant>,
     pending: Option<(Instant, usize)>,
 }
@@ -426,7 +428,8 @@ impl Recovery {
     /// The connection is back; `channels` must be subscribed again.
     fn reconnected(&mut self, channels: usize) {
         let since = self.lost_at.take().unwrap_or_else(Instant::now);
-        if channels > 0 {
+        let first = !std::mem::replace(&mut self.connected_once, true);
+        if channels > 0 && !first {
             tracing::warn!(
                 channels,
                 "subscriber connection re-established: subscribing every channel again"

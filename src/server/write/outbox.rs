@@ -4,7 +4,7 @@
 //! applied at push time so that a client that stopped reading can never grow the server's
 //! memory ([`Limits`]). A client is slow when what it has queued stays above
 //! `--client-queue-bytes` for `--slow-consumer-grace` while its socket takes nothing, or at
-//! once past the memory ceiling (16 × `--client-queue-bytes`, or `--client-queue` messages).
+//! once past the memory ceiling (4 × `--client-queue-bytes`, or `--client-queue` messages).
 //! A burst that a reading client takes in milliseconds never makes it slow.
 //! Frames are `tungstenite::Message`s whose payloads are shared `Bytes`: pushing the same
 //! frame to a thousand outboxes copies no payload.
@@ -60,13 +60,13 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    /// From the subscribe server's flags: the hard ceiling is 16 × the soft bound (Redis's own
+    /// From the subscribe server's flags: the hard ceiling is 4 × the soft bound (Redis's own
     /// pub/sub client limits are 8 MB soft over 60 s, 32 MB hard).
     pub(crate) fn new(messages: usize, soft_bytes: usize, grace: Duration) -> Self {
         Limits {
             messages: messages.max(1),
             soft_bytes,
-            hard_bytes: soft_bytes.saturating_mul(16),
+            hard_bytes: soft_bytes.saturating_mul(4),
             grace,
         }
     }
@@ -351,7 +351,7 @@ mod tests {
     fn a_burst_over_the_soft_bound_is_queued_while_the_grace_lasts() {
         let outbox = soft(SlowConsumer::Close);
         outbox.set_blocked(true);
-        for _ in 0..90 {
+        for _ in 0..24 {
             assert_eq!(outbox.push(frame()), Pushed::Queued);
         }
         assert!(!outbox.overflowed());
@@ -363,11 +363,11 @@ mod tests {
         let limits = Limits::new(1_000_000, 1_000, Duration::ZERO);
         let outbox = Outbox::new(limits, SlowConsumer::Close);
         outbox.set_blocked(false);
-        for _ in 0..90 {
+        for _ in 0..20 {
             assert_eq!(outbox.push(frame()), Pushed::Queued);
         }
         outbox.set_blocked(true);
-        assert_eq!(outbox.push(frame()), Pushed::Overflowed(90));
+        assert_eq!(outbox.push(frame()), Pushed::Overflowed(20));
     }
 
     /// Over the soft bound past the grace with a full socket: slow; `skip` keeps the newest
@@ -390,11 +390,11 @@ mod tests {
     fn the_hard_ceiling_applies_at_once() {
         let outbox = soft(SlowConsumer::Close);
         outbox.set_blocked(false);
-        // 16 × 1,000 bytes, at 164 bytes per frame (payload + overhead): the 98th is past it.
-        for _ in 0..97 {
+        // 4 × 1,000 bytes, at 164 bytes per frame (payload + overhead): the 25th is past it.
+        for _ in 0..24 {
             assert_eq!(outbox.push(frame()), Pushed::Queued);
         }
-        assert_eq!(outbox.push(frame()), Pushed::Overflowed(97));
+        assert_eq!(outbox.push(frame()), Pushed::Overflowed(24));
     }
 
     /// Taking the queue is catching up: the grace starts again.
