@@ -80,7 +80,7 @@ async fn a_subscriber_that_stops_reading_holds_little_kernel_memory() {
     )
     .await;
     let mut ws = connect_small_receive_buffer(&subscribe.ws("/deaf")).await;
-    until_receiving_raw(&redis, "lightlevel/deaf", &mut ws).await;
+    until_receiving(&redis, "lightlevel/deaf", &mut ws).await;
 
     const SIZE: usize = 4096;
     const COUNT: usize = 2000;
@@ -103,7 +103,7 @@ async fn a_subscriber_that_stops_reading_holds_little_kernel_memory() {
 
     let mut received = 0usize;
     loop {
-        match next_raw_data(&mut ws).await {
+        match next_frame(&mut ws).await {
             Message::Text(t) if t.as_str() == "last" => break,
             Message::Text(t) => received += t.len(),
             other => panic!("unexpected {other:?}"),

@@ -399,7 +399,10 @@ pub async fn connect_ack(url: &str) -> Ws {
 }
 
 /// The next data or close frame (pings and pongs are skipped).
-pub async fn next_frame(ws: &mut Ws) -> Message {
+pub async fn next_frame<S>(ws: &mut WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     // One deadline for the whole wait: pings from the server must not extend it.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -589,7 +592,10 @@ pub const PROBE: &str = "probe";
 /// Publish [`PROBE`] through Redis until `ws` receives one: its subscription is then active.
 /// Other clients of the channel get the probes too (and `ws` may get more than one), so
 /// readers use [`next_data`].
-pub async fn until_receiving(redis: &Redis, channel: &str, ws: &mut Ws) {
+pub async fn until_receiving<S>(redis: &Redis, channel: &str, ws: &mut WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let client = redis.client().await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -867,40 +873,6 @@ pub async fn connect_small_receive_buffer(url: &str) -> RawWs {
         .unwrap()
         .unwrap();
     ws
-}
-
-/// [`until_receiving`] for a [`RawWs`].
-pub async fn until_receiving_raw(redis: &Redis, channel: &str, ws: &mut RawWs) {
-    let client = redis.client().await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let _: i64 = client.publish(channel, PROBE).await.unwrap();
-        match tokio::time::timeout(Duration::from_millis(100), next_raw_data(ws)).await {
-            Ok(Message::Text(t)) if t.as_str() == PROBE => break,
-            Ok(other) => panic!("expected a probe on {channel}, got {other:?}"),
-            Err(_) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "{channel}: the client never received a message"
-            ),
-        }
-    }
-    let _ = client.quit().await;
-}
-
-/// The next data or close frame on a [`RawWs`] (pings and pongs skipped), within [`PATIENCE`].
-pub async fn next_raw_data(ws: &mut RawWs) -> Message {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    for _ in 0..100_000 {
-        let frame = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("no frame in time")
-            .expect("connection ended without a close frame")
-            .expect("websocket error");
-        if !matches!(frame, Message::Ping(_) | Message::Pong(_)) {
-            return frame;
-        }
-    }
-    panic!("only pings arrived");
 }
 
 /// A WebSocket client made by hand on a plain TCP stream, to send what a real client library
