@@ -70,17 +70,6 @@ impl Publisher {
     }
 }
 
-/// The settings of one client's session, from the shared flags.
-pub(crate) fn session_settings(common: &CommonArgs, ack: bool) -> SessionSettings {
-    SessionSettings {
-        ping_interval: common.ping_interval,
-        idle_timeout: common.idle_timeout,
-        handshake_timeout: common.handshake_timeout,
-        max_message_bytes: common.max_message_bytes,
-        ack,
-    }
-}
-
 /// A client's publish window on `channel`, boxed (a subscriber without `--accept-publish`
 /// does not pay for one).
 pub(crate) fn window_for<R>(
@@ -141,7 +130,7 @@ impl Role for PublishRole {
         connection: Upgraded,
         (): (),
     ) -> impl std::future::Future<Output = Ending> + Send + 'static {
-        let settings = session_settings(&relay.common, connection.ack);
+        let settings = SessionSettings::new(&relay.common, connection.ack);
         // A publisher's outbox only holds its acks, at most one per message in flight; one
         // that never reads them is closed like any slow consumer.
         let size = relay.common.publish_window as usize * 4;

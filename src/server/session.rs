@@ -34,6 +34,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
+use super::config::CommonArgs;
 use super::frames::Watched;
 use super::metrics::{Closed, Metrics};
 use super::write::outbox::Outbox;
@@ -141,6 +142,19 @@ pub struct SessionSettings {
     /// The client asked for `lightrelay.ack`: one text frame with the receiver count per
     /// message, once Redis accepted it.
     pub ack: bool,
+}
+
+impl SessionSettings {
+    /// A client's session settings, from the flags both servers share.
+    pub(crate) fn new(common: &CommonArgs, ack: bool) -> Self {
+        SessionSettings {
+            ping_interval: common.ping_interval,
+            idle_timeout: common.idle_timeout,
+            handshake_timeout: common.handshake_timeout,
+            max_message_bytes: common.max_message_bytes,
+            ack,
+        }
+    }
 }
 
 /// What a session does with the data frames its client sends: publish them (the publish

@@ -158,7 +158,7 @@ impl Role for SubscribeRole {
         (outbox, membership): Self::Prepared,
     ) -> impl std::future::Future<Output = Ending> + Send + 'static {
         let role = &relay.role;
-        let settings = publish::session_settings(&relay.common, connection.ack);
+        let settings = session::SessionSettings::new(&relay.common, connection.ack);
         outbox.set_socket(connection.socket);
         let inbound = role
             .publisher
