@@ -7,6 +7,7 @@
 //! Must not: open sockets, talk to Redis or read files; it only describes what to do.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
@@ -78,6 +79,81 @@ pub struct CommonArgs {
     /// Log format on stderr (the filter comes from RUST_LOG, default info).
     #[arg(long, env = "LIGHTRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Signed tokens (SPEC §8): who needs one and which keys verify it.
+#[derive(Args, Debug, Clone)]
+pub struct AuthArgs {
+    /// Who needs a token: nobody, publishers (every way of publishing), or everyone.
+    #[arg(long, env = "LIGHTRELAY_AUTH", value_enum, default_value_t = AuthMode::None)]
+    pub auth: AuthMode,
+
+    /// HS256 secrets, one per line, as `SECRET` or `LABEL:SECRET` (the label is a token's
+    /// `kid`); re-read on SIGHUP. (An empty value means none.)
+    #[arg(long, env = "LIGHTRELAY_JWT_SECRET_FILE", value_name = "FILE", value_parser = parse_path)]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// A PEM public key (RS256, ES256 or EdDSA); repeatable, or comma-separated in the
+    /// environment. Its file name without the extension is its `kid`. Re-read on SIGHUP.
+    #[arg(long, env = "LIGHTRELAY_JWT_PUBLIC_KEY_FILE", value_name = "FILE",
+          value_delimiter = ',', value_parser = parse_path)]
+    pub jwt_public_key_file: Vec<PathBuf>,
+
+    /// When set, a token's `iss` must be this.
+    #[arg(long, env = "LIGHTRELAY_JWT_ISSUER", value_name = "ISS")]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, a token's `aud` must name this.
+    #[arg(long, env = "LIGHTRELAY_JWT_AUDIENCE", value_name = "AUD")]
+    pub jwt_audience: Option<String>,
+}
+
+/// `--auth`: what needs a token.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Nothing: anyone who reaches the relay publishes and subscribes.
+    None,
+    /// Publishing (WebSocket, POST, --accept-publish frames, downlink) needs a `pub` grant.
+    Publish,
+    /// Publishing needs a `pub` grant and subscribing a `sub` grant.
+    All,
+}
+
+/// Abuse limits (SPEC §8): client addresses behind proxies, connections per address, publish
+/// rates, allowed browser origins.
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Peers whose X-Real-IP / X-Forwarded-For names the client (CIDRs, comma-separated).
+    #[arg(long, env = "LIGHTRELAY_TRUSTED_PROXIES", value_name = "CIDRS",
+          default_value = "127.0.0.1/32,::1/128", value_delimiter = ',', value_parser = parse_cidr)]
+    pub trusted_proxies: Vec<Option<ipnet::IpNet>>,
+
+    /// Most WebSocket connections from one client address (0 = no limit); past it, 429.
+    #[arg(long, env = "LIGHTRELAY_MAX_CONNECTIONS_PER_IP", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_connections_per_ip: u32,
+
+    /// Messages per second one connection may publish (0 = no limit); a faster one is read
+    /// more slowly (nothing is lost). A POST over the rate of its address gets 429.
+    #[arg(long, env = "LIGHTRELAY_MAX_PUBLISH_RATE", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub max_publish_rate: u32,
+
+    /// Messages a connection may publish at once above --max-publish-rate (0 = the rate).
+    #[arg(long, env = "LIGHTRELAY_PUBLISH_BURST", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub publish_burst: u32,
+
+    /// Origins a browser's WebSocket upgrade may come from (comma-separated, e.g.
+    /// https://example.org); others get 403. Empty: any origin.
+    #[arg(long, env = "LIGHTRELAY_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 /// `lightrelay-publish`: WebSocket and HTTP POST in, Redis PUBLISH out.
@@ -160,6 +236,21 @@ fn parse_redis_url(s: &str) -> Result<RedisUrl, String> {
         _ => s.to_string(),
     };
     Ok(RedisUrl { config, display })
+}
+
+/// A CIDR (`10.0.0.0/8`, `::1/128`) or a bare address (one host); an empty item (as a
+/// trailing comma or an empty environment value leaves) is `None`.
+fn parse_cidr(s: &str) -> Result<Option<ipnet::IpNet>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(net) = s.parse::<ipnet::IpNet>() {
+        return Ok(Some(net));
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|ip| Some(ipnet::IpNet::from(ip)))
+        .map_err(|_| format!("'{s}' is not an address or CIDR (e.g. 10.0.0.0/8, ::1/128)"))
 }
 
 /// A path, empty allowed (clap's own path parser refuses an empty value).
