@@ -38,14 +38,18 @@ fn spawn_sub(args: &[&str]) -> Child {
 
 /// Wait for a child to exit; returns (code, stdout, stderr).
 async fn finish(child: Child) -> (Option<i32>, Vec<u8>, String) {
-    let output = tokio::time::timeout(
+    let pid = child.id().to_string();
+    let waited = tokio::time::timeout(
         PATIENCE,
         tokio::task::spawn_blocking(move || child.wait_with_output()),
     )
-    .await
-    .expect("client did not exit in time")
-    .unwrap()
-    .unwrap();
+    .await;
+    let Ok(output) = waited else {
+        // Not left running (the test's runtime would wait for it): killed by its PID.
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        panic!("client did not exit in time");
+    };
+    let output = output.unwrap().unwrap();
     (
         output.status.code(),
         output.stdout,
