@@ -49,6 +49,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 ACK_PROTOCOL = "lightrelay.ack"
+DEFAULT_URL = "ws://127.0.0.1:8765/office"
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 30.0
 WINDOW = 64  # readings sent but not yet acknowledged, at most
@@ -290,9 +291,10 @@ def parse_args(argv):
         "--file /sys/bus/iio/devices/iio:device0/in_illuminance_raw --interval 5",
     )
     parser.add_argument(
-        "url", nargs="?", default="ws://127.0.0.1:8765/office",
-        help="the publish server and path (default: %(default)s); ws:// or wss://",
+        "url", nargs="?",
+        help=f"the publish server and path (default: {DEFAULT_URL}); ws:// or wss://",
     )
+    parser.add_argument("--url", dest="url_option", metavar="URL", help="the same as the URL argument")
     parser.add_argument("--file", "-f", help="read the level from this file (default: a simulated sine)")
     parser.add_argument("--interval", "-i", type=float, default=5.0, help="seconds between readings (default: %(default)s)")
     parser.add_argument("--count", "-n", type=int, help="stop after this many readings were sent")
@@ -309,6 +311,12 @@ def parse_args(argv):
     parser.add_argument("--period", type=float, default=60.0, help="seconds per cycle of the simulated sine (default: %(default)s)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log every reading")
     args = parser.parse_args(argv)
+    if args.url_option is not None:
+        if args.url is not None:
+            parser.error("give the URL once: as the argument or with --url")
+        args.url = args.url_option
+    if args.url is None:
+        args.url = DEFAULT_URL
     url = urllib.parse.urlsplit(args.url)
     if url.scheme not in ("ws", "wss") or not url.hostname:
         parser.error(f"{args.url}: the URL must be ws://HOST[:PORT]/PATH or wss://...")

@@ -686,7 +686,10 @@ async fn requests_are_logged_without_their_query_string_so_no_token_reaches_the_
         "\"GET /publish/pi/lux HTTP/1.0\" 426 ",
         "\"GET /subscribe/office HTTP/1.0\" 301 ",
     ] {
-        assert!(text.contains(request), "no {request} in the access log:\n{text}");
+        assert!(
+            text.contains(request),
+            "no {request} in the access log:\n{text}"
+        );
     }
     assert!(
         !text.contains(secret) && !text.contains("token="),

@@ -69,19 +69,32 @@ fn check_secret(path: &Path) -> String {
         path.display()
     );
     if is_root() {
-        assert_eq!((meta.uid(), meta.gid()), (0, 0), "owner of {}", path.display());
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (0, 0),
+            "owner of {}",
+            path.display()
+        );
     }
     let text = std::fs::read_to_string(path).unwrap();
     let secrets: Vec<&str> = text
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .collect();
-    assert_eq!(secrets.len(), 1, "one secret line in {}:\n{text}", path.display());
+    assert_eq!(
+        secrets.len(),
+        1,
+        "one secret line in {}:\n{text}",
+        path.display()
+    );
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(secrets[0])
         .unwrap_or_else(|e| panic!("the secret is not base64 ({e}): {}", path.display()));
     assert_eq!(bytes.len(), 32, "the secret's length");
-    assert!(bytes.iter().any(|&b| b != bytes[0]), "the secret is not random");
+    assert!(
+        bytes.iter().any(|&b| b != bytes[0]),
+        "the secret is not random"
+    );
     secrets[0].to_string()
 }
 
@@ -592,7 +605,10 @@ fn install_sh_stages_every_file_under_destdir_and_a_second_run_changes_nothing()
         secret,
         "a second run replaced the secret (every token minted with it would stop working)"
     );
-    assert!(second.contains("= /etc/lightrelay/jwt-secret (kept"), "{second}");
+    assert!(
+        second.contains("= /etc/lightrelay/jwt-secret (kept"),
+        "{second}"
+    );
     assert!(
         second.contains("= /etc/default/lightrelay (unchanged)"),
         "{second}"

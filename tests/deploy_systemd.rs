@@ -432,7 +432,10 @@ async fn run_like_systemd(unit: &Path, redis: &Redis) {
     assert!(status.success(), "{name}: ExecReload failed");
     // The signal is handled before the server runs again: an answer now means it survived.
     assert_eq!(http(addr, "GET", "/healthz", &[], b"").await.0, 200);
-    assert!(child.try_wait().unwrap().is_none(), "{name}: SIGHUP ended it");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "{name}: SIGHUP ended it"
+    );
 
     let stop_timeout: u64 = one(&s, "TimeoutStopSec")
         .trim_end_matches('s')

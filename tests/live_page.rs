@@ -190,7 +190,12 @@ async fn live_page_with_a_token_in_headless_chromium() {
     let subscribe = Server::start(
         Kind::Subscribe,
         &redis.url(),
-        &["--auth", "all", "--jwt-secret-file", secret.to_str().unwrap()],
+        &[
+            "--auth",
+            "all",
+            "--jwt-secret-file",
+            secret.to_str().unwrap(),
+        ],
     )
     .await;
     let token = jwt::token(&[], &["/live-page-*"]);

@@ -245,7 +245,8 @@ async fn ctrl_c_stops_it_cleanly_and_bad_input_exits_2() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn with_publish_auth_the_pi_publishes_with_its_token_and_without_one_is_refused_in_one_line() {
+async fn with_publish_auth_the_pi_publishes_with_its_token_and_without_one_is_refused_in_one_line()
+{
     venv_python();
     let redis = Redis::start().await;
     let dir = temp_dir("pi-token");
@@ -253,7 +254,12 @@ async fn with_publish_auth_the_pi_publishes_with_its_token_and_without_one_is_re
     let publish = Server::start(
         Kind::Publish,
         &redis.url(),
-        &["--auth", "publish", "--jwt-secret-file", secret.to_str().unwrap()],
+        &[
+            "--auth",
+            "publish",
+            "--jwt-secret-file",
+            secret.to_str().unwrap(),
+        ],
     )
     .await;
     let mut watcher = redis.subscribe("lightlevel/pi/lux").await;
@@ -264,14 +270,17 @@ async fn with_publish_auth_the_pi_publishes_with_its_token_and_without_one_is_re
 
     // With its token, from the environment or from --token: published.
     let from_env = pi_sensor_with_env(
-        &[&url, reading[0], reading[1], reading[2], reading[3], "--count", "1"],
+        &[
+            &url, reading[0], reading[1], reading[2], reading[3], "--count", "1",
+        ],
         &[("LIGHTRELAY_TOKEN", &token)],
     );
     let (code, stderr) = finish(from_env).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(watcher.next().await, "417");
     let with_flag = pi_sensor(&[
-        &url, reading[0], reading[1], reading[2], reading[3], "--count", "1", "--token", &token,
+        "--url", &url, reading[0], reading[1], reading[2], reading[3], "--count", "1", "--token",
+        &token,
     ]);
     let (code, stderr) = finish(with_flag).await;
     assert_eq!(code, Some(0), "{stderr}");
@@ -284,7 +293,11 @@ async fn with_publish_auth_the_pi_publishes_with_its_token_and_without_one_is_re
     for (token, status, hint) in [
         (None, "HTTP 401", "wants a valid token"),
         (Some(&forged), "HTTP 401", "wants a valid token"),
-        (Some(&elsewhere), "HTTP 403", "does not allow publishing on this path"),
+        (
+            Some(&elsewhere),
+            "HTTP 403",
+            "does not allow publishing on this path",
+        ),
     ] {
         let mut args = vec![url.as_str(), "--interval", "0.1"];
         if let Some(token) = token {
@@ -301,7 +314,10 @@ async fn with_publish_auth_the_pi_publishes_with_its_token_and_without_one_is_re
         assert!(!stderr.contains("reconnecting"), "{stderr}");
         assert!(!stderr.contains("Traceback"), "{stderr}");
         if let Some(token) = token {
-            assert!(!stderr.contains(token.as_str()), "the token was logged: {stderr}");
+            assert!(
+                !stderr.contains(token.as_str()),
+                "the token was logged: {stderr}"
+            );
         }
     }
     // Nothing else reached Redis.
