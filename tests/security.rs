@@ -912,3 +912,35 @@ async fn lightrelay_token_mints_tokens_the_server_accepts() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn tokens_without_exp_or_with_the_largest_exp_are_accepted() {
+    let redis = Redis::start().await;
+    let keys = KeyDir::new("auth-far");
+    let server = publish_server(&redis, &keys, &[]).await;
+    let mut watcher = redis.subscribe("lightlevel/far").await;
+    let mut never = grants(&["/*"], &[]);
+    never.as_object_mut().unwrap().remove("exp");
+    // A signed token may say any NumericDate: the relay must neither panic nor refuse it.
+    let cases = [
+        ("no exp", never),
+        (
+            "exp u64::MAX",
+            with(grants(&["/*"], &[]), "exp", json!(u64::MAX)),
+        ),
+        (
+            "exp i64::MAX",
+            with(grants(&["/*"], &[]), "exp", json!(i64::MAX)),
+        ),
+    ];
+    for (case, claims) in &cases {
+        let token = hs256(SECRET.as_bytes(), None, claims);
+        let mut ws = connect_bearer(&server.ws("/far"), &token).await;
+        send_text(&mut ws, case).await;
+        assert_eq!(&watcher.next().await[..], case.as_bytes(), "{case}");
+        let auth = bearer(&token);
+        let answer = post_answer(server.addr, "/far", &[("Authorization", &auth)], b"post").await;
+        assert_eq!(status_of(&answer), 200, "{case}: {answer}");
+        assert_eq!(&watcher.next().await[..], b"post");
+    }
+}
