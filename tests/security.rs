@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::auth::*;
 use common::*;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
@@ -485,11 +486,9 @@ async fn under_auth_publish_subscribing_is_open_but_accept_publish_frames_need_a
     for ws in [&mut anonymous, &mut read_only] {
         until_receiving(&redis, channel, ws).await;
         send_text(ws, "not allowed").await;
-        let close = loop {
-            match next_data(ws).await {
-                Message::Close(Some(close)) => break close,
-                other => panic!("expected the close frame, got {other:?}"),
-            }
+        let close = match next_data(ws).await {
+            Message::Close(Some(close)) => close,
+            other => panic!("expected the close frame, got {other:?}"),
         };
         assert_eq!(close.code, CloseCode::Policy);
         assert!(
@@ -515,11 +514,9 @@ async fn under_auth_publish_subscribing_is_open_but_accept_publish_frames_need_a
 /// Read `ws` until its close frame: it must be 1008 `token expired`, with no data frame
 /// before it (probes aside), arriving at about `exp` (not at a next message: none comes).
 async fn closed_at_exp(mut ws: Ws, exp: u64) {
-    let frame = loop {
-        match next_data(&mut ws).await {
-            Message::Close(Some(close)) => break close,
-            other => panic!("expected the close frame at exp, got {other:?}"),
-        }
+    let frame = match next_data(&mut ws).await {
+        Message::Close(Some(close)) => close,
+        other => panic!("expected the close frame at exp, got {other:?}"),
     };
     let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     assert_eq!(frame.code, CloseCode::Policy);
@@ -854,18 +851,32 @@ async fn lightrelay_token_mints_tokens_the_server_accepts() {
     };
     let secret_arg = arg(&secrets);
     let key_arg = arg(&ec.private);
-    let cases: [(&str, Vec<&str>); 3] = [
+    let ec_public = DecodingKey::from_ec_pem(&std::fs::read(&ec.public).unwrap()).unwrap();
+    // Each: the flags, and the kid, algorithm and key the token must carry and verify with.
+    let cases: [(&str, Vec<&str>, &str, Algorithm, DecodingKey); 3] = [
         (
             "secret, kid home",
             vec!["--secret-file", &secret_arg, "--kid", "home"],
+            "home",
+            Algorithm::HS256,
+            DecodingKey::from_secret(b"SECRET2"),
         ),
-        ("secret, first line", vec!["--secret-file", &secret_arg]),
+        (
+            "secret, first line",
+            vec!["--secret-file", &secret_arg],
+            "office",
+            Algorithm::HS256,
+            DecodingKey::from_secret(b"SECRET1"),
+        ),
         (
             "ES256 private key",
             vec!["--private-key-file", &key_arg, "--kid", "pi-ec"],
+            "pi-ec",
+            Algorithm::ES256,
+            ec_public,
         ),
     ];
-    for (case, flags) in &cases {
+    for (case, flags, kid, algorithm, key) in &cases {
         let (code, stdout, stderr) =
             run_to_exit(mint(flags).args(["--pub", "/office/*", "--ttl", "1h"])).await;
         assert_eq!(code, Some(0), "{case}: {stderr}");
@@ -875,6 +886,28 @@ async fn lightrelay_token_mints_tokens_the_server_accepts() {
             "{case}: one token on stdout: {stdout:?}"
         );
         let token = stdout.trim();
+        // Checked here too, by the library alone: its header, signature and claims.
+        let header = jsonwebtoken::decode_header(token).unwrap();
+        assert_eq!(
+            (header.kid.as_deref(), header.alg),
+            (Some(*kid), *algorithm),
+            "{case}"
+        );
+        let mut validation = Validation::new(*algorithm);
+        validation.required_spec_claims = ["exp".to_string()].into();
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, key, &validation)
+            .unwrap_or_else(|e| panic!("{case}: {e}"))
+            .claims;
+        assert_eq!(
+            claims["lightrelay"],
+            json!({"pub": ["/office/*"]}),
+            "{case}"
+        );
+        let exp = claims["exp"].as_u64().unwrap();
+        assert!(
+            exp.abs_diff(unix_now() + 3600) <= 60,
+            "{case}: --ttl 1h gave exp {exp}"
+        );
         let mut ws = connect_bearer(&server.ws("/office/desk"), token).await;
         send_text(&mut ws, case).await;
         assert_eq!(&watcher.next().await[..], case.as_bytes(), "{case}");
