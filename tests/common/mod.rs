@@ -3,6 +3,9 @@
 //! binaries, a WebSocket client, a plain Redis client, and a minimal HTTP client.
 #![allow(dead_code)]
 
+/// Token tests (SPEC §8): keys, tokens, requests that carry them.
+pub mod auth;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
