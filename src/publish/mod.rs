@@ -140,6 +140,7 @@ impl Role for PublishRole {
             connection.ws,
             outbox,
             window,
+            relay.limits.throttle(),
             settings,
             relay.shutdown.clone(),
             relay.metrics.clone(),

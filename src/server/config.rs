@@ -294,11 +294,12 @@ pub(crate) fn normalise_origin(text: &str) -> Result<String, String> {
             (format!("[{host}]"), port)
         }
         None => match authority.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => return Err(bad()),
             Some((host, port)) => (host.to_string(), Some(port)),
             None => (authority.to_string(), None),
         },
     };
-    if host.is_empty() || host.contains(':') {
+    if host.is_empty() {
         return Err(bad());
     }
     let scheme = scheme.to_ascii_lowercase();
