@@ -29,17 +29,9 @@ async fn connect_from(
     for (name, value) in headers {
         request.headers_mut().insert(*name, value.parse().unwrap());
     }
-    let target: SocketAddr = request
-        .uri()
-        .authority()
-        .unwrap()
-        .as_str()
-        .parse()
-        .unwrap();
+    let target: SocketAddr = request.uri().authority().unwrap().as_str().parse().unwrap();
     let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(format!("{source}:0").parse().unwrap())
-        .unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     let stream = tokio::time::timeout(PATIENCE, socket.connect(target))
         .await
         .unwrap()
@@ -86,8 +78,7 @@ async fn past_max_connections_per_ip_a_client_behind_nginx_gets_429_and_others_s
     let _second = connect_from("127.0.0.2", &url, &[]).await.expect("second");
     let (status, body) = connect_from("127.0.0.2", &url, &[])
         .await
-        .err()
-        .expect("a third connection from 127.0.0.2 was let in");
+        .expect_err("a third connection from 127.0.0.2 was let in");
     assert_eq!(status, 429, "{body}");
     assert!(
         body.contains("too many connections from 127.0.0.2") && body.lines().count() == 1,
@@ -138,8 +129,7 @@ async fn an_untrusted_peers_x_real_ip_is_ignored_and_a_trusted_ones_is_the_clien
         .expect("first");
     let (status, body) = connect_from("127.0.0.1", &url, &[("x-real-ip", "192.0.2.2")])
         .await
-        .err()
-        .expect("an untrusted peer's X-Real-IP made it another client");
+        .expect_err("an untrusted peer's X-Real-IP made it another client");
     assert_eq!(status, 429);
     assert!(body.contains("127.0.0.1"), "{body}");
     let (status, _) = connect_from(
@@ -148,8 +138,7 @@ async fn an_untrusted_peers_x_real_ip_is_ignored_and_a_trusted_ones_is_the_clien
         &[("x-forwarded-for", "192.0.2.3, 10.0.0.1")],
     )
     .await
-    .err()
-    .expect("an untrusted peer's X-Forwarded-For made it another client");
+    .expect_err("an untrusted peer's X-Forwarded-For made it another client");
     assert_eq!(status, 429);
 
     // With the default trusted proxies (loopback), the same headers name two clients.
@@ -168,8 +157,7 @@ async fn an_untrusted_peers_x_real_ip_is_ignored_and_a_trusted_ones_is_the_clien
         .expect("client 192.0.2.2 was counted as 192.0.2.1");
     let (status, body) = connect_from("127.0.0.1", &url, &[("x-real-ip", "192.0.2.2")])
         .await
-        .err()
-        .expect("a second connection of 192.0.2.2 was let in");
+        .expect_err("a second connection of 192.0.2.2 was let in");
     assert_eq!(status, 429);
     assert!(body.contains("192.0.2.2"), "{body}");
 }
@@ -217,7 +205,9 @@ async fn a_publisher_over_its_rate_is_read_more_slowly_and_loses_nothing() {
     );
     assert!(publish.metric("lightrelay_throttled_total").await > 0.0);
     assert_eq!(
-        publish.metric("lightrelay_dropped_total{reason=\"publish_failed\"}").await,
+        publish
+            .metric("lightrelay_dropped_total{reason=\"publish_failed\"}")
+            .await,
         0.0
     );
 }
@@ -244,7 +234,11 @@ async fn an_accept_publish_subscriber_over_its_rate_is_slowed_and_gets_all_its_m
     let start = Instant::now();
     let sent = send_numbered(&mut ws, COUNT).await;
     for expected in &sent {
-        assert_eq!(&next_data_text(&mut ws).await, expected, "lost or reordered");
+        assert_eq!(
+            &next_data_text(&mut ws).await,
+            expected,
+            "lost or reordered"
+        );
     }
     let took = start.elapsed();
     let at_least = Duration::from_secs_f64((COUNT - 2 * BURST) as f64 / RATE);

@@ -273,7 +273,8 @@ pub(crate) fn normalise_origin(text: &str) -> Result<String, String> {
     if text == "null" {
         return Ok(text.to_string());
     }
-    let bad = || format!("'{text}' is not an origin (scheme://host[:port], e.g. https://example.org)");
+    let bad =
+        || format!("'{text}' is not an origin (scheme://host[:port], e.g. https://example.org)");
     let (scheme, rest) = text.split_once("://").ok_or_else(bad)?;
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())

@@ -288,7 +288,11 @@ struct Place {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut open = self.per_ip.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open = self
+            .per_ip
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(count) = open.get_mut(&self.client) {
             *count -= 1;
             if *count == 0 {
@@ -373,7 +377,10 @@ mod tests {
 
     fn limits(trusted: &[&str]) -> Limits {
         let args = LimitArgs {
-            trusted_proxies: trusted.iter().map(|net| Some(net.parse().unwrap())).collect(),
+            trusted_proxies: trusted
+                .iter()
+                .map(|net| Some(net.parse().unwrap()))
+                .collect(),
             max_connections_per_ip: 1,
             max_publish_rate: 0,
             publish_burst: 0,
@@ -398,18 +405,33 @@ mod tests {
     fn a_trusted_proxy_names_the_client_and_anyone_else_is_their_own_address() {
         let limits = limits(&["127.0.0.1/32", "::1/128", "10.0.0.0/8"]);
         let real = headers(&[("x-real-ip", "203.0.113.7")]);
-        assert_eq!(limits.client_address(ip("127.0.0.1"), &real), ip("203.0.113.7"));
+        assert_eq!(
+            limits.client_address(ip("127.0.0.1"), &real),
+            ip("203.0.113.7")
+        );
         // An IPv4 peer on a dual-stack listener is still the trusted 127.0.0.1.
-        assert_eq!(limits.client_address(ip("::ffff:127.0.0.1"), &real), ip("203.0.113.7"));
-        assert_eq!(limits.client_address(ip("198.51.100.1"), &real), ip("198.51.100.1"));
+        assert_eq!(
+            limits.client_address(ip("::ffff:127.0.0.1"), &real),
+            ip("203.0.113.7")
+        );
+        assert_eq!(
+            limits.client_address(ip("198.51.100.1"), &real),
+            ip("198.51.100.1")
+        );
         // X-Forwarded-For: the right-most address that is not a trusted proxy, over all lines.
         let forwarded = headers(&[
             ("x-forwarded-for", "192.0.2.1, 203.0.113.9"),
             ("x-forwarded-for", "10.1.1.1"),
         ]);
-        assert_eq!(limits.client_address(ip("127.0.0.1"), &forwarded), ip("203.0.113.9"));
+        assert_eq!(
+            limits.client_address(ip("127.0.0.1"), &forwarded),
+            ip("203.0.113.9")
+        );
         let all_trusted = headers(&[("x-forwarded-for", "10.0.0.2, 10.0.0.3")]);
-        assert_eq!(limits.client_address(ip("::1"), &all_trusted), ip("10.0.0.2"));
+        assert_eq!(
+            limits.client_address(ip("::1"), &all_trusted),
+            ip("10.0.0.2")
+        );
         let ported = headers(&[("x-real-ip", "[2001:db8::1]:443")]);
         assert_eq!(limits.client_address(ip("::1"), &ported), ip("2001:db8::1"));
     }
@@ -423,11 +445,17 @@ mod tests {
             headers(&[("x-forwarded-for", "")]),
             headers(&[]),
         ] {
-            assert_eq!(limits.client_address(ip("127.0.0.1"), &bad), ip("127.0.0.1"));
+            assert_eq!(
+                limits.client_address(ip("127.0.0.1"), &bad),
+                ip("127.0.0.1")
+            );
         }
         // A bad X-Real-IP does not hide a good X-Forwarded-For.
         let both = headers(&[("x-real-ip", "?"), ("x-forwarded-for", "203.0.113.9")]);
-        assert_eq!(limits.client_address(ip("127.0.0.1"), &both), ip("203.0.113.9"));
+        assert_eq!(
+            limits.client_address(ip("127.0.0.1"), &both),
+            ip("203.0.113.9")
+        );
     }
 
     #[test]
