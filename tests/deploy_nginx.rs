@@ -257,6 +257,68 @@ async fn the_live_page_is_the_subscribe_servers_root_through_both_sites_and_its_
 }
 
 #[tokio::test]
+async fn requests_are_logged_without_their_query_string_so_no_token_reaches_the_access_log() {
+    let s = stack(&[Site::TwoPort, Site::Tls], &[], None).await;
+    let secret = "SECRETVALUE";
+    // A browser's token rides in the query string: through each server block of both sites.
+    let (head, _) = plain_request(
+        s.nginx.subscribe,
+        &get(&format!("/office?token={secret}"), ""),
+    )
+    .await;
+    assert_eq!(status_of(&head), 426, "{head}");
+    let (head, _) = plain_request(
+        s.nginx.publish,
+        &get(&format!("/pi/lux?token={secret}"), ""),
+    )
+    .await;
+    assert_eq!(status_of(&head), 426, "{head}");
+    let (head, _) = s
+        .nginx
+        .https_request(&get(&format!("/?path=/office&token={secret}"), ""))
+        .await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    let (head, _) = s
+        .nginx
+        .https_request(&get(&format!("/publish/pi/lux?token={secret}"), ""))
+        .await;
+    assert_eq!(status_of(&head), 426, "{head}");
+    let (head, _) = plain_request(
+        s.nginx.http,
+        &get(&format!("/subscribe/office?token={secret}"), ""),
+    )
+    .await;
+    assert_eq!(status_of(&head), 301, "{head}");
+
+    // nginx writes a line once it has answered; the five requests are each logged.
+    let log = s.nginx.dir.join("access.log");
+    let text = eventually(|| async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        match text.lines().count() {
+            5 => Ok(text),
+            n => Err(format!("{n} lines in the access log, expected 5:\n{text}")),
+        }
+    })
+    .await;
+    for request in [
+        "\"GET /office HTTP/1.0\" 426 ",
+        "\"GET /pi/lux HTTP/1.0\" 426 ",
+        "\"GET / HTTP/1.0\" 200 ",
+        "\"GET /publish/pi/lux HTTP/1.0\" 426 ",
+        "\"GET /subscribe/office HTTP/1.0\" 301 ",
+    ] {
+        assert!(
+            text.contains(request),
+            "no {request} in the access log:\n{text}"
+        );
+    }
+    assert!(
+        !text.contains(secret) && !text.contains("token="),
+        "a token reached the access log:\n{text}"
+    );
+}
+
+#[tokio::test]
 async fn plain_http_redirects_to_https_but_serves_certbot_challenges() {
     let nginx = Nginx::start(
         (

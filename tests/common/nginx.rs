@@ -126,6 +126,10 @@ impl Nginx {
                 // Loopback only: the IPv6 wildcard listeners are dropped.
                 ("listen [::]:8766;", String::new()),
                 ("listen [::]:8768;", String::new()),
+                (
+                    "access_log /var/log/nginx/access.log ",
+                    format!("access_log {d}/access.log "),
+                ),
             ];
             timeouts(&mut swaps);
             let site = substitute("lightrelay.conf", &swaps);
@@ -151,6 +155,10 @@ impl Nginx {
                     format!("{d}/key.pem"),
                 ),
                 ("root /var/www/html;", format!("root {d}/www;")),
+                (
+                    "access_log /var/log/nginx/access.log ",
+                    format!("access_log {d}/access.log "),
+                ),
             ];
             timeouts(&mut swaps);
             let site = substitute("lightrelay-tls.conf", &swaps);
