@@ -2,13 +2,12 @@
 //! nothing across a relay restart; `sub` prints one line per message; ws:// and wss://.
 
 mod common;
-#[path = "common/jwt.rs"]
-mod jwt;
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
+use common::auth as jwt;
 use common::*;
 use tokio::net::{TcpListener, TcpStream};
 

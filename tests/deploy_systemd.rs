@@ -6,14 +6,13 @@
 //! `ExecReload` and stops on SIGTERM.
 
 mod common;
-#[path = "common/jwt.rs"]
-mod jwt;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::auth as jwt;
 use common::*;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");

@@ -6,8 +6,6 @@
 //! Redis subscription of a path. The screenshot lands in `target/live-page.png`.
 
 mod common;
-#[path = "common/jwt.rs"]
-mod jwt;
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
@@ -15,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::auth as jwt;
 use common::*;
 
 /// The whole browser run, start to end (the script bounds itself at 150 s).

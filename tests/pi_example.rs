@@ -5,13 +5,12 @@
 //! (made once and shared by these tests; made again when the requirements change).
 
 mod common;
-#[path = "common/jwt.rs"]
-mod jwt;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::auth as jwt;
 use common::*;
 
 fn root() -> &'static Path {

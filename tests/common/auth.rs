@@ -58,6 +58,27 @@ pub fn sign(algorithm: Algorithm, key: &EncodingKey, kid: Option<&str>, claims: 
     jsonwebtoken::encode(&header, claims, key).unwrap()
 }
 
+/// The HS256 secret the servers of the callers' tests (client, live page, Pi example, the
+/// units) are given.
+pub const SECRET: &str = "test-secret-of-the-callers-tests-0123456789";
+
+/// A secret file (`--jwt-secret-file`) holding [`SECRET`], in `dir`.
+pub fn secret_file(dir: &Path) -> PathBuf {
+    let path = dir.join("jwt-secret");
+    std::fs::write(&path, format!("# the tests' key\n{SECRET}\n")).unwrap();
+    path
+}
+
+/// An HS256 token signed with `secret`, granting `pub` and `sub` patterns, valid for an hour.
+pub fn token_with(secret: &str, publish: &[&str], sub: &[&str]) -> String {
+    hs256(secret.as_bytes(), None, &grants(publish, sub))
+}
+
+/// A token signed with [`SECRET`].
+pub fn token(publish: &[&str], sub: &[&str]) -> String {
+    token_with(SECRET, publish, sub)
+}
+
 /// An `alg: none` token, built by hand (no library mints one): header, claims, and an empty
 /// signature.
 pub fn unsigned(claims: &Json) -> String {
