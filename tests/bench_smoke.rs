@@ -319,3 +319,72 @@ async fn report_script_turns_runs_into_a_table() {
     assert_eq!(json["runs"]["fanout-1k.lightrelay"]["scenario"], "fanout");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 13's connection storm: every client connected at its 101, none refused or failed,
+/// the server sampled; then every connection closed (the server holds none afterwards).
+#[tokio::test]
+async fn storm_connects_every_client_and_closes_them() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let (output, report) = bench(strings(&[
+        "storm",
+        "--url",
+        &sub.ws("/storm/{i}"),
+        "--clients",
+        "200",
+        "--concurrency",
+        "16",
+        "--settle",
+        "0.2",
+        "--pid",
+        &sub.pid().to_string(),
+        "--label",
+        "lightrelay",
+    ]))
+    .await;
+    assert_counts(&report, &output, sub.pid());
+    assert_eq!(report["scenario"], "storm");
+    let storm = &report["storm"];
+    assert_eq!(u(storm, "clients"), 200);
+    assert_eq!(u(storm, "connected"), 200, "{report}");
+    assert_eq!(u(storm, "refused"), 0);
+    assert_eq!(u(storm, "failed"), 0);
+    assert_eq!(u(storm, "not_started"), 0);
+    assert_eq!(u(storm, "closed"), 200);
+    assert!(storm["all_connected_s"].as_f64().is_some(), "{storm}");
+    assert_eq!(report["token"], false);
+    sub.wait_metric("lightrelay_connections", |n| n == 0.0)
+        .await;
+}
+
+/// A refusal is counted by its status and not retried: past `--max-connections` the server
+/// answers 503, and the run reports it and does not count (exit 3).
+#[tokio::test]
+async fn storm_counts_refusals_by_status_without_retrying() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &["--max-connections", "5"]).await;
+    let (output, report) = bench(strings(&[
+        "storm",
+        "--url",
+        &sub.ws("/one"),
+        "--clients",
+        "20",
+        "--concurrency",
+        "4",
+        "--settle",
+        "0",
+        "--pid",
+        &sub.pid().to_string(),
+    ]))
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{report}");
+    assert!(!report["ok"].as_bool().unwrap());
+    let storm = &report["storm"];
+    assert_eq!(u(storm, "connected"), 5, "{report}");
+    assert_eq!(u(storm, "refused"), 15);
+    assert_eq!(u(&storm["refused_by_status"], "503"), 15);
+    assert_eq!(u(storm, "failed"), 0);
+    assert!(storm["all_connected_s"].is_null());
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("15 refused (15 × 503)"), "{problems}");
+}
