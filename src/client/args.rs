@@ -35,6 +35,9 @@ pub enum Command {
     Pub(PubArgs),
     /// Print each message on its own line (binary as base64 unless --raw).
     Sub(SubArgs),
+    /// Print one signed token (a JWT) for `--auth`: what it may publish, subscribe to and send
+    /// down, and how long it lasts.
+    Token(TokenArgs),
     /// The load generator: fan-out, latency, ingest and idle-connection runs against a relay
     /// (or a peer), with loss, latency and the server's CPU time and memory.
     Bench(BenchArgs),
@@ -73,6 +76,75 @@ pub struct SubArgs {
     /// Write binary payloads as they are (no base64, no newline); text lines keep their newline.
     #[arg(long)]
     pub raw: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example:\n  lightrelay token --secret-file /etc/lightrelay/jwt-secret --pub '/sensors/*' --ttl 365d"
+)]
+pub struct TokenArgs {
+    /// Sign with HS256 and a secret of this file (the servers' --jwt-secret-file): the line
+    /// labelled --kid, else the first.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "private_key_file",
+        required_unless_present = "private_key_file"
+    )]
+    pub secret_file: Option<PathBuf>,
+
+    /// Sign with this PEM private key instead (PKCS#8): RS256, ES256 or EdDSA by its type.
+    #[arg(long, value_name = "FILE")]
+    pub private_key_file: Option<PathBuf>,
+
+    /// The token's kid: the label of the secret's line, or the server's public key file name
+    /// without its extension.
+    #[arg(long, value_name = "LABEL")]
+    pub kid: Option<String>,
+
+    /// Paths it may publish on (Redis glob: *, ?, [..]; * also matches /).
+    #[arg(long = "pub", value_name = "PATTERN", num_args = 1..)]
+    pub publish: Vec<String>,
+
+    /// Paths it may subscribe to.
+    #[arg(long, value_name = "PATTERN", num_args = 1..)]
+    pub sub: Vec<String>,
+
+    /// Paths whose device it may send to (POST /down/PATH).
+    #[arg(long, value_name = "PATTERN", num_args = 1..)]
+    pub down: Vec<String>,
+
+    /// How long it is valid (30d, 12h, 90m, 3600), or never.
+    #[arg(long, default_value = "30d", value_parser = parse_ttl)]
+    pub ttl: Ttl,
+
+    /// Its iss (for servers started with --jwt-issuer).
+    #[arg(long, value_name = "ISS")]
+    pub issuer: Option<String>,
+
+    /// Its aud (for servers started with --jwt-audience).
+    #[arg(long, value_name = "AUD")]
+    pub audience: Option<String>,
+}
+
+/// `--ttl`: how long a token lives; `None` for `never` (no exp).
+#[derive(Debug, Clone, Copy)]
+pub struct Ttl(pub Option<std::time::Duration>);
+
+fn parse_ttl(s: &str) -> Result<Ttl, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("never") {
+        return Ok(Ttl(None));
+    }
+    let ttl = match s.parse::<u64>() {
+        Ok(secs) => std::time::Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{e} (use 30d, 12h, 3600 or never)"))?,
+    };
+    if ttl.is_zero() {
+        return Err("a token must live longer than 0 seconds (or use never)".into());
+    }
+    Ok(Ttl(Some(ttl)))
 }
 
 /// Why a URL argument is refused (clap prints it after the argument's name, exit 2).

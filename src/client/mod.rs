@@ -3,7 +3,7 @@
 //!
 //! Owns: the client's flags ([`args`]), connecting with TLS and back-off ([`connect`]), the
 //! resend-until-acknowledged publisher ([`publisher`]), the printing subscriber
-//! ([`subscriber`]) and the load generator ([`bench`], issue 6). Must not: depend on the server modules; it speaks only the wire
+//! ([`subscriber`]), minting tokens ([`token`]) and the load generator ([`bench`], issue 6). Must not: depend on the server modules; it speaks only the wire
 //! protocol (WebSocket + the `lightrelay.ack` subprotocol), like any third-party client.
 //!
 //! Exit codes: 0 done (end of input all acknowledged, `--count` reached, `--once` closed
@@ -15,6 +15,7 @@ pub use crate::bench;
 pub mod connect;
 pub mod publisher;
 pub mod subscriber;
+pub mod token;
 
 use std::process::ExitCode;
 
@@ -52,6 +53,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Pub(args) => publisher::run(args, tls).await,
             Command::Sub(args) => subscriber::run(args, tls).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Token(args) => token::run(args),
         }
     })
 }

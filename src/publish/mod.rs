@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Grant;
 use crate::redis::{connect_publisher, Health, OnDeaf};
 use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, PublishArgs, SlowConsumer};
@@ -102,6 +103,7 @@ pub(crate) async fn post<R>(
 
 impl Role for PublishRole {
     const NAME: &'static str = "publish";
+    const GRANT: Grant = Grant::Publish;
     /// A publisher reads real traffic: 4 KiB (larger messages grow the buffer as they come).
     const READ_BUFFER: usize = 4 * 1024;
 
@@ -130,7 +132,7 @@ impl Role for PublishRole {
         connection: Upgraded,
         (): (),
     ) -> impl std::future::Future<Output = Ending> + Send + 'static {
-        let settings = SessionSettings::new(&relay.common, connection.ack);
+        let settings = SessionSettings::new(&relay.common, connection.ack, connection.expires);
         // A publisher's outbox only holds its acks, at most one per message in flight; one
         // that never reads them is closed like any slow consumer.
         let size = relay.common.publish_window as usize * 4;

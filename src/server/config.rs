@@ -7,7 +7,6 @@
 //! Must not: open sockets, talk to Redis or read files; it only describes what to do.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
@@ -80,49 +79,12 @@ pub struct CommonArgs {
     #[arg(long, env = "LIGHTRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Token checks (SPEC §8); their flags are defined with them, in `auth`.
     #[command(flatten)]
-    pub auth: AuthArgs,
+    pub auth: crate::auth::AuthArgs,
 
     #[command(flatten)]
     pub limits: LimitArgs,
-}
-
-/// Signed tokens (SPEC §8): who needs one and which keys verify it.
-#[derive(Args, Debug, Clone)]
-pub struct AuthArgs {
-    /// Who needs a token: nobody, publishers (every way of publishing), or everyone.
-    #[arg(long, env = "LIGHTRELAY_AUTH", value_enum, default_value_t = AuthMode::None)]
-    pub auth: AuthMode,
-
-    /// HS256 secrets, one per line, as `SECRET` or `LABEL:SECRET` (the label is a token's
-    /// `kid`); re-read on SIGHUP. (An empty value means none.)
-    #[arg(long, env = "LIGHTRELAY_JWT_SECRET_FILE", value_name = "FILE", value_parser = parse_path)]
-    pub jwt_secret_file: Option<PathBuf>,
-
-    /// A PEM public key (RS256, ES256 or EdDSA); repeatable, or comma-separated in the
-    /// environment. Its file name without the extension is its `kid`. Re-read on SIGHUP.
-    #[arg(long, env = "LIGHTRELAY_JWT_PUBLIC_KEY_FILE", value_name = "FILE",
-          value_delimiter = ',', value_parser = parse_path)]
-    pub jwt_public_key_file: Vec<PathBuf>,
-
-    /// When set, a token's `iss` must be this.
-    #[arg(long, env = "LIGHTRELAY_JWT_ISSUER", value_name = "ISS")]
-    pub jwt_issuer: Option<String>,
-
-    /// When set, a token's `aud` must name this.
-    #[arg(long, env = "LIGHTRELAY_JWT_AUDIENCE", value_name = "AUD")]
-    pub jwt_audience: Option<String>,
-}
-
-/// `--auth`: what needs a token.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMode {
-    /// Nothing: anyone who reaches the relay publishes and subscribes.
-    None,
-    /// Publishing (WebSocket, POST, --accept-publish frames, downlink) needs a `pub` grant.
-    Publish,
-    /// Publishing needs a `pub` grant and subscribing a `sub` grant.
-    All,
 }
 
 /// Abuse limits (SPEC §8): client addresses behind proxies, connections per address, publish
@@ -152,7 +114,12 @@ pub struct LimitArgs {
 
     /// Origins a browser's WebSocket upgrade may come from (comma-separated, e.g.
     /// https://example.org); others get 403. Empty: any origin.
-    #[arg(long, env = "LIGHTRELAY_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "LIGHTRELAY_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Vec<String>,
 }
 

@@ -11,7 +11,8 @@
 //! sizes) and handing the upgraded connection, with its connection slot, to its session.
 //! Must not: hold per-connection state after the upgrade, wait for the POST body budget, or
 //! block on Redis except for a POST publish (bounded by `--redis-timeout`).
-//! Room left: authentication (SPEC §8) is a check between `upgrade_target` and the 101.
+//! The token check (SPEC §8, `auth`) runs after the path is known and before anything else
+//! is done for the request: before a POST body is read, before an upgrade joins the hub.
 
 use std::convert::Infallible;
 use std::io;
@@ -37,6 +38,7 @@ use super::frames::Watched;
 use super::metrics::{Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
 use super::write::socket::Socket;
+use crate::auth::{self, AuthRefusal, Grant};
 use crate::ACK_PROTOCOL;
 
 /// Every answer to a plain request.
@@ -149,12 +151,60 @@ fn channel_of<R: Role>(
     })
 }
 
+/// What the token check lets a request on its path do.
+struct Access {
+    /// When its token expires.
+    expires: Option<tokio::time::Instant>,
+    /// Whether it may publish (a `pub` grant, or no token needed for publishing).
+    may_publish: bool,
+}
+
+/// The token check (SPEC §8) for a request asking `grant` on its path: what it may do, or the
+/// 401 (with `WWW-Authenticate: Bearer`) or 403 that refuses it, counted by reason.
+fn authorize<R: Role>(
+    relay: &Relay<R>,
+    req: &Request<Incoming>,
+    grant: Grant,
+) -> Result<Access, Box<Reply>> {
+    let path = req.uri().path();
+    let path = if path.is_empty() { "/" } else { path };
+    match relay
+        .auth
+        .check(req.headers(), req.uri().query(), path, grant)
+    {
+        Ok(token) => Ok(Access {
+            expires: token.as_ref().and_then(|t| t.exp).map(auth::deadline_of),
+            may_publish: !relay.auth.requires(Grant::Publish)
+                || token.is_some_and(|t| t.allows(Grant::Publish, path)),
+        }),
+        Err(refused) => {
+            relay.metrics.auth_refused(refused.reason);
+            let mut response = refusal(refused.status, format!("{}\n", refused.message));
+            if refused.status == StatusCode::UNAUTHORIZED {
+                // RFC 6750 §3: no error code when no token was given.
+                let challenge = if refused.reason == AuthRefusal::missing {
+                    HeaderValue::from_static("Bearer realm=\"lightrelay\"")
+                } else {
+                    HeaderValue::from_static("Bearer realm=\"lightrelay\", error=\"invalid_token\"")
+                };
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, challenge);
+            }
+            Err(Box::new(response))
+        }
+    }
+}
+
 /// `POST /PATH`: publish the body, answer the receiver count.
 async fn post<R: Role>(relay: Arc<Relay<R>>, req: Request<Incoming>) -> Reply {
     let channel = match channel_of(&relay, &req) {
         Ok(channel) => channel,
         Err(refusal) => return *refusal,
     };
+    if let Err(refusal) = authorize(&relay, &req, Grant::Publish) {
+        return *refusal;
+    }
     let max = relay.common.max_message_bytes;
     let too_large = || {
         refusal(
@@ -238,6 +288,10 @@ async fn upgrade<R: Role>(
         Ok(channel) => channel,
         Err(refusal) => return *refusal,
     };
+    let access = match authorize(&relay, &req, R::GRANT) {
+        Ok(access) => access,
+        Err(refusal) => return *refusal,
+    };
     if req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
@@ -270,26 +324,20 @@ async fn upgrade<R: Role>(
     // does not select the subprotocol, so an ack publisher pointed at it fails at once
     // instead of waiting for acks that never come.
     let ack = relay.role.publishes()
+        && access.may_publish
         && header_has_token(&req, header::SEC_WEBSOCKET_PROTOCOL, ACK_PROTOCOL);
     let accept = derive_accept_key(key.as_bytes());
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let prepared = R::prepare(&relay, &channel).await;
-    let ws_config = ws_config::<R>(relay.common.max_message_bytes);
     let task_relay = relay.clone();
     // Combinators, not an async block: the task holds the wait for the upgrade, then the
     // session, each once (see `start_session`).
     let task = futures_util::FutureExt::then(on_upgrade, move |upgraded| {
         let session = match upgraded {
-            Ok(upgraded) => start_session(
-                &task_relay,
-                upgraded,
-                ws_config,
-                channel,
-                ack,
-                prepared,
-                slot,
-            ),
+            Ok(upgraded) => {
+                start_session(&task_relay, upgraded, channel, ack, access, prepared, slot)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 None
@@ -334,13 +382,14 @@ fn is_websocket_key(key: &[u8]) -> bool {
 fn start_session<R: Role>(
     relay: &Arc<Relay<R>>,
     upgraded: hyper::upgrade::Upgraded,
-    ws_config: WebSocketConfig,
     channel: ChannelName,
     ack: bool,
+    access: Access,
     prepared: R::Prepared,
     slot: Arc<ConnectionSlot<R>>,
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
     use futures_util::FutureExt;
+    let ws_config = ws_config::<R>(relay.common.max_message_bytes);
     let Some((socket, read_ahead)) = into_socket(upgraded) else {
         tracing::error!("an upgraded connection is not a TCP stream; dropped");
         return None;
@@ -374,6 +423,8 @@ fn start_session<R: Role>(
         socket,
         channel,
         ack,
+        expires: access.expires,
+        may_publish: access.may_publish,
     };
     Some(relay.serve(connection, prepared, slot))
 }

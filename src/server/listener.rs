@@ -4,7 +4,8 @@
 //! to its hard limit), binding, sd_notify `READY=1` once bound, the accept loop (TCP_NODELAY,
 //! back-off on accept errors, `--max-connections`: every accepted connection takes a slot
 //! or is answered 503 on the socket and closed), one hyper connection per TCP connection
-//! with the handshake timeout and a bounded request head, and the graceful stop: stop
+//! with the handshake timeout and a bounded request head, the key files read at start (auth
+//! on without a readable key: exit 2) and re-read on SIGHUP, and the graceful stop: stop
 //! accepting, let every session close with 1001 after its in-flight publishes, exit within
 //! `--shutdown-timeout`.
 //! Must not: route requests (`http` does) or know a role's Redis connections.
@@ -29,6 +30,7 @@ use super::http::RequestLineGuard;
 use super::metrics::{Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role};
 use super::{http, shutdown};
+use crate::auth::Auth;
 use crate::Error;
 
 /// Run a server until SIGTERM/SIGINT: bind `listen`, build the role with `start` (which
@@ -43,6 +45,14 @@ where
         eprintln!("error: {why}");
         return ExitCode::from(2);
     }
+    // Keys are read before anything starts: auth on without a readable key is a bad flag.
+    let auth = match Auth::from_args(&common.auth) {
+        Ok(auth) => auth,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return ExitCode::from(2);
+        }
+    };
     raise_open_file_limit(common.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -76,7 +86,7 @@ where
                 return ExitCode::FAILURE;
             }
         };
-        let relay = Relay::new(role, common, metrics, shutdown);
+        let relay = Relay::new(role, common, auth, metrics, shutdown);
         match run(relay, listener).await {
             // A part the server cannot live without stopped: exit 1, so systemd restarts it.
             Ok(()) if shutdown::failure().is_some() => ExitCode::FAILURE,
@@ -87,6 +97,21 @@ where
             }
         }
     })
+}
+
+/// SIGHUP: re-read the key files. Connections stay as they are; a file that cannot be read
+/// leaves the keys in use unchanged (and says why).
+fn reload_keys(auth: &Auth) {
+    if !auth.enabled() {
+        tracing::info!("SIGHUP: --auth none, no keys to re-read");
+        return;
+    }
+    match auth.reload() {
+        Ok(keys) => tracing::info!(keys, "SIGHUP: key files re-read"),
+        Err(why) => {
+            tracing::error!(error = %why, "SIGHUP: key files not re-read; the keys in use stay")
+        }
+    }
 }
 
 /// File descriptors a server needs besides its client connections: the listener, Redis
@@ -127,6 +152,10 @@ pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) ->
     tracing::info!(%addr, %redis, role = R::NAME, "listening");
     shutdown::notify_ready();
     let shutdown = relay.shutdown.clone();
+    let reloading = relay.clone();
+    tokio::spawn(shutdown::on_hangup(shutdown.clone(), move || {
+        reload_keys(&reloading.auth)
+    }));
     let lingering = Arc::new(Semaphore::new(LINGERING_REFUSALS));
 
     let mut accept_errors = 0u32;

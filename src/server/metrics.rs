@@ -16,6 +16,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+pub(crate) use crate::auth::AuthRefusal;
+
 // Label values are typed enums, encoded by prometheus-client's derive. The derive writes a
 // variant's name as it is, so the variants are spelled as Prometheus shows them.
 
@@ -52,6 +54,11 @@ pub enum Refusal {
     post_budget,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuthRefusalLabel {
+    reason: AuthRefusal,
+}
+
 /// How a WebSocket connection ended (`lightrelay_closed_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -66,6 +73,8 @@ pub enum Closed {
     busy,
     redis_unavailable,
     protocol_error,
+    token_expired,
+    not_allowed,
 }
 
 /// The kind of a Redis connection error (`lightrelay_redis_errors_total{kind}`).
@@ -159,6 +168,7 @@ pub struct Handles {
     pub redis_out: Flow,
     dropped: Family<DropLabel, Counter>,
     refused: Family<RefusalLabel, Counter>,
+    auth_refused: Family<AuthRefusalLabel, Counter>,
     closed: Family<ClosedLabel, Counter>,
     redis_errors: Family<ErrorKindLabel, Counter>,
     redis_reconnects: Family<ConnectionLabel, Counter>,
@@ -182,6 +192,7 @@ impl Metrics {
         let bytes = Family::<DirectionLabel, Counter>::default();
         let dropped = Family::<DropLabel, Counter>::default();
         let refused = Family::<RefusalLabel, Counter>::default();
+        let auth_refused = Family::<AuthRefusalLabel, Counter>::default();
         let closed = Family::<ClosedLabel, Counter>::default();
         let redis_up = Gauge::default();
         let resubscribed = Counter::default();
@@ -218,6 +229,11 @@ impl Metrics {
             "lightrelay_refused",
             "Requests refused before the upgrade, by reason",
             refused.clone(),
+        );
+        registry.register(
+            "lightrelay_auth_refused",
+            "Requests refused by the token check (401/403), by reason",
+            auth_refused.clone(),
         );
         registry.register(
             "lightrelay_closed",
@@ -293,6 +309,7 @@ impl Metrics {
             redis_out: Flow::new(&messages, &bytes, Direction::redis_out),
             dropped,
             refused,
+            auth_refused,
             closed,
             redis_errors,
             redis_reconnects,
@@ -319,6 +336,13 @@ impl Handles {
     /// A request refused before the upgrade.
     pub fn refused(&self, reason: Refusal) {
         self.refused.get_or_create(&RefusalLabel { reason }).inc();
+    }
+
+    /// A token check refused a request.
+    pub fn auth_refused(&self, reason: AuthRefusal) {
+        self.auth_refused
+            .get_or_create(&AuthRefusalLabel { reason })
+            .inc();
     }
 
     /// A WebSocket connection ended.

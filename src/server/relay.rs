@@ -26,11 +26,14 @@ use super::http::Reply;
 use super::metrics::Metrics;
 use super::session::Ending;
 use super::write::socket::Socket;
+use crate::auth::{Auth, Grant};
 
 /// What one of the two servers does differently from the other.
 pub(crate) trait Role: Send + Sync + Sized + 'static {
     /// `publish` or `subscribe`, for logs.
     const NAME: &'static str;
+    /// What a WebSocket connection to this server asks of a token (SPEC §8).
+    const GRANT: Grant;
     /// tungstenite's read buffer for a connection of this role (see `http::ws_config`).
     const READ_BUFFER: usize;
 
@@ -81,12 +84,19 @@ pub(crate) struct Upgraded {
     pub channel: ChannelName,
     /// The client asked for, and was given, `lightrelay.ack`.
     pub ack: bool,
+    /// When its token expires (the session closes it then with 1008).
+    pub expires: Option<tokio::time::Instant>,
+    /// Whether what it sends may be published, as far as tokens go (a subscriber on a server
+    /// with `--accept-publish` and `--auth` needs a `pub` grant on its path).
+    pub may_publish: bool,
 }
 
 /// Everything the connections of one server process share.
 pub(crate) struct Relay<R> {
     pub role: R,
     pub common: CommonArgs,
+    /// The token checks (`--auth`), asked before every upgrade and publishing POST.
+    pub auth: Auth,
     pub metrics: Metrics,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
@@ -117,6 +127,7 @@ impl<R: Role> Relay<R> {
     pub fn new(
         role: R,
         common: CommonArgs,
+        auth: Auth,
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -124,6 +135,7 @@ impl<R: Role> Relay<R> {
         Arc::new(Relay {
             role,
             common,
+            auth,
             metrics,
             tracker: TaskTracker::new(),
             shutdown,

@@ -62,6 +62,11 @@ pub enum Ending {
     RedisUnavailable(String),
     /// Broken framing: 1002; invalid UTF-8 in a text frame: 1007.
     Protocol(CloseCode, String),
+    /// The token the connection was opened with reached its `exp`: 1008 `token expired`.
+    TokenExpired,
+    /// A data frame on a connection whose token may not publish on its path (a subscriber
+    /// on a server with `--accept-publish` and `--auth`): 1008.
+    NotAllowed,
 }
 
 impl Ending {
@@ -87,6 +92,8 @@ impl Ending {
             Ending::Busy(_) => Closed::busy,
             Ending::RedisUnavailable(_) => Closed::redis_unavailable,
             Ending::Protocol(..) => Closed::protocol_error,
+            Ending::TokenExpired => Closed::token_expired,
+            Ending::NotAllowed => Closed::not_allowed,
         }
     }
 
@@ -110,6 +117,11 @@ impl Ending {
             ),
             Ending::RedisUnavailable(why) => (CloseCode::Again, why.clone()),
             Ending::Protocol(code, reason) => (*code, reason.clone()),
+            Ending::TokenExpired => (CloseCode::Policy, "token expired".to_string()),
+            Ending::NotAllowed => (
+                CloseCode::Policy,
+                "this token does not allow publishing on this path".to_string(),
+            ),
         };
         Some(CloseFrame {
             code,
@@ -142,17 +154,24 @@ pub struct SessionSettings {
     /// The client asked for `lightrelay.ack`: one text frame with the receiver count per
     /// message, once Redis accepted it.
     pub ack: bool,
+    /// When the connection's token expires (SPEC §8): the open phase ends there, with 1008.
+    pub expires: Option<Instant>,
+    /// A data frame from the client ends the connection with 1008 instead of being handed on
+    /// (its token does not allow publishing on its path).
+    pub refuse_data: bool,
 }
 
 impl SessionSettings {
     /// A client's session settings, from the flags both servers share.
-    pub(crate) fn new(common: &CommonArgs, ack: bool) -> Self {
+    pub(crate) fn new(common: &CommonArgs, ack: bool, expires: Option<Instant>) -> Self {
         SessionSettings {
             ping_interval: common.ping_interval,
             idle_timeout: common.idle_timeout,
             handshake_timeout: common.handshake_timeout,
             max_message_bytes: common.max_message_bytes,
             ack,
+            expires,
+            refuse_data: false,
         }
     }
 }
@@ -396,6 +415,10 @@ where
                     continue;
                 }
             }
+            if self.is_open() && self.settings.expires.is_some_and(|at| now >= at) {
+                self.end(Ending::TokenExpired);
+                continue;
+            }
             if let Phase::Open(open) = &mut self.phase {
                 if now >= open.last_heard + self.settings.idle_timeout {
                     self.end(Ending::IdleTimeout);
@@ -523,6 +546,9 @@ where
                 let mut own = open.next_ping.min(idle);
                 if let Some(started) = open.message_started {
                     own = own.min(started + self.settings.handshake_timeout);
+                }
+                if let Some(expires) = self.settings.expires {
+                    own = own.min(expires);
                 }
                 Some(publish.map_or(own, |p| p.min(own)))
             }
@@ -693,6 +719,9 @@ where
             }
             progress = true;
             match frame {
+                Message::Text(_) | Message::Binary(_) if self.settings.refuse_data => {
+                    return Err(Ending::NotAllowed)
+                }
                 Message::Text(text) => self.accept(Bytes::from(text)),
                 Message::Binary(data) => self.accept(data),
                 Message::Close(_) => return Err(Ending::ClientClosed),
@@ -842,6 +871,8 @@ mod tests {
             handshake_timeout: HANDSHAKE,
             max_message_bytes: 1 << 20,
             ack: false,
+            expires: None,
+            refuse_data: false,
         }
     }
 
@@ -902,6 +933,40 @@ mod tests {
         assert_eq!(close.code, CloseCode::Away);
         assert_eq!(close.reason.as_str(), "idle timeout");
         assert!(matches!(session.await.unwrap(), Ending::IdleTimeout));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_closed_with_1008_at_its_tokens_expiry() {
+        let start = Instant::now();
+        let expiry = Duration::from_secs(25);
+        let mut settings = settings(PING);
+        settings.expires = Some(start + expiry);
+        let (session, mut client) = open_session(settings, discard()).await;
+        // Pings keep coming (and are answered) until the expiry, which falls between two.
+        let close = loop {
+            match next(&mut client).await {
+                Message::Ping(_) => continue,
+                Message::Close(Some(close)) => break close,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(start.elapsed(), expiry);
+        assert_eq!(close.code, CloseCode::Policy);
+        assert_eq!(close.reason.as_str(), "token expired");
+        assert!(matches!(session.await.unwrap(), Ending::TokenExpired));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_data_frame_is_refused_with_1008_when_the_token_may_not_publish() {
+        let mut settings = settings(PING);
+        settings.refuse_data = true;
+        let (session, mut client) = open_session(settings, discard()).await;
+        client.send(Message::text("hello")).await.unwrap();
+        let Message::Close(Some(close)) = next(&mut client).await else {
+            panic!("expected a close frame");
+        };
+        assert_eq!(close.code, CloseCode::Policy);
+        assert!(matches!(session.await.unwrap(), Ending::NotAllowed));
     }
 
     #[tokio::test(start_paused = true)]

@@ -31,6 +31,23 @@ pub async fn on_signal(token: CancellationToken) {
     token.cancel();
 }
 
+/// Call `reload` at every SIGHUP (the units' `ExecReload`), until shutdown.
+pub(crate) async fn on_hangup(shutdown: CancellationToken, reload: impl Fn()) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; keys are re-read only at a restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            received = hup.recv() => match received {
+                Some(()) => reload(),
+                None => return,
+            },
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// `READY=1` for `Type=notify` units; nothing happens outside systemd.
 pub fn notify_ready() {
     if let Err(e) = sd_notify::notify(&[NotifyState::Ready]) {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Grant;
 use crate::publish::{self, Publisher};
 use crate::redis::{connect_subscriber, Health, OnDeaf};
 use crate::server::channel::ChannelName;
@@ -102,6 +103,7 @@ impl SubscribeRole {
 
 impl Role for SubscribeRole {
     const NAME: &'static str = "subscribe";
+    const GRANT: Grant = Grant::Subscribe;
     /// An idle subscriber reads almost nothing (pongs, the odd frame): 256 bytes hold any
     /// control frame a client sends (at most 131 bytes with its mask) in one read.
     const READ_BUFFER: usize = 256;
@@ -158,11 +160,17 @@ impl Role for SubscribeRole {
         (outbox, membership): Self::Prepared,
     ) -> impl std::future::Future<Output = Ending> + Send + 'static {
         let role = &relay.role;
-        let settings = session::SessionSettings::new(&relay.common, connection.ack);
+        let mut settings =
+            session::SessionSettings::new(&relay.common, connection.ack, connection.expires);
         outbox.set_socket(connection.socket);
+        // With --accept-publish, what a subscriber sends is published only when its token
+        // allows it; otherwise its first data frame closes it with 1008 (never dropped
+        // unseen).
+        settings.refuse_data = role.publisher.is_some() && !connection.may_publish;
         let inbound = role
             .publisher
             .as_ref()
+            .filter(|_| connection.may_publish)
             .map(|publisher| publish::window_for(&relay, publisher, &connection.channel));
         let session = session::run(
             connection.ws,
