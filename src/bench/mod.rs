@@ -558,6 +558,7 @@ async fn idle(a: IdleArgs) -> Result<Report, BenchError> {
         channels,
         subscribers: subscribers.len(),
         connections: subscribers.len(),
+        token: Some(a.token.is_some()),
         ..Report::default()
     };
     meter.finish(&mut report)?;
