@@ -18,6 +18,7 @@
 #
 # Layout: PREFIX/bin/lightrelay-{publish,subscribe} (and the `lightrelay` client when built),
 # /etc/systemd/system/lightrelay-{publish,subscribe}{,@}.service, /etc/default/lightrelay,
+# /etc/lightrelay/jwt-secret (a random secret for tokens, made once, mode 0600),
 # /etc/nginx/conf.d/lightrelay-upstreams.conf, /etc/nginx/sites-available/lightrelay{,-tls}
 # (the two-port site enabled). deploy/uninstall.sh undoes it.
 set -euo pipefail
@@ -130,6 +131,42 @@ done
 # --- settings -----------------------------------------------------------------------------------
 put config "$here/deploy/lightrelay.default" /etc/default/lightrelay 0644
 
+# --- the token secret (SPEC §8) -----------------------------------------------------------------
+# 32 random bytes, base64: the HS256 secret that /etc/default/lightrelay's LIGHTRELAY_AUTH=publish
+# needs and the units hand the servers as a credential. Made once, never replaced (tokens minted
+# with it keep working); root's alone. Written under a temporary name and linked into place, so
+# it is whole or absent, and a secret that appeared meanwhile is not overwritten.
+make_secret() {
+  local dest=/etc/lightrelay/jwt-secret
+  local target=$destdir$dest
+  if [[ -e $target ]]; then
+    say "= $dest (kept: never replaced)"
+    return
+  fi
+  say "+ make $target: 32 random bytes from /dev/urandom, base64, mode 0600, owner root"
+  [[ $dry_run == 1 ]] && return
+  install -d -m 0755 "$destdir/etc/lightrelay"
+  local tmp
+  tmp=$(mktemp "$destdir/etc/lightrelay/.jwt-secret.XXXXXX")
+  {
+    printf '%s\n' "# lightrelay HS256 secret (LIGHTRELAY_JWT_SECRET_FILE): one per line, SECRET or"
+    printf '%s\n' "# LABEL:SECRET. Mint tokens: lightrelay token --secret-file $dest --pub '/x/*'"
+    head -c 32 /dev/urandom | base64 -w0
+    printf '\n'
+  } >"$tmp"
+  chmod 0600 "$tmp"
+  if [[ $(id -u) == 0 ]]; then
+    chown root:root "$tmp"
+  else
+    say "- not root: $dest belongs to $(id -un) in the staged root; chown it to root on the target"
+  fi
+  if ! ln "$tmp" "$target" 2>/dev/null; then
+    say "= $dest (appeared meanwhile: kept)"
+  fi
+  rm -f "$tmp"
+}
+make_secret
+
 # --- nginx --------------------------------------------------------------------------------------
 put config "$here/nginx/lightrelay-upstreams.conf" /etc/nginx/conf.d/lightrelay-upstreams.conf 0644
 put config "$here/nginx/lightrelay.conf" /etc/nginx/sites-available/lightrelay 0644
@@ -178,6 +215,7 @@ fi
 say ""
 say "done. Next:"
 say "  settings:  /etc/default/lightrelay, then systemctl restart ${units[*]}"
+say "  tokens:    lightrelay token --secret-file /etc/lightrelay/jwt-secret --pub '/sensors/*' --ttl 365d"
 say "  check:     curl -s http://127.0.0.1:8766/healthz; curl -s http://127.0.0.1:8768/healthz"
 if [[ $tls_enabled == 0 ]]; then
   say "  TLS:       certbot certonly --webroot -w /var/www/html -d HOST, then"

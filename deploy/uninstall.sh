@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Remove what deploy/install.sh installed: stop and disable the units (template instances
 # included), remove the binaries, units and nginx sites, and reload nginx.
-# /etc/default/lightrelay is kept unless --purge.
+# /etc/default/lightrelay and the token secret /etc/lightrelay/jwt-secret are kept unless --purge.
 #
 # Options:
 #   --dry-run       print what would be done, change nothing
 #   --prefix DIR    where the binaries were installed: DIR/bin (default /usr/local)
 #   --destdir DIR   remove from a staged root instead of / (also: DESTDIR=DIR)
-#   --purge         also remove /etc/default/lightrelay{,-publish,-subscribe}
+#   --purge         also remove /etc/default/lightrelay{,-publish,-subscribe} and
+#                   /etc/lightrelay/jwt-secret (tokens minted with it stop working)
 #   -h, --help      this text
 set -euo pipefail
 
@@ -92,8 +93,12 @@ if [[ $purge == 1 ]]; then
   for file in lightrelay lightrelay.new lightrelay-publish lightrelay-subscribe; do
     remove "/etc/default/$file"
   done
+  remove /etc/lightrelay/jwt-secret
+  if [[ -d $destdir/etc/lightrelay ]]; then
+    run rmdir --ignore-fail-on-non-empty "$destdir/etc/lightrelay"
+  fi
 else
-  say "- kept /etc/default/lightrelay (--purge removes it)"
+  say "- kept /etc/default/lightrelay and /etc/lightrelay/jwt-secret (--purge removes them)"
 fi
 
 if [[ $systemd_up == 1 ]]; then

@@ -12,6 +12,12 @@ read: `417` in the file is `417` on `lightlevel/office`.
     ~/lightrelay-venv/bin/python pi_sensor.py ws://relay.example:8766/office \\
         --file /sys/bus/iio/devices/iio:device0/in_illuminance_raw --interval 5
 
+A relay with tokens turned on (SPEC §8, `--auth publish`) needs one that allows the path:
+mint it on the server with `lightrelay token --secret-file /etc/lightrelay/jwt-secret --pub
+'/office' --ttl 365d` and give it as LIGHTRELAY_TOKEN=... (or --token); it is sent as
+`Authorization: Bearer`. A refused token (HTTP 401 or 403) is reported in one line and ends the
+script with exit 1: retrying would not change the answer.
+
 When the relay is away it reconnects with exponential back-off (1 s doubling to 30 s), keeping
 up to --buffer readings meanwhile (the oldest are dropped beyond that, and counted). It offers
 the `lightrelay.ack` subprotocol: each reading is kept until the relay says Redis has it, and
@@ -21,7 +27,8 @@ and made again. With --no-ack (a relay or proxy that does not speak lightrelay.a
 counts as sent once it is written to the socket.
 
 Exit codes: 0 after --count readings were sent (and acknowledged), or on Ctrl-C or SIGTERM;
-1 when the relay refuses us for good (HTTP 4xx, or no ack subprotocol);
+1 when the relay refuses us for good (HTTP 4xx such as 401/403 for the token, or no ack
+subprotocol);
 2 for bad arguments. Needs Python 3.9+ and the `websockets` package (requirements.txt).
 """
 
@@ -30,6 +37,7 @@ import asyncio
 import collections
 import logging
 import math
+import os
 import random
 import re
 import signal
@@ -41,6 +49,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 ACK_PROTOCOL = "lightrelay.ack"
+DEFAULT_URL = "ws://127.0.0.1:8765/office"
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 30.0
 WINDOW = 64  # readings sent but not yet acknowledged, at most
@@ -186,13 +195,31 @@ async def send_all(ws, outbox, ack):
             acks.exception()  # seen: the connection's end is handled by our caller
 
 
-async def publish(url, ack, outbox):
+def shown(url):
+    """The URL as logged: the value of a token= query parameter is hidden."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.query:
+        return url
+    query = "&".join("token=..." if p.startswith("token=") else p for p in parts.query.split("&"))
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+REFUSALS = {
+    401: "the relay wants a valid token (--token or LIGHTRELAY_TOKEN)",
+    403: "the token does not allow publishing on this path",
+}
+
+
+async def publish(url, ack, outbox, token=None):
     """Connect, send, reconnect with back-off; the exit code once there is nothing left to do."""
     delay = BACKOFF_FIRST
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    url_shown = shown(url)
     while True:
         try:
             async with connect(
                 url,
+                additional_headers=headers,
                 subprotocols=[ACK_PROTOCOL] if ack else None,
                 open_timeout=10,
                 close_timeout=5,
@@ -201,9 +228,9 @@ async def publish(url, ack, outbox):
                 max_size=64 * 1024,
             ) as ws:
                 if ack and ws.subprotocol != ACK_PROTOCOL:
-                    log.error("%s did not accept the %s subprotocol: is it the publish server?", url, ACK_PROTOCOL)
+                    log.error("%s did not accept the %s subprotocol: is it the publish server?", url_shown, ACK_PROTOCOL)
                     return 1
-                log.info("connected to %s%s", url, " (acknowledged)" if ack else "")
+                log.info("connected to %s%s", url_shown, " (acknowledged)" if ack else "")
                 delay = BACKOFF_FIRST
                 if await send_all(ws, outbox, ack):
                     return 0
@@ -211,12 +238,15 @@ async def publish(url, ack, outbox):
         except InvalidStatus as e:
             status = e.response.status_code
             body = e.response.body.decode("utf-8", "replace").strip() if e.response.body else ""
+            body = body.splitlines()[0][:200] if body else ""
             if 400 <= status < 500 and status not in (408, 429):
-                log.error("%s refused us: HTTP %d %s", url, status, body)
+                # Permanent: a reconnect would be refused the same way. 401/403: the token.
+                hint = f" ({REFUSALS[status]})" if status in REFUSALS else ""
+                log.error("%s refused us: HTTP %d %s%s", url_shown, status, body, hint)
                 return 1
-            log.warning("%s answered HTTP %d %s", url, status, body)
+            log.warning("%s answered HTTP %d %s", url_shown, status, body)
         except (OSError, TimeoutError, asyncio.TimeoutError, WebSocketException, RuntimeError) as e:
-            log.warning("connection to %s: %s", url, str(e) or type(e).__name__)
+            log.warning("connection to %s: %s", url_shown, str(e) or type(e).__name__)
         outbox.in_flight = 0
         wait = delay * random.uniform(0.75, 1.0)  # jitter: many sensors don't all return at once
         log.info("reconnecting in %.1f s (%d readings waiting)", wait, len(outbox.items))
@@ -235,7 +265,7 @@ async def run(args):
             pass
     read = file_reader(args.file) if args.file else sine_reader(args.period)
     producer = asyncio.ensure_future(produce(read, args.interval, args.count, outbox))
-    publisher = asyncio.ensure_future(publish(args.url, args.ack, outbox))
+    publisher = asyncio.ensure_future(publish(args.url, args.ack, outbox, args.token))
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({publisher, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = publisher.result() if publisher.done() else 0
@@ -261,9 +291,10 @@ def parse_args(argv):
         "--file /sys/bus/iio/devices/iio:device0/in_illuminance_raw --interval 5",
     )
     parser.add_argument(
-        "url", nargs="?", default="ws://127.0.0.1:8765/office",
-        help="the publish server and path (default: %(default)s); ws:// or wss://",
+        "url", nargs="?",
+        help=f"the publish server and path (default: {DEFAULT_URL}); ws:// or wss://",
     )
+    parser.add_argument("--url", dest="url_option", metavar="URL", help="the same as the URL argument")
     parser.add_argument("--file", "-f", help="read the level from this file (default: a simulated sine)")
     parser.add_argument("--interval", "-i", type=float, default=5.0, help="seconds between readings (default: %(default)s)")
     parser.add_argument("--count", "-n", type=int, help="stop after this many readings were sent")
@@ -271,13 +302,28 @@ def parse_args(argv):
         "--no-ack", dest="ack", action="store_false",
         help=f"do not use the {ACK_PROTOCOL} subprotocol (then a reading is sent once written, not once acknowledged)",
     )
+    parser.add_argument(
+        "--token", default=os.environ.get("LIGHTRELAY_TOKEN") or None,
+        help="a token from `lightrelay token`, sent as Authorization: Bearer (default: $LIGHTRELAY_TOKEN, "
+        "which keeps it out of the process list)",
+    )
     parser.add_argument("--buffer", type=int, default=1000, help="readings kept while disconnected (default: %(default)s)")
     parser.add_argument("--period", type=float, default=60.0, help="seconds per cycle of the simulated sine (default: %(default)s)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log every reading")
     args = parser.parse_args(argv)
+    if args.url_option is not None:
+        if args.url is not None:
+            parser.error("give the URL once: as the argument or with --url")
+        args.url = args.url_option
+    if args.url is None:
+        args.url = DEFAULT_URL
     url = urllib.parse.urlsplit(args.url)
     if url.scheme not in ("ws", "wss") or not url.hostname:
         parser.error(f"{args.url}: the URL must be ws://HOST[:PORT]/PATH or wss://...")
+    if args.token is not None:
+        args.token = args.token.strip()
+        if not args.token or not all("!" <= c <= "~" for c in args.token):
+            parser.error("--token: a token is one line of printable ASCII without spaces")
     if not args.interval > 0:
         parser.error("--interval must be more than 0")
     if args.count is not None and args.count < 1:

@@ -12,8 +12,9 @@
 //! ```
 //!
 //! The parts, lowest first (a part only imports the ones above it in this list):
-//! - [`server`]: what both servers share (flags, listener, HTTP, a WebSocket's session, the
-//!   client write path, metrics, shutdown); it knows a server only as a `Role`.
+//! - [`server`]: what both servers share (flags, listener, HTTP, the abuse limits, a
+//!   WebSocket's session, the client write path, metrics, shutdown); it knows a server only as
+//!   a `Role`.
 //! - `redis`: connections to Redis, their health and how they reconnect.
 //! - `auth`: where SPEC §8's tokens will be checked.
 //! - [`publish`]: the publish server's role and the pipelined PUBLISH window.

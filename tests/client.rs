@@ -2,6 +2,8 @@
 //! nothing across a relay restart; `sub` prints one line per message; ws:// and wss://.
 
 mod common;
+#[path = "common/jwt.rs"]
+mod jwt;
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
@@ -36,14 +38,18 @@ fn spawn_sub(args: &[&str]) -> Child {
 
 /// Wait for a child to exit; returns (code, stdout, stderr).
 async fn finish(child: Child) -> (Option<i32>, Vec<u8>, String) {
-    let output = tokio::time::timeout(
+    let pid = child.id().to_string();
+    let waited = tokio::time::timeout(
         PATIENCE,
         tokio::task::spawn_blocking(move || child.wait_with_output()),
     )
-    .await
-    .expect("client did not exit in time")
-    .unwrap()
-    .unwrap();
+    .await;
+    let Ok(output) = waited else {
+        // Not left running (the test's runtime would wait for it): killed by its PID.
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        panic!("client did not exit in time");
+    };
+    let output = output.unwrap().unwrap();
     (
         output.status.code(),
         output.stdout,
@@ -274,6 +280,8 @@ async fn bad_usage_exits_2_with_the_problem_on_the_first_line() {
         &["sub"],
         &["frobnicate"],
         &["sub", "--count", "x", "ws://h/p"],
+        &["sub", "--token", "", "ws://h/p"],
+        &["pub", "--token", "two words", "ws://h/p"],
     ] {
         let output = lightrelay(args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
@@ -287,6 +295,113 @@ async fn bad_usage_exits_2_with_the_problem_on_the_first_line() {
         help.contains("Examples:") && help.contains("lightrelay pub"),
         "{help}"
     );
+}
+
+/// The first line of `stderr` that says why the client gave up, for the refusal tests.
+fn refusal_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.contains("refused"))
+        .unwrap_or_else(|| panic!("no refusal on stderr: {stderr}"))
+}
+
+#[tokio::test]
+async fn pub_sends_its_token_and_a_401_or_403_exits_1_at_once_with_the_servers_reason() {
+    let redis = Redis::start().await;
+    let dir = temp_dir("client-token");
+    let secret = jwt::secret_file(&dir);
+    let secret = secret.to_str().unwrap();
+    let publish = Server::start(
+        Kind::Publish,
+        &redis.url(),
+        &["--auth", "publish", "--jwt-secret-file", secret],
+    )
+    .await;
+    let mut watcher = redis.subscribe("lightlevel/pi/lux").await;
+    let good = jwt::token(&["/pi/*"], &[]);
+
+    // --token: published and acknowledged.
+    let mut client = spawn_pub(&["pub", "--token", &good, &publish.ws("/pi/lux")]);
+    client.stdin.take().unwrap().write_all(b"417\n").unwrap();
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(&watcher.next().await[..], b"417");
+
+    // Refusals end the client at once (it would otherwise retry for ever), in one line that
+    // gives the status and the server's reason, never the token.
+    let forged = jwt::token_with("not-the-servers-secret", &["/pi/*"], &[]);
+    let elsewhere = jwt::token(&["/office"], &[]);
+    for (token, status) in [
+        (None, "401"),
+        (Some(&forged), "401"),
+        (Some(&elsewhere), "403"),
+    ] {
+        let mut args = vec!["pub"];
+        if let Some(token) = token {
+            args.extend(["--token", token.as_str()]);
+        }
+        let url = publish.ws("/pi/lux");
+        args.push(&url);
+        let mut client = spawn_pub(&args);
+        // Input stays open: only the refusal can end the client.
+        let stdin = client.stdin.take().unwrap();
+        let (code, _, stderr) = finish(client).await;
+        drop(stdin);
+        assert_eq!(code, Some(1), "{token:?}: {stderr}");
+        let line = refusal_line(&stderr);
+        assert!(line.contains(&format!("HTTP {status}")), "{line}");
+        let reason = line.split(&format!("HTTP {status}")).nth(1).unwrap();
+        assert!(
+            reason.split_whitespace().count() > 2,
+            "the server's reason is shown: {line}"
+        );
+        assert!(!stderr.contains("retrying"), "{stderr}");
+        if let Some(token) = token {
+            assert!(
+                !stderr.contains(token.as_str()),
+                "the token was printed: {stderr}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn sub_takes_its_token_from_the_environment_and_a_401_exits_1_at_once() {
+    let redis = Redis::start().await;
+    let dir = temp_dir("client-sub-token");
+    let secret = jwt::secret_file(&dir);
+    let subscribe = Server::start(
+        Kind::Subscribe,
+        &redis.url(),
+        &[
+            "--auth",
+            "all",
+            "--jwt-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let token = jwt::token(&[], &["/office"]);
+    let client = lightrelay(&["sub", "--count", "1", &subscribe.ws("/office")])
+        .env("LIGHTRELAY_TOKEN", &token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    redis.wait_numsub("lightlevel/office", 1).await;
+    redis.publish("lightlevel/office", "417").await;
+    let (code, stdout, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stdout, b"417\n");
+
+    // Without a token (and without --once): exit 1, not a reconnect loop.
+    let client = spawn_sub(&["sub", &subscribe.ws("/office")]);
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(refusal_line(&stderr).contains("HTTP 401"), "{stderr}");
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// A TLS terminator in front of a relay, with a throwaway self-signed certificate.

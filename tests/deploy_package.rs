@@ -1,7 +1,8 @@
 //! Issue 5, packaging: the Debian package built by `cargo deb` (contents, conffiles, maintainer
 //! scripts; installed into a temporary root with dpkg, upgraded, removed, purged), and
 //! `deploy/install.sh` / `deploy/uninstall.sh` run into a temporary root (DESTDIR), each
-//! checked file by file.
+//! checked file by file, with the token secret both make (SPEC §8: 0600, root's, random, made
+//! once and never replaced, gone on purge).
 
 mod common;
 
@@ -47,6 +48,54 @@ fn is_root() -> bool {
 enum Entry {
     File(u32, Vec<u8>),
     Link(String),
+    /// Expected only: the token secret, random, so checked by its form ([`check_secret`]).
+    Secret,
+}
+
+const SECRET: &str = "/etc/lightrelay/jwt-secret";
+
+/// The token secret install.sh and the postinst make (SPEC §8): mode 0600, owned by root
+/// (when the test runs as root, as they then do), comment lines and one line of 32 random
+/// bytes in base64. Returns the secret line.
+fn check_secret(path: &Path) -> String {
+    use base64::Engine;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap_or_else(|_| panic!("no {}", path.display()));
+    assert!(meta.is_file(), "{} is not a plain file", path.display());
+    assert_eq!(
+        format!("{:o}", meta.permissions().mode() & 0o7777),
+        "600",
+        "mode of {}",
+        path.display()
+    );
+    if is_root() {
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (0, 0),
+            "owner of {}",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path).unwrap();
+    let secrets: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(
+        secrets.len(),
+        1,
+        "one secret line in {}:\n{text}",
+        path.display()
+    );
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(secrets[0])
+        .unwrap_or_else(|e| panic!("the secret is not base64 ({e}): {}", path.display()));
+    assert_eq!(bytes.len(), 32, "the secret's length");
+    assert!(
+        bytes.iter().any(|&b| b != bytes[0]),
+        "the secret is not random"
+    );
+    secrets[0].to_string()
 }
 
 fn tree(root: &Path) -> BTreeMap<String, Entry> {
@@ -102,6 +151,9 @@ fn assert_tree(root: &Path, expected: &BTreeMap<String, Entry>) {
             (Entry::File(m1, b1), Entry::File(m2, b2)) => {
                 assert_eq!(format!("{m1:o}"), format!("{m2:o}"), "mode of {name}");
                 assert!(b1 == b2, "content of {name} differs from what was shipped");
+            }
+            (Entry::File(..), Entry::Secret) => {
+                check_secret(&root.join(&name[1..]));
             }
             _ => assert_eq!(got, entry, "{name}"),
         }
@@ -373,6 +425,8 @@ fn the_package_installs_into_a_root_enabled_not_started_and_keeps_settings_until
     for program in ["lightrelay-publish", "lightrelay-subscribe", "lightrelay"] {
         succeed(Command::new(root.join("usr/bin").join(program)).arg("--help"));
     }
+    // The postinst made the token secret.
+    let secret = check_secret(&root.join(&SECRET[1..]));
     // Enabled (the postinst ran), pointing at the packaged units; templates not instantiated.
     for unit in ["lightrelay-publish.service", "lightrelay-subscribe.service"] {
         let target = std::fs::read_link(wants(&root, unit))
@@ -405,6 +459,11 @@ fn the_package_installs_into_a_root_enabled_not_started_and_keeps_settings_until
     // (symlink_metadata: the links point into the root, at paths absent on this host.)
     assert!(std::fs::symlink_metadata(wants(&root, "lightrelay-publish.service")).is_err());
     assert!(std::fs::symlink_metadata(wants(&root, "lightrelay-subscribe.service")).is_ok());
+    assert_eq!(
+        check_secret(&root.join(&SECRET[1..])),
+        secret,
+        "an upgrade replaced the secret"
+    );
 
     // An instance of a template, enabled by the admin.
     succeed(
@@ -424,6 +483,7 @@ fn the_package_installs_into_a_root_enabled_not_started_and_keeps_settings_until
         left,
         [
             "/default/lightrelay",
+            "/lightrelay/jwt-secret",
             "/nginx/conf.d/lightrelay-upstreams.conf",
             "/nginx/sites-available/lightrelay",
             "/nginx/sites-available/lightrelay-tls",
@@ -497,6 +557,7 @@ fn installed(dir: &Path, prefix: &str, tls_host: Option<&str>) -> BTreeMap<Strin
         "/etc/default/lightrelay".into(),
         file(0o644, repo_file("deploy/lightrelay.default")),
     );
+    expected.insert(SECRET.into(), Entry::Secret);
     expected.insert(
         "/etc/nginx/conf.d/lightrelay-upstreams.conf".into(),
         file(0o644, repo_file("nginx/lightrelay-upstreams.conf")),
@@ -531,11 +592,22 @@ fn install_sh_stages_every_file_under_destdir_and_a_second_run_changes_nothing()
         "prints what it does:\n{first}"
     );
 
+    let secret = check_secret(&root.join(&SECRET[1..]));
+
     let second = succeed(install_sh(&dir).arg("--destdir").arg(&root));
     assert_tree(&root, &installed(&dir, "/usr/local", None));
     assert!(
         !second.contains("+ install"),
         "second run installed again:\n{second}"
+    );
+    assert_eq!(
+        check_secret(&root.join(&SECRET[1..])),
+        secret,
+        "a second run replaced the secret (every token minted with it would stop working)"
+    );
+    assert!(
+        second.contains("= /etc/lightrelay/jwt-secret (kept"),
+        "{second}"
     );
     assert!(
         second.contains("= /etc/default/lightrelay (unchanged)"),
@@ -711,7 +783,7 @@ fn uninstall_sh_removes_what_install_sh_staged_and_keeps_settings_unless_purged(
 
     succeed(script("uninstall.sh").env("DESTDIR", &root));
     let left: Vec<String> = tree(&root).into_keys().collect();
-    assert_eq!(left, ["/etc/default/lightrelay"]);
+    assert_eq!(left, ["/etc/default/lightrelay", SECRET]);
 
     install();
     succeed(script("uninstall.sh").arg("--purge").env("DESTDIR", &root));

@@ -1,9 +1,13 @@
 //! Issue 5, `systemd/` and `deploy/lightrelay.default`: every unit passes `systemd-analyze
 //! verify` and is hardened to an exposure of at most 1.5; each unit's command line, with the
 //! settings of the defaults file, starts its server the way systemd would (a clean
-//! environment, `NOTIFY_SOCKET`), which reports `READY=1` once it listens and stops on SIGTERM.
+//! environment, `NOTIFY_SOCKET`, the JWT secret as a credential), which reports `READY=1` once
+//! it listens, needs a token to publish (the shipped `LIGHTRELAY_AUTH=publish`), survives its
+//! `ExecReload` and stops on SIGTERM.
 
 mod common;
+#[path = "common/jwt.rs"]
+mod jwt;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -89,6 +93,19 @@ fn one<'a>(settings: &'a [(String, String)], key: &str) -> &'a str {
         [v] => v,
         ref other => panic!("expected one {key}=, got {other:?}"),
     }
+}
+
+/// The settings the defaults file makes as shipped (uncommented `NAME=value` lines).
+fn shipped_settings() -> Vec<(String, String)> {
+    std::fs::read_to_string(Path::new(REPO).join("deploy/lightrelay.default"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("LIGHTRELAY_") || l.starts_with("RUST_LOG="))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_string(), v.to_string())
+        })
+        .collect()
 }
 
 /// The `NAME=value` settings the defaults file documents, commented out (`#NAME=value`).
@@ -208,6 +225,19 @@ fn each_unit_declares_restart_settings_ordering_and_file_limits() {
         let nofile: u64 = one(&s, "LimitNOFILE").parse().unwrap();
         assert!(nofile >= 65536, "{name}: LimitNOFILE={nofile}");
         assert_eq!(one(&s, "WantedBy"), "multi-user.target", "{name}");
+        // SPEC §8: the secret reaches the dynamic user as a credential, the variable points at
+        // it (an environment file may still name another), and reload is SIGHUP.
+        assert_eq!(
+            one(&s, "LoadCredential"),
+            "jwt-secret:/etc/lightrelay/jwt-secret",
+            "{name}"
+        );
+        assert_eq!(
+            values(&s, "Environment"),
+            ["LIGHTRELAY_JWT_SECRET_FILE=%d/jwt-secret"],
+            "{name}"
+        );
+        assert_eq!(one(&s, "ExecReload"), "/bin/kill -HUP $MAINPID", "{name}");
         let exec = one(&s, "ExecStart");
         if name.contains('@') {
             assert_eq!(
@@ -218,6 +248,15 @@ fn each_unit_declares_restart_settings_ordering_and_file_limits() {
             assert_eq!(exec, format!("/usr/bin/lightrelay-{role}"));
         }
     }
+}
+
+#[test]
+fn the_defaults_file_turns_publish_auth_on_and_leaves_the_secrets_path_to_the_units() {
+    assert_eq!(
+        shipped_settings(),
+        [("LIGHTRELAY_AUTH".to_string(), "publish".to_string())],
+        "deploy/lightrelay.default sets exactly LIGHTRELAY_AUTH=publish"
+    );
 }
 
 #[test]
@@ -269,6 +308,29 @@ fn the_defaults_file_lists_every_server_setting_with_its_built_in_default() {
     }
 }
 
+/// The server a test started, SIGKILLed if the test fails before it stopped it.
+struct Killed(std::process::Child);
+
+impl std::ops::Deref for Killed {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Start a unit's ExecStart as systemd would: only the environment files' settings, and a
 /// notification socket; wait for READY=1, check it listens and is healthy, then SIGTERM it
 /// and wait for STOPPING=1 and exit 0 within the unit's TimeoutStopSec.
@@ -285,10 +347,33 @@ async fn run_like_systemd(unit: &Path, redis: &Redis) {
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(PATIENCE)).unwrap();
 
+    // LoadCredential=ID:PATH: systemd copies PATH to $CREDENTIALS_DIRECTORY/ID (%d) at start.
+    let credentials = dir.join("credentials");
+    std::fs::create_dir_all(&credentials).unwrap();
+    let (id, source) = one(&s, "LoadCredential").split_once(':').unwrap();
+    assert_eq!(source, "/etc/lightrelay/jwt-secret", "{name}");
+    std::fs::write(credentials.join(id), format!("{}\n", jwt::SECRET)).unwrap();
+    let unit_env: Vec<(String, String)> = values(&s, "Environment")
+        .into_iter()
+        .map(|assignment| {
+            let (k, v) = assignment.split_once('=').unwrap();
+            let v = v.replace("%d", credentials.to_str().unwrap());
+            (k.to_string(), v)
+        })
+        .collect();
+
     let mut command = Command::new(program);
     command.args(words).env_clear();
-    // /etc/default/lightrelay with every documented default switched on.
-    command.envs(documented_defaults());
+    command.env("CREDENTIALS_DIRECTORY", &credentials);
+    command.envs(unit_env.iter().cloned());
+    // /etc/default/lightrelay as shipped, with every documented default switched on, but for
+    // those the unit sets itself (an environment file would win over the unit's Environment=).
+    command.envs(
+        documented_defaults()
+            .into_iter()
+            .filter(|(k, _)| !unit_env.iter().any(|(u, _)| u == k)),
+    );
+    command.envs(shipped_settings());
     command.env("LIGHTRELAY_REDIS_URL", redis.url());
     if name.contains('@') {
         // The instance's address wins over one a role file might set.
@@ -298,7 +383,7 @@ async fn run_like_systemd(unit: &Path, redis: &Redis) {
         command.env("LIGHTRELAY_LISTEN", format!("127.0.0.1:{port}"));
     }
     command.env("NOTIFY_SOCKET", &socket_path);
-    let mut child = command.spawn().unwrap();
+    let mut child = Killed(command.spawn().unwrap());
 
     let mut buf = [0u8; 512];
     let n = socket
@@ -321,6 +406,37 @@ async fn run_like_systemd(unit: &Path, redis: &Redis) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The shipped LIGHTRELAY_AUTH=publish, checked with the credential's secret.
+    if name.contains("publish") {
+        let (status, _) = http(addr, "POST", "/sensors/a", &[], b"1").await;
+        assert_eq!(status, 401, "{name}: a POST without a token");
+        let token = jwt::token(&["/sensors/*"], &[]);
+        let bearer = format!("Bearer {token}");
+        let (status, body) = http(
+            addr,
+            "POST",
+            "/sensors/a",
+            &[("Authorization", bearer.as_str())],
+            b"1",
+        )
+        .await;
+        assert_eq!(status, 200, "{name}: {}", String::from_utf8_lossy(&body));
+    }
+    // ExecReload, as systemd runs it: the server stays up and healthy.
+    let reload = one(&s, "ExecReload").replace("$MAINPID", &child.id().to_string());
+    let mut reload = reload.split_whitespace();
+    let status = Command::new(reload.next().unwrap())
+        .args(reload)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{name}: ExecReload failed");
+    // The signal is handled before the server runs again: an answer now means it survived.
+    assert_eq!(http(addr, "GET", "/healthz", &[], b"").await.0, 200);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "{name}: SIGHUP ended it"
+    );
+
     let stop_timeout: u64 = one(&s, "TimeoutStopSec")
         .trim_end_matches('s')
         .parse()
@@ -330,12 +446,17 @@ async fn run_like_systemd(unit: &Path, redis: &Redis) {
         .status()
         .unwrap();
     assert!(status.success());
-    let n = socket.recv(&mut buf).expect("no STOPPING=1");
-    let message = String::from_utf8_lossy(&buf[..n]).to_string();
-    assert!(
-        message.lines().any(|l| l == "STOPPING=1"),
-        "{name}: {message:?}"
-    );
+    // (A reload may have said RELOADING=1 and READY=1 before.)
+    let mut said = Vec::new();
+    for _ in 0..10 {
+        let n = socket.recv(&mut buf).expect("no STOPPING=1");
+        let message = String::from_utf8_lossy(&buf[..n]).to_string();
+        if message.lines().any(|l| l == "STOPPING=1") {
+            break;
+        }
+        said.push(message);
+        assert!(said.len() < 10, "{name}: no STOPPING=1 in {said:?}");
+    }
     let deadline = Instant::now() + Duration::from_secs(stop_timeout);
     let code = loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -6,7 +6,10 @@
 //! Redis subscription of a path. The screenshot lands in `target/live-page.png`.
 
 mod common;
+#[path = "common/jwt.rs"]
+mod jwt;
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -145,16 +148,83 @@ async fn live_page_in_headless_chromium() {
     let phone: PathBuf = target.join("live-page-phone.png");
     let _ = std::fs::remove_file(&screenshot);
 
+    let args: Vec<OsString> = vec![
+        "--subscribe".into(),
+        format!("http://{subscribe_addr}").into(),
+        "--publish".into(),
+        format!("http://{}", publish.addr).into(),
+        "--screenshot".into(),
+        screenshot.clone().into(),
+        "--phone-screenshot".into(),
+        phone.into(),
+    ];
+    let passed = run_browser(&args, async |command: &str, arg: &str| match command {
+        "subscribed" => redis.wait_numsub(&format!("lightlevel{arg}"), 1).await,
+        "stop-subscribe" => drop(subscribe.take().expect("already stopped")),
+        "start-subscribe" => {
+            assert!(subscribe.is_none(), "already running");
+            subscribe =
+                Some(Server::start_at(Kind::Subscribe, subscribe_addr, &redis.url(), &[]).await);
+        }
+        other => panic!("unknown request from the browser test: {other:?}"),
+    })
+    .await;
+    assert!(passed.starts_with("PASS live page: "), "{passed}");
+
+    let png = std::fs::read(&screenshot).expect("no screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "the screenshot is not a PNG"
+    );
+    assert!(png.len() > 20_000, "the screenshot looks empty");
+    println!("screenshot: {}", screenshot.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_page_with_a_token_in_headless_chromium() {
+    browser_deps();
+    let redis = Redis::start().await;
+    let dir = temp_dir("live-page-token");
+    let secret = jwt::secret_file(&dir);
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let subscribe = Server::start(
+        Kind::Subscribe,
+        &redis.url(),
+        &[
+            "--auth",
+            "all",
+            "--jwt-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let token = jwt::token(&[], &["/live-page-*"]);
+    let args: Vec<OsString> = vec![
+        "--subscribe".into(),
+        format!("http://{}", subscribe.addr).into(),
+        "--publish".into(),
+        format!("http://{}", publish.addr).into(),
+        "--token".into(),
+        token.into(),
+    ];
+    let passed = run_browser(&args, async |command: &str, arg: &str| match command {
+        "subscribed" => redis.wait_numsub(&format!("lightlevel{arg}"), 1).await,
+        other => panic!("unknown request from the browser test: {other:?}"),
+    })
+    .await;
+    assert!(
+        passed.starts_with("PASS live page with tokens: "),
+        "{passed}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Run tests/browser/live_page.mjs with `args`, doing what it asks (`@COMMAND ARG` lines) with
+/// `handle` and answering `ok`; returns its `PASS …` line.
+async fn run_browser(args: &[OsString], mut handle: impl AsyncFnMut(&str, &str)) -> String {
     let mut node = Command::new("node")
         .arg(root().join("tests/browser/live_page.mjs"))
-        .arg("--subscribe")
-        .arg(format!("http://{subscribe_addr}"))
-        .arg("--publish")
-        .arg(format!("http://{}", publish.addr))
-        .arg("--screenshot")
-        .arg(&screenshot)
-        .arg("--phone-screenshot")
-        .arg(&phone)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -191,30 +261,12 @@ async fn live_page_in_headless_chromium() {
             }
             continue;
         };
-        match command.split_once(' ').unwrap_or((command, "")) {
-            ("subscribed", path) => redis.wait_numsub(&format!("lightlevel{path}"), 1).await,
-            ("stop-subscribe", _) => drop(subscribe.take().expect("already stopped")),
-            ("start-subscribe", _) => {
-                assert!(subscribe.is_none(), "already running");
-                subscribe = Some(
-                    Server::start_at(Kind::Subscribe, subscribe_addr, &redis.url(), &[]).await,
-                );
-            }
-            other => panic!("unknown request from the browser test: {other:?}"),
-        }
+        let (command, arg) = command.split_once(' ').unwrap_or((command, ""));
+        handle(command, arg).await;
         writeln!(to_node, "ok").unwrap();
         to_node.flush().unwrap();
     }
     let status = node.wait().unwrap();
     assert!(status.success(), "the browser test failed: {status}");
-    let passed = passed.expect("the browser test did not say PASS");
-    assert!(passed.starts_with("PASS live page: "), "{passed}");
-
-    let png = std::fs::read(&screenshot).expect("no screenshot");
-    assert!(
-        png.starts_with(b"\x89PNG\r\n\x1a\n"),
-        "the screenshot is not a PNG"
-    );
-    assert!(png.len() > 20_000, "the screenshot looks empty");
-    println!("screenshot: {}", screenshot.display());
+    passed.expect("the browser test did not say PASS")
 }

@@ -5,6 +5,8 @@
 //! (made once and shared by these tests; made again when the requirements change).
 
 mod common;
+#[path = "common/jwt.rs"]
+mod jwt;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -85,9 +87,15 @@ fn make_venv(venv: &Path, requirements: &str, ready: &Path) -> Result<(), String
 
 /// The example, started with `args`; stderr is kept for the assertions.
 fn pi_sensor(args: &[&str]) -> Child {
+    pi_sensor_with_env(args, &[])
+}
+
+fn pi_sensor_with_env(args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(venv_python())
         .arg(root().join("examples/pi_sensor.py"))
         .args(args)
+        .env_remove("LIGHTRELAY_TOKEN")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -234,4 +242,87 @@ async fn ctrl_c_stops_it_cleanly_and_bad_input_exits_2() {
     let (code, stderr) = finish(pi_sensor(&[&long, "--count", "1"])).await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("HTTP 400"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_publish_auth_the_pi_publishes_with_its_token_and_without_one_is_refused_in_one_line()
+{
+    venv_python();
+    let redis = Redis::start().await;
+    let dir = temp_dir("pi-token");
+    let secret = jwt::secret_file(&dir);
+    let publish = Server::start(
+        Kind::Publish,
+        &redis.url(),
+        &[
+            "--auth",
+            "publish",
+            "--jwt-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let mut watcher = redis.subscribe("lightlevel/pi/lux").await;
+    let sensor = temp_file("lux-token", "417\n");
+    let url = publish.ws("/pi/lux");
+    let reading = ["--file", sensor.to_str().unwrap(), "--interval", "0.1"];
+    let token = jwt::token(&["/pi/*"], &[]);
+
+    // With its token, from the environment or from --token: published.
+    let from_env = pi_sensor_with_env(
+        &[
+            &url, reading[0], reading[1], reading[2], reading[3], "--count", "1",
+        ],
+        &[("LIGHTRELAY_TOKEN", &token)],
+    );
+    let (code, stderr) = finish(from_env).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(watcher.next().await, "417");
+    let with_flag = pi_sensor(&[
+        "--url", &url, reading[0], reading[1], reading[2], reading[3], "--count", "1", "--token",
+        &token,
+    ]);
+    let (code, stderr) = finish(with_flag).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(watcher.next().await, "417");
+
+    // Without one, with a forged one, or with one for other paths: one clear line, exit 1,
+    // no retry, and the token never shown.
+    let forged = jwt::token_with("not-the-relays-secret", &["/pi/*"], &[]);
+    let elsewhere = jwt::token(&["/office"], &[]);
+    for (token, status, hint) in [
+        (None, "HTTP 401", "wants a valid token"),
+        (Some(&forged), "HTTP 401", "wants a valid token"),
+        (
+            Some(&elsewhere),
+            "HTTP 403",
+            "does not allow publishing on this path",
+        ),
+    ] {
+        let mut args = vec![url.as_str(), "--interval", "0.1"];
+        if let Some(token) = token {
+            args.extend(["--token", token.as_str()]);
+        }
+        let (code, stderr) = finish(pi_sensor(&args)).await;
+        assert_eq!(code, Some(1), "{token:?}: {stderr}");
+        let refusals: Vec<&str> = stderr.lines().filter(|l| l.contains("refused")).collect();
+        assert_eq!(refusals.len(), 1, "{stderr}");
+        assert!(
+            refusals[0].contains(status) && refusals[0].contains(hint),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("reconnecting"), "{stderr}");
+        assert!(!stderr.contains("Traceback"), "{stderr}");
+        if let Some(token) = token {
+            assert!(
+                !stderr.contains(token.as_str()),
+                "the token was logged: {stderr}"
+            );
+        }
+    }
+    // Nothing else reached Redis.
+    redis.publish("lightlevel/pi/lux", "end").await;
+    assert_eq!(watcher.next().await, "end");
+    let _ = std::fs::remove_file(sensor);
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -456,10 +456,18 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A token's `exp` as a deadline on tokio's clock (for the session's timer).
+/// A token's `exp` as a deadline on tokio's clock (for the session's timer). A signed token
+/// may carry any `exp` up to `u64::MAX`, past what the clocks can add: a deadline further
+/// than [`FAR_EXP`] is taken as `FAR_EXP` from now.
 pub(crate) fn deadline_of(exp: u64) -> tokio::time::Instant {
-    let now = SystemTime::now();
-    let at = UNIX_EPOCH + Duration::from_secs(exp);
-    let left = at.duration_since(now).unwrap_or(Duration::ZERO);
-    tokio::time::Instant::now() + left
+    let left = match UNIX_EPOCH.checked_add(Duration::from_secs(exp)) {
+        Some(at) => at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+        None => FAR_EXP,
+    };
+    tokio::time::Instant::now() + left.min(FAR_EXP)
 }
+
+/// How far ahead a connection's expiry is ever armed (thirty years: tokio's own "far future").
+const FAR_EXP: Duration = Duration::from_secs(30 * 365 * 86_400);

@@ -13,6 +13,7 @@ Examples:
   lightrelay pub wss://relay.example/publish/cam --binary still-*.jpg
   lightrelay sub ws://127.0.0.1:8767/office
   lightrelay sub --count 1 --raw wss://relay.example/subscribe/cam > frame.jpg
+  LIGHTRELAY_TOKEN=$(cat pi.token) lightrelay pub wss://relay.example/publish/office
 
 Exit codes: 0 done, 1 failure, 2 bad usage, 130 interrupted (Ctrl-C).";
 
@@ -57,6 +58,9 @@ pub struct PubArgs {
     /// Send these files, each as one binary message, instead of reading standard input.
     #[arg(long, value_name = "FILE", num_args = 1..)]
     pub binary: Vec<PathBuf>,
+
+    #[command(flatten)]
+    pub token: TokenArg,
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +80,62 @@ pub struct SubArgs {
     /// Write binary payloads as they are (no base64, no newline); text lines keep their newline.
     #[arg(long)]
     pub raw: bool,
+
+    #[command(flatten)]
+    pub token: TokenArg,
+}
+
+/// `--token`, shared by `pub` and `sub`.
+#[derive(Args, Debug)]
+pub struct TokenArg {
+    /// A token from `lightrelay token` (SPEC §8), sent as `Authorization: Bearer TOKEN`.
+    /// Prefer the environment variable: a command line is visible to every user of the host.
+    #[arg(
+        long = "token",
+        env = "LIGHTRELAY_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        value_parser = parse_token
+    )]
+    pub value: Option<Token>,
+}
+
+/// A bearer token. Its `Debug` shows nothing of it, so no log or panic message can leak it.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// The token itself, for the `Authorization` header only.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(…)")
+    }
+}
+
+/// Why a `--token` is refused (exit 2). The message never repeats the token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is empty")]
+    Empty,
+    #[error("a token is one line of printable ASCII without spaces")]
+    NotPrintable,
+}
+
+fn parse_token(s: &str) -> Result<Token, TokenError> {
+    // A token file read with $(cat …) may end with a newline; nothing else is trimmed.
+    let s = s.trim_end_matches(['\r', '\n']);
+    if s.is_empty() {
+        return Err(TokenError::Empty);
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenError::NotPrintable);
+    }
+    Ok(Token(s.to_string()))
 }
 
 #[derive(Args, Debug)]

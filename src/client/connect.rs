@@ -1,10 +1,11 @@
 //! Connecting: TLS roots, the WebSocket handshake and reconnect back-off.
 //!
 //! Owns: the rustls configuration (system roots plus `--ca FILE`), the connect call with its
-//! timeout, what can go wrong there ([`TlsError`], [`ConnectError`]), why a connection ended
-//! ([`Lost`]) and [`Backoff`] (exponential with jitter, every wait under 30 s; the `backon`
-//! crate computes it).
-//! Must not: read input or write output.
+//! timeout and `Authorization: Bearer` header, what can go wrong there ([`TlsError`],
+//! [`ConnectError`], and which refusals are final: 401 and 403), why a connection ended
+//! ([`Lost`]), [`Backoff`] (exponential with jitter, every wait under 30 s; the `backon`
+//! crate computes it) and [`shown`] (a URL as printed, any `token=` in it hidden).
+//! Must not: read input or write output, or put a token in anything it returns.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,10 +17,12 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::header::InvalidHeaderValue;
+use tokio_tungstenite::tungstenite::http::header::{InvalidHeaderValue, AUTHORIZATION};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+use super::args::Token;
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -52,6 +55,9 @@ pub enum ConnectError {
     Request(tungstenite::Error),
     #[error("the subprotocol is not a valid header value: {0}")]
     Protocol(InvalidHeaderValue),
+    /// (Never carries the token: `--token` only lets printable ASCII through anyway.)
+    #[error("the token is not a valid header value")]
+    Token,
     #[error("no answer within {CONNECT_TIMEOUT:?}")]
     Timeout,
     /// The server answered the upgrade with an HTTP refusal; `body` is its one-line reason.
@@ -68,13 +74,19 @@ impl From<tungstenite::Error> for ConnectError {
     fn from(error: tungstenite::Error) -> Self {
         match error {
             tungstenite::Error::Http(response) => {
-                let body = response
+                // The relay's reason is one line; another server's page is cut to its first.
+                let body: String = response
                     .body()
                     .as_deref()
                     .map(String::from_utf8_lossy)
                     .unwrap_or_default()
                     .trim()
-                    .to_string();
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(200)
+                    .collect();
                 ConnectError::Refused {
                     status: response.status(),
                     body,
@@ -83,6 +95,34 @@ impl From<tungstenite::Error> for ConnectError {
             other => ConnectError::Failed(other),
         }
     }
+}
+
+impl ConnectError {
+    /// A refusal that reconnecting cannot change: the token is missing, bad or expired (401),
+    /// or does not cover the path (403). The client says so and exits 1 instead of retrying.
+    pub fn is_final(&self) -> bool {
+        use tungstenite::http::StatusCode;
+        matches!(
+            self,
+            ConnectError::Refused { status, .. }
+                if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN
+        )
+    }
+}
+
+/// A URL as the client prints it: the value of any `token=` query parameter is hidden.
+pub fn shown(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let query: Vec<&str> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some(("token", _)) => "token=…",
+            _ => pair,
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
 }
 
 /// Why a connection is gone (the client reconnects after it, unless told otherwise).
@@ -159,14 +199,21 @@ impl Tls {
     }
 }
 
-/// Open a WebSocket to `url`, offering `protocol` if given; returns the socket and whether
-/// the server selected the protocol.
+/// Open a WebSocket to `url`, offering `protocol` if given and sending `token` as
+/// `Authorization: Bearer`; returns the socket and whether the server selected the protocol.
 pub async fn open(
     url: &str,
     protocol: Option<&str>,
+    token: Option<&Token>,
     tls: &Tls,
 ) -> Result<(Ws, bool), ConnectError> {
     let mut request = url.into_client_request().map_err(ConnectError::Request)?;
+    if let Some(token) = token {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.secret()))
+            .map_err(|_| ConnectError::Token)?;
+        value.set_sensitive(true);
+        request.headers_mut().insert(AUTHORIZATION, value);
+    }
     if let Some(protocol) = protocol {
         request.headers_mut().insert(
             "Sec-WebSocket-Protocol",
@@ -229,6 +276,16 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_printed_url_hides_its_token() {
+        assert_eq!(shown("ws://h/office"), "ws://h/office");
+        assert_eq!(shown("ws://h/x?token=abc.def"), "ws://h/x?token=…");
+        assert_eq!(
+            shown("wss://h/x?a=1&token=abc&b=token"),
+            "wss://h/x?a=1&token=…&b=token"
+        );
+    }
 
     #[test]
     fn backoff_doubles_stays_under_thirty_seconds_and_resets() {

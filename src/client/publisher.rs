@@ -6,7 +6,8 @@
 //! accounting while disconnected. While connected, input is read only when the queue has
 //! room, so back-pressure reaches the producer; while disconnected, input keeps being read
 //! and the oldest messages are dropped past `--buffer` (a sensor should never block), with
-//! the count reported on stderr.
+//! the count reported on stderr. A 401 or 403 answer (the token is missing, bad, expired or
+//! does not cover the path) ends it with exit 1: resending cannot change that.
 //! Must not: print anything on stdout.
 
 use std::collections::VecDeque;
@@ -23,7 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::args::PubArgs;
-use super::connect::{open, Backoff, Lost, Tls, Ws};
+use super::connect::{open, shown, Backoff, Lost, Tls, Ws};
 use super::INTERRUPTED;
 
 use crate::ACK_PROTOCOL;
@@ -163,7 +164,7 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
             return finish(&mut pending);
         }
         let connected = tokio::select! {
-            connected = open(&args.url, Some(ACK_PROTOCOL), &tls) => connected,
+            connected = open(&args.url, Some(ACK_PROTOCOL), args.token.value.as_ref(), &tls) => connected,
             _ = &mut ctrl_c => return interrupted(&pending),
         };
         let problem = match connected {
@@ -181,8 +182,14 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
                 }
             }
             Ok((_, false)) => {
-                let url = args.url.clone();
+                let url = shown(&args.url);
                 eprintln!("lightrelay: {}", Failure::NoAckProtocol { url });
+                return ExitCode::FAILURE;
+            }
+            // A missing, bad or expired token, or one that does not cover the path: no
+            // reconnect changes that.
+            Err(e) if e.is_final() => {
+                eprintln!("lightrelay: {}: {e}", shown(&args.url));
                 return ExitCode::FAILURE;
             }
             Err(e) => Lost::Connect(e),
@@ -190,7 +197,7 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
         let wait = backoff.next_wait();
         eprintln!(
             "lightrelay: {}: {problem}; {} unacknowledged, retrying in {:.1}s",
-            args.url,
+            shown(&args.url),
             pending.messages.len(),
             wait.as_secs_f64()
         );

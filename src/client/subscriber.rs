@@ -1,7 +1,7 @@
 //! `lightrelay sub`: messages → standard output, one per line.
 //!
 //! Owns: the output format (text as is, binary as base64 unless `--raw`), `--count`, and
-//! reconnecting unless `--once`. Must not: send anything but the close handshake.
+//! reconnecting unless `--once` (or the server refused the token: 401/403 exit 1 at once). Must not: send anything but the close handshake.
 
 use std::process::ExitCode;
 
@@ -11,7 +11,7 @@ use tokio::io::{AsyncWriteExt, Stdout};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::args::SubArgs;
-use super::connect::{open, Backoff, Lost, Tls};
+use super::connect::{open, shown, Backoff, Lost, Tls};
 use super::INTERRUPTED;
 
 pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
@@ -26,7 +26,7 @@ pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
 
     loop {
         let connected = tokio::select! {
-            connected = open(&args.url, None, &tls) => connected,
+            connected = open(&args.url, None, args.token.value.as_ref(), &tls) => connected,
             _ = &mut ctrl_c => return ExitCode::from(INTERRUPTED),
         };
         let problem = match connected {
@@ -75,16 +75,21 @@ pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
                     }
                 }
             }
+            // 401/403: a reconnect would be refused the same way.
+            Err(e) if e.is_final() => {
+                eprintln!("lightrelay: {}: {e}", shown(&args.url));
+                return ExitCode::FAILURE;
+            }
             Err(e) => Lost::Connect(e),
         };
         if args.once {
-            eprintln!("lightrelay: {}: {problem}", args.url);
+            eprintln!("lightrelay: {}: {problem}", shown(&args.url));
             return ExitCode::FAILURE;
         }
         let wait = backoff.next_wait();
         eprintln!(
             "lightrelay: {}: {problem}; retrying in {:.1}s",
-            args.url,
+            shown(&args.url),
             wait.as_secs_f64()
         );
         tokio::select! {

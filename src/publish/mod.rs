@@ -142,6 +142,7 @@ impl Role for PublishRole {
             connection.ws,
             outbox,
             window,
+            relay.limits.throttle(),
             settings,
             relay.shutdown.clone(),
             relay.metrics.clone(),

@@ -114,11 +114,13 @@ pub struct LimitArgs {
 
     /// Origins a browser's WebSocket upgrade may come from (comma-separated, e.g.
     /// https://example.org); others get 403. Empty: any origin.
+    // Kept normalised (see `normalise_origin`); an empty item is "".
     #[arg(
         long,
         env = "LIGHTRELAY_ALLOWED_ORIGINS",
         value_name = "ORIGINS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = parse_origin
     )]
     pub allowed_origins: Vec<String>,
 }
@@ -218,6 +220,70 @@ fn parse_cidr(s: &str) -> Result<Option<ipnet::IpNet>, String> {
     s.parse::<std::net::IpAddr>()
         .map(|ip| Some(ipnet::IpNet::from(ip)))
         .map_err(|_| format!("'{s}' is not an address or CIDR (e.g. 10.0.0.0/8, ::1/128)"))
+}
+
+/// An `--allowed-origins` item, normalised; an empty item (a trailing comma, an empty
+/// environment value) is "".
+fn parse_origin(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Ok(String::new());
+    }
+    normalise_origin(s)
+}
+
+/// An origin as compared: `scheme://host:port` in lower case, the port written out when the
+/// scheme has a default one (`https://Example.org` → `https://example.org:443`); `null` as it
+/// is. Used for `--allowed-origins` (a trailing `/` is allowed there) and for the `Origin`
+/// header. The reason when it is not an origin.
+pub(crate) fn normalise_origin(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text == "null" {
+        return Ok(text.to_string());
+    }
+    let bad =
+        || format!("'{text}' is not an origin (scheme://host[:port], e.g. https://example.org)");
+    let (scheme, rest) = text.split_once("://").ok_or_else(bad)?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !scheme_ok || authority.is_empty() || authority.contains(['/', '@', '?', '#', ' ']) {
+        return Err(bad());
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+            host.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+            let port = match after {
+                "" => None,
+                after => Some(after.strip_prefix(':').ok_or_else(bad)?),
+            };
+            (format!("[{host}]"), port)
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => return Err(bad()),
+            Some((host, port)) => (host.to_string(), Some(port)),
+            None => (authority.to_string(), None),
+        },
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let scheme = scheme.to_ascii_lowercase();
+    let port = match port {
+        Some(port) => Some(port.parse::<u16>().map_err(|_| bad())?),
+        None => match scheme.as_str() {
+            "http" | "ws" => Some(80),
+            "https" | "wss" => Some(443),
+            _ => None,
+        },
+    };
+    let host = host.to_ascii_lowercase();
+    Ok(match port {
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    })
 }
 
 /// A path, empty allowed (clap's own path parser refuses an empty value).

@@ -8,7 +8,10 @@
 //! before hyper parses anything ([`raw_refusal`]: 503 over `--max-connections`, and
 //! [`RequestLineGuard`]'s 400 for a request target hyper's parser would refuse with an empty
 //! body); the WebSocket handshake itself (accept key, `lightrelay.ack` subprotocol, buffer
-//! sizes) and handing the upgraded connection, with its connection slot, to its session.
+//! sizes) and handing the upgraded connection, with its connection slot (and its client's
+//! place under `--max-connections-per-ip`), to its session. The abuse limits are
+//! `limits`'s: one call before the upgrade (origin, connections per address) and one before
+//! a POST body is read (rate per address).
 //! Must not: hold per-connection state after the upgrade, wait for the POST body budget, or
 //! block on Redis except for a POST publish (bounded by `--redis-timeout`).
 //! The token check (SPEC §8, `auth`) runs after the path is known and before anything else
@@ -16,6 +19,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -77,14 +81,15 @@ pub(crate) fn raw_refusal(status: StatusCode, reason: &str, extra_headers: &str)
     .into_bytes()
 }
 
-/// Answer one HTTP request on a connection holding `slot`.
+/// Answer one HTTP request from `peer` (the TCP peer address) on a connection holding `slot`.
 pub(crate) async fn handle<R: Role>(
     relay: Arc<Relay<R>>,
     slot: Arc<ConnectionSlot<R>>,
+    peer: IpAddr,
     req: Request<Incoming>,
 ) -> Result<Reply, Infallible> {
     if is_upgrade(&req) {
-        return Ok(upgrade(relay, slot, req).await);
+        return Ok(upgrade(relay, slot, peer, req).await);
     }
     let path = req.uri().path();
     // The live page (SPEC §7) belongs to the subscribe server; the publish server's `GET /`
@@ -109,7 +114,7 @@ pub(crate) async fn handle<R: Role>(
             );
             response
         }
-        (&Method::POST, _) if relay.role.publishes() => post(relay, req).await,
+        (&Method::POST, _) if relay.role.publishes() => post(relay, peer, req).await,
         _ => {
             let mut response = refusal(
                 StatusCode::UPGRADE_REQUIRED,
@@ -197,11 +202,14 @@ fn authorize<R: Role>(
 }
 
 /// `POST /PATH`: publish the body, answer the receiver count.
-async fn post<R: Role>(relay: Arc<Relay<R>>, req: Request<Incoming>) -> Reply {
+async fn post<R: Role>(relay: Arc<Relay<R>>, peer: IpAddr, req: Request<Incoming>) -> Reply {
     let channel = match channel_of(&relay, &req) {
         Ok(channel) => channel,
         Err(refusal) => return *refusal,
     };
+    if let Err(refusal) = relay.limits.admit_post(peer, req.headers()) {
+        return *refusal;
+    }
     if let Err(refusal) = authorize(&relay, &req, Grant::Publish) {
         return *refusal;
     }
@@ -269,6 +277,7 @@ async fn post<R: Role>(relay: Arc<Relay<R>>, req: Request<Incoming>) -> Reply {
 async fn upgrade<R: Role>(
     relay: Arc<Relay<R>>,
     slot: Arc<ConnectionSlot<R>>,
+    peer: IpAddr,
     mut req: Request<Incoming>,
 ) -> Reply {
     if req.method() != Method::GET {
@@ -286,6 +295,10 @@ async fn upgrade<R: Role>(
     }
     let channel = match channel_of(&relay, &req) {
         Ok(channel) => channel,
+        Err(refusal) => return *refusal,
+    };
+    let admission = match relay.limits.admit_upgrade(peer, req.headers()) {
+        Ok(admission) => admission,
         Err(refusal) => return *refusal,
     };
     let access = match authorize(&relay, &req, R::GRANT) {
@@ -348,7 +361,7 @@ async fn upgrade<R: Role>(
             None => futures_util::future::Either::Right(std::future::ready(())),
         }
     });
-    relay.tracker.spawn(task);
+    admission.spawn(&relay.tracker, task);
 
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

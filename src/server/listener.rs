@@ -165,11 +165,13 @@ pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) ->
             () = shutdown.cancelled() => break,
         };
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 accept_errors = 0;
                 match relay.admit() {
                     Some(slot) => {
-                        relay.tracker.spawn(serve_http(relay.clone(), stream, slot));
+                        relay
+                            .tracker
+                            .spawn(serve_http(relay.clone(), stream, peer.ip(), slot));
                     }
                     None => refuse_over_capacity(&relay, stream, &lingering),
                 }
@@ -242,11 +244,13 @@ async fn linger(mut stream: TcpStream, answer: Vec<u8>) {
     let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
 }
 
-/// One TCP connection, holding `slot`: plain HTTP requests until it upgrades (or ends). The
-/// slot is shared with the upgraded session, which outlives hyper's connection.
+/// One TCP connection from `peer`, holding `slot`: plain HTTP requests until it upgrades (or
+/// ends). The slot is shared with the upgraded session, which outlives hyper's connection;
+/// the peer address only lives as long as hyper's connection.
 fn serve_http<R: Role>(
     relay: Arc<Relay<R>>,
     stream: TcpStream,
+    peer: std::net::IpAddr,
     slot: ConnectionSlot<R>,
 ) -> impl Future<Output = ()> {
     let _ = stream.set_nodelay(true);
@@ -255,7 +259,7 @@ fn serve_http<R: Role>(
     let io = TokioIo::new(RequestLineGuard::new(stream, relay.metrics.clone()));
     async move {
         let slot = Arc::new(slot);
-        let service = service_fn(move |req| http::handle(relay.clone(), slot.clone(), req));
+        let service = service_fn(move |req| http::handle(relay.clone(), slot.clone(), peer, req));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(handshake_timeout)

@@ -52,6 +52,12 @@ pub enum Refusal {
     bad_path,
     over_capacity,
     post_budget,
+    /// `--max-connections-per-ip`: the client address holds as many WebSockets as allowed.
+    per_ip,
+    /// `--allowed-origins`: a browser page from another origin.
+    origin,
+    /// `--max-publish-rate`: a `POST` over the rate of its client address.
+    publish_rate,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -181,6 +187,8 @@ pub struct Handles {
     pub queued_bytes: Gauge,
     /// Frames the hub wrote straight into an idle subscriber's socket (no queue, no wake-up).
     pub direct_writes: Counter,
+    /// Times a publishing connection was held back by `--max-publish-rate`.
+    pub throttled: Counter,
     registry: Registry,
 }
 
@@ -204,6 +212,7 @@ impl Metrics {
         let queued_messages = Gauge::default();
         let queued_bytes = Gauge::default();
         let direct_writes = Counter::default();
+        let throttled = Counter::default();
 
         registry.register(
             "lightrelay_connections",
@@ -291,6 +300,11 @@ impl Metrics {
             "Frames written straight into an idle subscriber's socket by the hub",
             direct_writes.clone(),
         );
+        registry.register(
+            "lightrelay_throttled",
+            "Times a publishing connection was not read for a while, over --max-publish-rate",
+            throttled.clone(),
+        );
 
         // Created up front so every series shows from the first scrape, at zero.
         for reason in [
@@ -321,6 +335,7 @@ impl Metrics {
             queued_messages,
             queued_bytes,
             direct_writes,
+            throttled,
             registry,
         }))
     }

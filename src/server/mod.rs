@@ -2,7 +2,8 @@
 //!
 //! Owns: the accept loop and the process's life from bind to exit ([`listener`]), the
 //! per-process state every connection shares and the [`Role`] each server plugs in
-//! ([`relay`]), plain HTTP and the upgrade with its refusals ([`http`]), one WebSocket's
+//! ([`relay`]), plain HTTP and the upgrade with its refusals ([`http`]), the abuse limits (client address,
+//! connections per address, publish rates, origins: [`limits`]), one WebSocket's
 //! session with its phases and timers ([`session`]) and what its client's frames say as they
 //! are read ([`frames`]), the client write path (the bounded
 //! per-client [`outbox`] and the shared [`socket`]), channel mapping ([`channel`]), flags
@@ -16,6 +17,7 @@ pub(crate) mod channel;
 pub mod config;
 pub(crate) mod frames;
 pub(crate) mod http;
+pub(crate) mod limits;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod relay;

@@ -2,7 +2,8 @@
 //! publish or a subscribe server.
 //!
 //! Owns: [`Relay`] (the role, the shared flags, metrics, the task tracker, the shutdown token,
-//! the `--max-connections` count and the budget of POST body bytes held at once) and the
+//! the `--max-connections` count, the budget of POST body bytes held at once and the abuse
+//! [`Limits`]) and the
 //! [`Role`] trait: the few things the two servers do differently (what a connection does once
 //! upgraded, whether `POST` publishes, which Redis connections `/healthz` covers, the live
 //! page). A [`ConnectionSlot`] is taken per accepted TCP connection (by `listener`) and lives
@@ -23,6 +24,7 @@ use super::channel::ChannelName;
 use super::config::CommonArgs;
 use super::frames::Watched;
 use super::http::Reply;
+use super::limits::Limits;
 use super::metrics::Metrics;
 use super::session::Ending;
 use super::write::socket::Socket;
@@ -103,6 +105,8 @@ pub(crate) struct Relay<R> {
     /// POST body bytes that requests may hold at once, all connections together: a permit per
     /// byte, taken before a body is read (see [`post_body_budget`]).
     pub post_budget: Semaphore,
+    /// SPEC §8's abuse limits: origins, connections per address, publish rates.
+    pub limits: Limits,
     connections: AtomicUsize,
 }
 
@@ -132,6 +136,7 @@ impl<R: Role> Relay<R> {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let common_max_message_bytes = common.max_message_bytes;
+        let limits = Limits::new(&common.limits, metrics.clone());
         Arc::new(Relay {
             role,
             common,
@@ -140,6 +145,7 @@ impl<R: Role> Relay<R> {
             tracker: TaskTracker::new(),
             shutdown,
             post_budget: Semaphore::new(post_body_budget(common_max_message_bytes)),
+            limits,
             connections: AtomicUsize::new(0),
         })
     }

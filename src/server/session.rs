@@ -1,7 +1,8 @@
 //! One WebSocket client's life, on either server: read, write, keep alive, close (SPEC §3–5).
 //!
 //! Owns: the connection's single task, in phases ([`Phase`]): *open* (it reads frames, handing
-//! them to its [`Inbound`]: the publish side's window, or `None`: discarded; pings every
+//! them to its [`Inbound`]: the publish side's window, or `None`: discarded; under
+//! `--max-publish-rate` its [`Throttle`] says when it may read again; pings every
 //! `--ping-interval`; closes a peer silent for `--idle-timeout`, or one that began a message and
 //! did not finish it within `--handshake-timeout`, and keeps all unfinished messages of the
 //! process within a byte budget), *draining* (nothing read, the publishes in flight finish
@@ -36,6 +37,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::config::CommonArgs;
 use super::frames::Watched;
+use super::limits::Throttle;
 use super::metrics::{Closed, Metrics};
 use super::write::outbox::Outbox;
 
@@ -229,7 +231,8 @@ impl<I: Inbound> Inbound for Option<I> {
     }
 }
 
-/// Run one client's connection to its end and say how it ended.
+/// Run one client's connection to its end and say how it ended. `throttle`: the publish
+/// rate of a connection whose messages are published (`None`: not limited).
 ///
 /// The connection's state is boxed once here: async fns and blocks keep their arguments and
 /// every awaited future in separate slots, so passing a WebSocket by value through a few
@@ -238,6 +241,7 @@ pub(crate) fn run<S, I>(
     ws: WebSocketStream<Watched<S>>,
     outbox: Arc<Outbox>,
     inbound: I,
+    throttle: Option<Box<Throttle>>,
     settings: SessionSettings,
     shutdown: CancellationToken,
     metrics: Metrics,
@@ -260,6 +264,7 @@ where
             ping_due: false,
             message_started: None,
             finished_seen: 0,
+            throttle,
         }),
         held: 0,
         settings,
@@ -323,6 +328,9 @@ struct Open {
     message_started: Option<Instant>,
     /// [`FrameWatch::finished`] when last looked at: a change means the client got on.
     finished_seen: u32,
+    /// `--max-publish-rate`: while it holds the connection back, nothing is read and the
+    /// timer wakes the session when it may read again.
+    throttle: Option<Box<Throttle>>,
 }
 
 /// Bytes that all unfinished messages of the process declared, counted from
@@ -464,8 +472,13 @@ where
         let watch = self.ws.get_ref().watch();
         let finished = watch.finished();
         open.message_started = match open.message_started {
-            // Not reading (back-pressure) is not the client's delay.
-            _ if !watch.unfinished() || self.inbound.is_full() => None,
+            // Not reading (back-pressure, the publish rate) is not the client's delay.
+            _ if !watch.unfinished()
+                || self.inbound.is_full()
+                || open.throttle.as_ref().is_some_and(|t| t.is_holding()) =>
+            {
+                None
+            }
             Some(started) if finished == open.finished_seen => Some(started),
             _ => Some(now),
         };
@@ -536,8 +549,9 @@ where
         }
     }
 
-    /// The earliest deadline of the current phase: ping, idle timeout and the oldest
-    /// publish's `--redis-timeout` while open; only the latter while draining.
+    /// The earliest deadline of the current phase: ping, idle timeout, the publish rate's
+    /// next read and the oldest publish's `--redis-timeout` while open; only the latter while
+    /// draining.
     fn next_deadline(&self) -> Option<Instant> {
         let publish = self.inbound.deadline();
         match &self.phase {
@@ -546,6 +560,9 @@ where
                 let mut own = open.next_ping.min(idle);
                 if let Some(started) = open.message_started {
                     own = own.min(started + self.settings.handshake_timeout);
+                }
+                if let Some(resume) = open.throttle.as_ref().and_then(|t| t.resume_at()) {
+                    own = own.min(resume);
                 }
                 if let Some(expires) = self.settings.expires {
                     own = own.min(expires);
@@ -702,7 +719,9 @@ where
     fn read_frames(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
         let mut progress = false;
         for _ in 0..READ_BUDGET {
-            if self.inbound.is_full() {
+            // The rate first: it settles what it is owed even while the window is full, so
+            // no passed deadline of its stays armed.
+            if !self.may_read() || self.inbound.is_full() {
                 break;
             }
             let frame = match Pin::new(&mut self.ws).poll_next(cx) {
@@ -735,6 +754,24 @@ where
 
     fn accept(&mut self, payload: Bytes) {
         self.inbound.push(payload);
+        if let Phase::Open(Open {
+            throttle: Some(throttle),
+            ..
+        }) = &mut self.phase
+        {
+            throttle.took_one();
+        }
+    }
+
+    /// Whether the publish rate lets the session read now (always without one).
+    fn may_read(&mut self) -> bool {
+        match &mut self.phase {
+            Phase::Open(Open {
+                throttle: Some(throttle),
+                ..
+            }) => throttle.may_read(),
+            _ => true,
+        }
     }
 
     /// Send what is queued (acks of publishes Redis accepted among it) and then the close
@@ -895,6 +932,7 @@ mod tests {
             server,
             outbox,
             inbound,
+            None,
             settings,
             CancellationToken::new(),
             Metrics::new(),

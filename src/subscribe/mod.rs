@@ -172,10 +172,13 @@ impl Role for SubscribeRole {
             .as_ref()
             .filter(|_| connection.may_publish)
             .map(|publisher| publish::window_for(&relay, publisher, &connection.channel));
+        // Only a connection whose messages are published has a publish rate.
+        let throttle = inbound.as_ref().and_then(|_| relay.limits.throttle());
         let session = session::run(
             connection.ws,
             outbox,
             inbound,
+            throttle,
             settings,
             relay.shutdown.clone(),
             relay.metrics.clone(),

@@ -7,6 +7,9 @@
 //! `/vendor/uPlot.iife.min.js`, `/vendor/uPlot.min.css` and `/vendor/uPlot.LICENSE.txt`
 //! beside it. The page refers to the
 //! vendored files relatively, so it works under whatever path prefix a proxy serves it at.
+//! A relay with tokens (SPEC §8): the page takes one from its own `?token=` or its Token field,
+//! keeps it in the tab's sessionStorage (never localStorage) and sends it as `?token=` on its
+//! WebSocket (a browser cannot set the header); the page never displays it.
 //! Must not: read files at run time, reach the network (no CDN), or hold any state: what the
 //! page shows comes from the relay's WebSocket like any other subscriber's. Routing by role
 //! (only the subscribe server serves the page) is `http`'s job.

@@ -2,6 +2,8 @@
 //
 //   node tests/browser/live_page.mjs --subscribe http://127.0.0.1:P --publish http://127.0.0.1:Q \
 //        --screenshot target/live-page.png [--phone-screenshot target/live-page-phone.png]
+//   node tests/browser/live_page.mjs --subscribe … --publish … --token T
+//        (SPEC §8: the subscribe server runs --auth all and T may subscribe to PATH)
 //
 // Run by tests/live_page.rs, which owns Redis and both servers. The two talk over this
 // process's stdin/stdout: a line `@COMMAND ARG` asks the Rust side to do something (stop or
@@ -29,10 +31,11 @@ const { values: opt } = parseArgs({
     publish: { type: 'string' },
     screenshot: { type: 'string' },
     'phone-screenshot': { type: 'string' },
+    token: { type: 'string' },
     chromium: { type: 'string', default: process.env.LIGHTRELAY_CHROMIUM || '/usr/bin/chromium' },
   },
 });
-for (const name of ['subscribe', 'publish', 'screenshot']) {
+for (const name of opt.token ? ['subscribe', 'publish'] : ['subscribe', 'publish', 'screenshot']) {
   if (!opt[name]) usage(`--${name} is required`);
 }
 const subscribeUrl = opt.subscribe.replace(/\/+$/, '');
@@ -313,12 +316,77 @@ async function main() {
   }
 }
 
+// SPEC §8: the subscribe server needs a token (--auth all). Without one the page is refused and
+// says so; with ?token= or the Token field it goes live and receives; the token is never shown
+// and never lands in localStorage.
+async function mainAuth() {
+  const profile = mkdtempSync(join(tmpdir(), 'lightrelay-chromium-'));
+  let context = null;
+  try {
+    step(`starting ${opt.chromium}`);
+    context = await chromium.launchPersistentContext(profile, {
+      executablePath: opt.chromium,
+      headless: true,
+      args: [
+        '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+        '--disable-sync', '--no-first-run', '--disable-quic',
+      ],
+      viewport: { width: 1200, height: 900 },
+      timeout: WAIT_MS,
+    });
+    context.setDefaultTimeout(WAIT_MS);
+    const token = opt.token;
+
+    // 1. No token: refused before the upgrade, which a page sees as 1006; it says so.
+    step('open the page without a token');
+    const refused = context.pages()[0] ?? await context.newPage();
+    watchConsole(refused, 'refused');
+    await refused.goto(`${subscribeUrl}/?path=${PATH}`);
+    await waitState(refused, 'reconnecting');
+    const detail = await refused.textContent('#detail');
+    check(/could not connect \(1006\)/.test(detail) && /token/.test(detail), `the refusal is shown with a hint: ${detail}`);
+    check(await refused.getAttribute('#token', 'type') === 'password', 'the token field is a password field');
+    check(await refused.evaluate(() => window.lightrelay.received) === 0, 'nothing received');
+
+    // 2. ?token= in the page's URL: live, and a message published arrives.
+    step('open the page with ?token=');
+    const page = await context.newPage();
+    watchConsole(page, 'page');
+    await page.goto(`${subscribeUrl}/?path=${PATH}&token=${encodeURIComponent(token)}`);
+    await waitState(page, 'live');
+    check(await page.evaluate(() => window.lightrelay.url) === `${toWs(subscribeUrl)}${PATH}?token=…`, 'the socket URL carries the token, shown hidden');
+    await ask(`subscribed ${PATH}`);
+    check(await post('417') === 1, 'POST reaches the subscribe server');
+    await waitFor(page, 'the message with the token', () => document.querySelector('#rows td.payload')?.textContent === '417');
+    check(!(await page.evaluate(() => document.body.innerText)).includes(token), 'the token is not shown on the page');
+    check(new URL(page.url()).searchParams.get('token') === token, 'the page URL keeps ?token= (a reload keeps working)');
+
+    // 3. The token typed into the field of the refused page: live; kept for the tab only.
+    step('enter the token in the field');
+    await refused.fill('#token', token);
+    await refused.click('#pick button[type=submit]');
+    await waitState(refused, 'live');
+    check(await post('418') === 1, 'one Redis subscription for both pages');
+    await waitFor(page, 'the message on the first page too', () => document.querySelector('#rows td.payload')?.textContent === '418');
+    await waitFor(refused, 'the message after entering the token', () => document.querySelector('#rows td.payload')?.textContent === '418');
+    check(!new URL(refused.url()).searchParams.has('token'), 'a typed token stays out of the page URL');
+    check(await refused.evaluate(() => sessionStorage.getItem('lightrelay.token')) !== null, 'it is kept in sessionStorage');
+    check(await refused.evaluate(() => localStorage.length) === 0, 'and nothing in localStorage');
+
+    check(pageErrors.length === 0, `no errors in the browser console:\n  ${pageErrors.join('\n  ')}`);
+    process.stdout.write(`PASS live page with tokens: ${checks} checks\n`);
+  } finally {
+    if (context) await context.close().catch(() => {});
+    rmSync(profile, { recursive: true, force: true });
+  }
+}
+
 const overall = setTimeout(() => {
   process.stderr.write(`live_page.mjs: gave up after ${TOTAL_MS / 1000} s\n`);
   process.exit(1);
 }, TOTAL_MS);
 
-main().then(
+(opt.token ? mainAuth() : main()).then(
   () => { clearTimeout(overall); process.exit(0); },
   (e) => {
     process.stderr.write(`live_page.mjs: ${e.stack || e}\n`);

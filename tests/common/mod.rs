@@ -1,7 +1,12 @@
 //! Real parts for the contract tests: a private `redis-server` per test on a free loopback
 //! port (killable and restartable on the same port), our servers started as the built
-//! binaries, a WebSocket client, a plain Redis client, and a minimal HTTP client.
+//! binaries, a WebSocket client, a plain Redis client, a minimal HTTP client, and a real nginx
+//! serving the shipped sites ([`nginx`]).
 #![allow(dead_code)]
+
+/// Token tests (SPEC §8): keys, tokens, requests that carry them.
+pub mod auth;
+pub mod nginx;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
