@@ -33,6 +33,13 @@ SCENARIOS = [
     ("ingest-ack", "ingest, 50 publishers, acknowledged"),
     ("frames-256k", "256 KiB binary frames to 100 subscribers, max rate"),
 ]
+# SPEC §8 (issue 13), lightrelay only: the peers have no equivalent token check.
+AUTH_SCENARIOS = [
+    ("storm-off", "connection storm, auth off"),
+    ("storm-hs256", "connection storm, --auth all, HS256 tokens"),
+    ("storm-es256", "connection storm, --auth all, ES256 tokens"),
+    ("idle-auth", "idle connections (100 channels), --auth all, HS256 token"),
+]
 
 
 def load(out):
@@ -216,13 +223,45 @@ def main(out):
             f"{num(ingest_ours)}/s plain ({num(100 * ingest_ours / ceiling, 1) if ingest_ours else '—'}%) "
             f"and {num(ack)}/s with acks ({num(100 * ack / ceiling, 1) if ack else '—'}%).")
 
+    # ---- auth (issue 13) ------------------------------------------------------------------------
+    auth_runs = [(sc, t) for sc, t in AUTH_SCENARIOS
+                 if run(sc, "lightrelay") is not None or (sc, "lightrelay") in errors]
+    if auth_runs:
+        add("")
+        add("## Auth (issue 13, lightrelay only: the peers have no equivalent token check)")
+        add("")
+        add("| run | figure | value | target | met |")
+        add("| --- | --- | --- | --- | --- |")
+        off = figure("storm-off", "lightrelay", "per_server_cpu_s")
+        for sc, title in auth_runs:
+            r = run(sc, "lightrelay")
+            if sc == "idle-auth":
+                value = figure(sc, "lightrelay", "kib_per_connection")
+                met = None if value is None else value <= 4
+                add(f"| {title} | KiB per connection (server RSS) | "
+                    f"{cell(value, 'kib', sc, 'lightrelay')} | ≤ 4 | "
+                    f"{ {True: 'yes', False: '**no**', None: '—'}[met]} |")
+                continue
+            value = figure(sc, "lightrelay", "per_server_cpu_s")
+            done = ""
+            if counted(r) and r["storm"].get("all_connected_s") is not None:
+                done = f" ({r['storm']['clients']:,} clients connected in {r['storm']['all_connected_s']:.2f} s)"
+            add(f"| {title} | connections per server CPU-second{done} | "
+                f"{cell(value, 'count', sc, 'lightrelay')} | | |")
+            if sc != "storm-off":
+                cpu_ratio = ratio(off, value)
+                goal = "≤ 1.3×" if sc == "storm-hs256" else ""
+                met = None if (cpu_ratio is None or not goal) else cpu_ratio <= 1.3
+                add(f"| {title} | server CPU per connection ÷ auth off | {fmt_ratio(cpu_ratio)} | "
+                    f"{goal} | { {True: 'yes', False: '**no**', None: '—'}[met]} |")
+
     # ---- every run ------------------------------------------------------------------------------
     add("")
     add("## Every run")
     add("")
     add("| scenario | server | delivered/s | lost | p50 | p99 | p99.9 | max | server CPU-s | per server CPU-s | server RSS peak | note |")
     add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for scenario, title in SCENARIOS:
+    for scenario, title in SCENARIOS + AUTH_SCENARIOS:
         for peer in PEERS:
             r = run(scenario, peer)
             if r is None:
@@ -234,7 +273,14 @@ def main(out):
             steal = r.get("host_steal_pct")
             if steal is not None and steal >= STEAL_WARN:
                 note += f"; host stole {steal:.0f}% of the CPU (disturbed)"
-            if scenario == "idle":
+            if scenario.startswith("storm"):
+                st = r["storm"]
+                note = (f"{st['connected']:,} of {st['clients']:,} connected, {st['refused']} refused, "
+                        f"{st['failed'] + st['not_started']} failed, last in {st['storm_s']:.2f} s; " + note)
+                add(f"| {title} | {PEER_NAMES[peer]} | | | | | | | {r['server_cpu_s']:.2f} | "
+                    f"{num(r.get('per_server_cpu_s'))} | {peak:,} KiB | {note} |")
+                continue
+            if scenario.startswith("idle"):
                 red = r.get("redis_kib_per_connection")
                 note = (f"{r['connections']:,} connections: {r.get('kib_per_connection', 0):.2f} KiB each"
                         f" (+{max(red or 0, 0):.2f} in Redis); " + note)

@@ -319,3 +319,201 @@ async fn report_script_turns_runs_into_a_table() {
     assert_eq!(json["runs"]["fanout-1k.lightrelay"]["scenario"], "fanout");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 13's connection storm: every client connected at its 101, none refused or failed,
+/// the server sampled; then every connection closed (the server holds none afterwards).
+#[tokio::test]
+async fn storm_connects_every_client_and_closes_them() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let (output, report) = bench(strings(&[
+        "storm",
+        "--url",
+        &sub.ws("/storm/{i}"),
+        "--clients",
+        "200",
+        "--concurrency",
+        "16",
+        "--settle",
+        "0.2",
+        "--pid",
+        &sub.pid().to_string(),
+        "--label",
+        "lightrelay",
+    ]))
+    .await;
+    assert_counts(&report, &output, sub.pid());
+    assert_eq!(report["scenario"], "storm");
+    let storm = &report["storm"];
+    assert_eq!(u(storm, "clients"), 200);
+    assert_eq!(u(storm, "connected"), 200, "{report}");
+    assert_eq!(u(storm, "refused"), 0);
+    assert_eq!(u(storm, "failed"), 0);
+    assert_eq!(u(storm, "not_started"), 0);
+    assert_eq!(u(storm, "closed"), 200);
+    assert!(storm["all_connected_s"].as_f64().is_some(), "{storm}");
+    assert_eq!(report["token"], false);
+    sub.wait_metric("lightrelay_connections", |n| n == 0.0)
+        .await;
+}
+
+/// A refusal is counted by its status and not retried: past `--max-connections` the server
+/// answers 503, and the run reports it and does not count (exit 3).
+#[tokio::test]
+async fn storm_counts_refusals_by_status_without_retrying() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &["--max-connections", "5"]).await;
+    let (output, report) = bench(strings(&[
+        "storm",
+        "--url",
+        &sub.ws("/one"),
+        "--clients",
+        "20",
+        "--concurrency",
+        "4",
+        "--settle",
+        "0",
+        "--pid",
+        &sub.pid().to_string(),
+    ]))
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{report}");
+    assert!(!report["ok"].as_bool().unwrap());
+    let storm = &report["storm"];
+    assert_eq!(u(storm, "connected"), 5, "{report}");
+    assert_eq!(u(storm, "refused"), 15);
+    assert_eq!(u(&storm["refused_by_status"], "503"), 15);
+    assert_eq!(u(storm, "failed"), 0);
+    assert!(storm["all_connected_s"].is_null());
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("15 refused (15 × 503)"), "{problems}");
+}
+
+/// A token for every path, from `lightrelay token` (the real client), signed with `secret`.
+async fn mint(secret: &std::path::Path) -> String {
+    let secret = secret.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_lightrelay"))
+            .arg("token")
+            .arg("--secret-file")
+            .arg(&secret)
+            .args(["--sub", "*"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+/// A subscribe server with `--auth all` and an HS256 secret file, and a token it accepts.
+async fn auth_server(redis: &Redis, tag: &str) -> (Server, String) {
+    let dir = common::temp_dir(tag);
+    let secret = dir.join("hs256.secret");
+    std::fs::write(&secret, "bench-smoke-secret-0123456789abcdef\n").unwrap();
+    let sub = Server::start(
+        Kind::Subscribe,
+        &redis.url(),
+        &[
+            "--auth",
+            "all",
+            "--jwt-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    )
+    .await;
+    (sub, mint(&secret).await)
+}
+
+/// The storm's clients send `--token` as `Authorization: Bearer`: with `--auth all`, every
+/// one is let in.
+#[tokio::test]
+async fn storm_with_a_token_connects_every_client_under_auth() {
+    let redis = Redis::start().await;
+    let (sub, token) = auth_server(&redis, "storm-token").await;
+    let (output, report) = bench(strings(&[
+        "storm",
+        "--url",
+        &sub.ws("/storm/{i}"),
+        "--clients",
+        "50",
+        "--concurrency",
+        "8",
+        "--settle",
+        "0",
+        "--token",
+        &token,
+        "--pid",
+        &sub.pid().to_string(),
+    ]))
+    .await;
+    assert_counts(&report, &output, sub.pid());
+    assert_eq!(u(&report["storm"], "connected"), 50, "{report}");
+    assert_eq!(u(&report["storm"], "refused"), 0);
+    assert_eq!(report["token"], true);
+    // The token itself is never in the report.
+    assert!(!report.to_string().contains(&token));
+}
+
+/// Without a token, each client is refused 401 once: counted, not retried (the server
+/// counted exactly one refusal per client).
+#[tokio::test]
+async fn storm_without_a_token_counts_each_401_once() {
+    let redis = Redis::start().await;
+    let (sub, _) = auth_server(&redis, "storm-401").await;
+    let (output, report) = bench(strings(&[
+        "storm",
+        "--url",
+        &sub.ws("/storm/{i}"),
+        "--clients",
+        "30",
+        "--concurrency",
+        "8",
+        "--settle",
+        "0",
+    ]))
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{report}");
+    let storm = &report["storm"];
+    assert_eq!(u(storm, "connected"), 0, "{report}");
+    assert_eq!(u(storm, "refused"), 30);
+    assert_eq!(u(&storm["refused_by_status"], "401"), 30);
+    assert_eq!(u(storm, "failed"), 0);
+    assert_eq!(
+        sub.metric("lightrelay_auth_refused_total{reason=\"missing\"}")
+            .await,
+        30.0
+    );
+}
+
+/// The idle scenario under `--auth all`: its subscribers send the token and all stay open.
+#[tokio::test]
+async fn idle_with_a_token_under_auth() {
+    let redis = Redis::start().await;
+    let (sub, token) = auth_server(&redis, "idle-token").await;
+    let (output, report) = bench(strings(&[
+        "idle",
+        "--subscribe",
+        &sub.ws("/idle/{i}"),
+        "--connections",
+        "40",
+        "--channels",
+        "4",
+        "--duration",
+        "0.3",
+        "--token",
+        &token,
+        "--pid",
+        &sub.pid().to_string(),
+    ]))
+    .await;
+    assert_counts(&report, &output, sub.pid());
+    assert_eq!(u(&report, "connections"), 40);
+    assert_eq!(report["token"], true);
+    assert!(report["kib_per_connection"].as_f64().is_some());
+}

@@ -15,8 +15,10 @@ Examples (servers on loopback; the bench refuses any other address):
   lightrelay bench ingest --publish 'ws://127.0.0.1:8765/in/{i}' --publishers 50 --ack \\
       --redis redis://127.0.0.1:6379 --pid 4241
   lightrelay bench idle --subscribe 'ws://127.0.0.1:8767/idle/{i}' --connections 10000 --pid 4242
+  lightrelay bench storm --url 'ws://127.0.0.1:8767/storm/{i}' --clients 10000 --concurrency 200 \
+      --token \"$(lightrelay token --secret-file hs.secret --sub '*')\" --pid 4242
 
-`{i}` in a URL is replaced by the channel (or publisher) number, from 0. A redis:// URL's path
+`{i}` in a URL is replaced by the channel (or publisher, or storm client) number, from 0. A redis:// URL's path
 is the channel name, not a database number. Messages are binary: an 8-byte sequence number,
 an 8-byte send time, then padding to --size. With --json, one JSON object on stdout.
 Exit codes: 0 the run counts; 3 it ran but lost messages or a connection ended (figures do
@@ -41,6 +43,9 @@ pub enum BenchCommand {
     Ingest(IngestArgs),
     /// Idle: open --connections subscribers, hold them, report server RSS per connection.
     Idle(IdleArgs),
+    /// Connection storm: --clients WebSocket handshakes, --concurrency at a time, as fast as
+    /// the server answers them; connections per server CPU-second, time to all connected.
+    Storm(StormArgs),
 }
 
 /// What every subcommand measures and how long.
@@ -143,8 +148,50 @@ pub struct IdleArgs {
     pub connections: u32,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub channels: u32,
+    /// A token sent on every handshake as `Authorization: Bearer TOKEN` (servers run with --auth all).
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
     #[command(flatten)]
     pub measure: Measure,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StormArgs {
+    /// The WebSocket URL: ws://HOST:PORT/PATH; `{i}` stands for the client number (modulo
+    /// --channels when given), or one path for all.
+    #[arg(long, value_name = "URL")]
+    pub url: String,
+    /// Connections to open, each held until every one is open (or refused, or failed).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub clients: u32,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+    /// `{i}` runs over this many channels (client number modulo it). [default: one per client]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub channels: Option<u32>,
+    /// A token sent on every handshake as `Authorization: Bearer TOKEN`.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// After the last handshake, how long the server's CPU is still counted (it finishes
+    /// what the storm asked of it: Redis subscriptions) before the connections are closed.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// The whole storm ends by then: handshakes not finished count as failed.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// A server process to measure (CPU time, RSS from /proc); repeatable.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Redis's process, measured apart (not counted as server CPU).
+    #[arg(long, value_name = "PID")]
+    pub redis_pid: Option<u32>,
+    /// The server's name in the report.
+    #[arg(long, default_value = "server")]
+    pub label: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A flag value clap refuses (exit 2), printed after the flag's name.

@@ -4,8 +4,11 @@
 //! subscriber receives a probe (subscribed end to end), measure (CPU and RSS of each `--pid`
 //! from the first message to the last delivery), drain, report — and the exit code.
 //! The parts: [`args`] (flags), [`wire`] (hand-written WebSocket and HTTP/1.1 framing),
-//! [`subscribers`] (receiving connections), [`publishers`] (redis/ws/http lanes), [`stats`]
-//! (counts, loss, order, latency), [`procstat`] (/proc sampling), [`report`] (table, JSON).
+//! [`subscribers`] (receiving connections), [`publishers`] (redis/ws/http lanes), [`storm`]
+//! (the connection storm: handshakes as fast as the server answers them), [`stats`] (counts,
+//! loss, order, latency), [`procstat`] (/proc sampling), [`report`] (table, JSON).
+//! Before a run that holds many connections, the open-file limit is raised to the hard one
+//! (a run it cannot hold is refused up front).
 //! A run that cannot go on is a [`BenchError`]: one line on stderr, exit 1.
 //! Must not: use the server modules (it speaks only the wire protocols, like any client), or
 //! send load anywhere but loopback addresses; every loop ends by count and by time.
@@ -15,6 +18,7 @@ pub mod procstat;
 pub mod publishers;
 pub mod report;
 pub mod stats;
+pub mod storm;
 pub mod subscribers;
 pub mod wire;
 
@@ -71,6 +75,35 @@ pub enum BenchError {
     Task(#[from] tokio::task::JoinError),
     #[error("{0}")]
     Json(#[from] serde_json::Error),
+    #[error(
+        "{wanted} connections need {needed} open files, but this process may open only {limit} \
+         (raise the hard limit: ulimit -Hn, LimitNOFILE=) or ask for fewer"
+    )]
+    OpenFiles {
+        wanted: usize,
+        needed: u64,
+        limit: u64,
+    },
+    #[error("cannot read or raise the open-file limit: {0}")]
+    OpenFileLimit(std::io::Error),
+}
+
+/// Files the load generator needs besides its connections (runtime, stdio, Redis clients).
+const OTHER_FILES: u64 = 64;
+
+/// Raise the soft open-file limit to the hard one (as the servers do), and refuse a run of
+/// `connections` that even that cannot hold, before any connection is made.
+fn open_file_room(connections: usize) -> Result<(), BenchError> {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).map_err(BenchError::OpenFileLimit)?;
+    let needed = (connections as u64).saturating_add(OTHER_FILES);
+    if needed > limit {
+        return Err(BenchError::OpenFiles {
+            wanted: connections,
+            needed,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// Run one bench subcommand on a multi-threaded runtime (the caller made it).
@@ -80,6 +113,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         BenchCommand::Latency(a) => (a.measure.json, fanout(a, "latency").await),
         BenchCommand::Ingest(a) => (a.measure.json, ingest(a).await),
         BenchCommand::Idle(a) => (a.measure.json, idle(a).await),
+        BenchCommand::Storm(a) => (a.json, storm::run(a).await),
     };
     match result {
         Ok(report) => {
@@ -130,9 +164,13 @@ struct Meter {
 
 impl Meter {
     fn start(m: &Measure) -> Result<Meter, ProcError> {
+        Meter::start_for(&m.pids, m.redis_pid)
+    }
+
+    fn start_for(pids: &[u32], redis_pid: Option<u32>) -> Result<Meter, ProcError> {
         Ok(Meter {
-            servers: Watch::start(&m.pids)?,
-            redis: m.redis_pid.map(|p| Watch::start(&[p])).transpose()?,
+            servers: Watch::start(pids)?,
+            redis: redis_pid.map(|p| Watch::start(&[p])).transpose()?,
             own_cpu: procstat::own_cpu_s(),
             steal: procstat::machine_steal(),
             start: Instant::now(),
@@ -186,6 +224,7 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
             // Large messages: fewer reads per message.
             buffer: if a.size > 4096 { 64 * 1024 } else { 16 * 1024 },
             until,
+            token: None,
         },
         &shared,
     )
@@ -495,6 +534,7 @@ async fn idle(a: IdleArgs) -> Result<Report, BenchError> {
         return Err(BenchError::NotWs(a.subscribe.clone()));
     }
     let channels = a.channels as usize;
+    open_file_room(a.connections as usize)?;
     let shared = Arc::new(Shared::new(channels, 1));
     let meter = Meter::start(m)?;
     let subscribers = subscribers::open(
@@ -505,6 +545,7 @@ async fn idle(a: IdleArgs) -> Result<Report, BenchError> {
             concurrency: m.connect_concurrency as usize,
             buffer: 512,
             until: Instant::now() + SETUP_ALLOWANCE + m.duration + m.drain,
+            token: a.token.as_deref(),
         },
         &shared,
     )
@@ -517,6 +558,7 @@ async fn idle(a: IdleArgs) -> Result<Report, BenchError> {
         channels,
         subscribers: subscribers.len(),
         connections: subscribers.len(),
+        token: Some(a.token.is_some()),
         ..Report::default()
     };
     meter.finish(&mut report)?;

@@ -118,6 +118,16 @@ impl Watch {
         Ok(Watch { processes, sampler })
     }
 
+    /// CPU seconds every process spent since the start, together (the watch goes on).
+    pub fn cpu_s_so_far(&self) -> Result<f64, ProcError> {
+        let mut ticks = 0;
+        for w in &self.processes {
+            let now = sample(&w.pid.to_string())?;
+            ticks += now.cpu_ticks.saturating_sub(w.start.cpu_ticks);
+        }
+        Ok(ticks as f64 / TICKS_PER_SECOND)
+    }
+
     /// Take the end readings; an error if a process has gone.
     pub fn finish(mut self) -> Result<Vec<ProcessReport>, ProcError> {
         if let Some(sampler) = self.sampler.take() {

@@ -223,7 +223,20 @@ pub async fn connect(setup: Setup<'_>, shared: &Arc<Shared>) -> Result<Vec<Lane>
             let mut opening = stream::iter(0..setup.channels)
                 .map(|c| {
                     let target = setup.target.for_channel(c);
-                    async move { (c, wire::ws_connect(&target, c, protocol).await) }
+                    async move {
+                        (
+                            c,
+                            wire::ws_connect(
+                                &target,
+                                c,
+                                wire::Ask {
+                                    protocol,
+                                    token: None,
+                                },
+                            )
+                            .await,
+                        )
+                    }
                 })
                 .buffer_unordered(setup.concurrency.max(1));
             while let Some((c, connected)) = opening.next().await {

@@ -5,6 +5,8 @@
 //! nothing malformed; only such runs count).
 //! Must not: measure anything.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::procstat::ProcessReport;
@@ -13,7 +15,7 @@ use super::stats::Latency;
 /// One run's results. Fields that do not apply to a scenario are left out of the JSON.
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
-    /// `fanout`, `latency`, `ingest` or `idle`.
+    /// `fanout`, `latency`, `ingest`, `idle` or `storm`.
     pub scenario: &'static str,
     pub label: String,
     /// No loss, no error: the figures count.
@@ -71,6 +73,42 @@ pub struct Report {
     /// Idle: Redis RSS growth per open connection, KiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_kib_per_connection: Option<f64>,
+    /// Idle, storm: whether every handshake carried a token (`--token`; the token is not shown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<bool>,
+    /// Storm: what the handshakes came to. `per_server_cpu_s` is then connections per
+    /// server CPU-second (the storm and `--settle` after it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storm: Option<Storm>,
+}
+
+/// The connection storm's own figures.
+#[derive(Debug, Default, Serialize)]
+pub struct Storm {
+    pub clients: usize,
+    pub concurrency: usize,
+    /// Handshakes answered 101.
+    pub connected: u64,
+    /// Handshakes answered with another status (401, 403, 429, 503…): counted, not retried.
+    pub refused: u64,
+    /// Refusals by status code.
+    pub refused_by_status: BTreeMap<u16, u64>,
+    /// Handshakes that broke or timed out.
+    pub failed: u64,
+    /// Handshakes never started: `--timeout` passed first.
+    pub not_started: u64,
+    /// From the first connect to the last handshake's answer.
+    pub storm_s: f64,
+    /// `storm_s` when every client connected.
+    pub all_connected_s: Option<f64>,
+    /// Server CPU seconds from the first connect to the last handshake's answer.
+    pub storm_server_cpu_s: f64,
+    /// How long after the last answer the server's CPU was still counted.
+    pub settle_s: f64,
+    /// `connected` per second of `storm_s`.
+    pub connections_per_s: f64,
+    /// Connections that ended with the server's close frame or end of stream after ours.
+    pub closed: u64,
 }
 
 impl Report {
@@ -79,7 +117,30 @@ impl Report {
         self.lost = self.expected.saturating_sub(self.delivered);
         self.duplicates = self.delivered.saturating_sub(self.expected);
         self.server_cpu_s = self.servers.iter().map(|p| p.cpu_s).sum();
-        if self.scenario != "idle" {
+        if let Some(storm) = &self.storm {
+            if storm.refused > 0 {
+                let by: Vec<String> = storm
+                    .refused_by_status
+                    .iter()
+                    .map(|(status, n)| format!("{n} × {status}"))
+                    .collect();
+                self.problems
+                    .insert(0, format!("{} refused ({})", storm.refused, by.join(", ")));
+            }
+            if storm.failed > 0 {
+                self.problems
+                    .push(format!("{} handshake(s) failed", storm.failed));
+            }
+            if storm.not_started > 0 {
+                self.problems.push(format!(
+                    "{} handshake(s) not started within --timeout",
+                    storm.not_started
+                ));
+            }
+            if self.server_cpu_s > 0.0 {
+                self.per_server_cpu_s = Some(storm.connected as f64 / self.server_cpu_s);
+            }
+        } else if self.scenario != "idle" {
             if self.lost > 0 {
                 self.problems
                     .insert(0, format!("lost {} of {}", self.lost, self.expected));
@@ -107,10 +168,21 @@ impl Report {
         } else {
             format!("max rate (window {})", self.window.unwrap_or(0))
         };
+        let with_token = if self.token == Some(true) {
+            " · with a token"
+        } else {
+            ""
+        };
         match self.scenario {
             "idle" => line(format!(
-                "idle · {} · {} connections on {} channel(s) · held {:.1} s",
+                "idle · {} · {} connections on {} channel(s){with_token} · held {:.1} s",
                 self.label, self.connections, self.channels, self.elapsed_s
+            )),
+            "storm" => line(format!(
+                "storm · {} · {} clients, {} handshakes in flight{with_token}",
+                self.label,
+                self.storm.as_ref().map_or(0, |s| s.clients),
+                self.storm.as_ref().map_or(0, |s| s.concurrency),
             )),
             "ingest" => line(format!(
                 "ingest · {} · {} publishers{} · {} B · {:.1} s",
@@ -136,6 +208,29 @@ impl Report {
                 }
                 if let Some(k) = self.redis_kib_per_connection {
                     line(format!("  Redis RSS     {k:.2} KiB per connection"));
+                }
+            }
+            "storm" => {
+                if let Some(s) = &self.storm {
+                    line(format!(
+                        "  connected     {} of {}   refused {}   failed {}   not started {}",
+                        group(s.connected),
+                        group(s.clients as u64),
+                        s.refused,
+                        s.failed,
+                        s.not_started
+                    ));
+                    let all = match s.all_connected_s {
+                        Some(t) => format!("all connected in {t:.2} s"),
+                        None => format!("last answer after {:.2} s", s.storm_s),
+                    };
+                    line(format!(
+                        "  {all} ({}/s); server {:.2} CPU-s to then, {:.2} with {:.1} s after",
+                        group(s.connections_per_s.round() as u64),
+                        s.storm_server_cpu_s,
+                        self.server_cpu_s,
+                        s.settle_s
+                    ));
                 }
             }
             scenario => {
@@ -179,10 +274,10 @@ impl Report {
             line(format!(
                 "  per server CPU-second: {} {}",
                 group(per.round() as u64),
-                if self.scenario == "ingest" {
-                    "messages"
-                } else {
-                    "deliveries"
+                match self.scenario {
+                    "ingest" => "messages",
+                    "storm" => "connections",
+                    _ => "deliveries",
                 }
             ));
         }

@@ -65,6 +65,8 @@ pub struct Plan<'a> {
     pub buffer: usize,
     /// The receive loops end by themselves at this instant at the latest.
     pub until: Instant,
+    /// Sent as `Authorization: Bearer` on every handshake.
+    pub token: Option<&'a str>,
 }
 
 /// Open every connection, `concurrency` at a time; the first failure fails the run.
@@ -78,7 +80,11 @@ pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, W
     let mut opening = stream::iter(0..plan.connections)
         .map(|i| {
             let target = &targets[i % plan.channels];
-            async move { (i, wire::ws_connect(target, i, None).await) }
+            let ask = wire::Ask {
+                protocol: None,
+                token: plan.token,
+            };
+            async move { (i, wire::ws_connect(target, i, ask).await) }
         })
         .buffer_unordered(plan.concurrency.max(1));
     while let Some((i, connected)) = opening.next().await {

@@ -2,7 +2,7 @@
 //!
 //! Owns: target URLs (`ws://`, `http://`, `redis://` with a `{i}` channel placeholder, loopback
 //! only), TCP connects spread over 127.0.0.x source addresses past 20,000 connections, the
-//! WebSocket client handshake, a streaming frame reader that keeps only the first bytes of each
+//! WebSocket client handshake (with an optional subprotocol and bearer token), a streaming frame reader that keeps only the first bytes of each
 //! message (so a 256 KiB frame is never buffered), masked client frames, and pipelined
 //! HTTP/1.1 POST requests with a response parser.
 //! What can go wrong on the wire is a [`WireError`].
@@ -40,7 +40,12 @@ pub enum WireError {
     #[error("{url}: handshake response too long")]
     HandshakeTooLong { url: String },
     #[error("{url}: refused: {status_line}")]
-    Refused { url: String, status_line: String },
+    Refused {
+        url: String,
+        /// The response's status code (0 if it had none that parses).
+        status: u16,
+        status_line: String,
+    },
     #[error("the server sent a masked frame")]
     MaskedFrame,
     #[error("bad control frame")]
@@ -154,24 +159,26 @@ pub struct WsConn {
     pub protocol_selected: bool,
 }
 
+/// What a client handshake asks for besides the upgrade itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ask<'a> {
+    /// A subprotocol to offer (`Sec-WebSocket-Protocol`).
+    pub protocol: Option<&'a str>,
+    /// A token, sent as `Authorization: Bearer TOKEN` (SPEC §8).
+    pub token: Option<&'a str>,
+}
+
 /// Connect and do the client handshake (RFC 6455 §4.1), within [`CONNECT_TIMEOUT`].
-pub async fn ws_connect(
-    target: &Target,
-    index: usize,
-    protocol: Option<&str>,
-) -> Result<WsConn, WireError> {
-    tokio::time::timeout(CONNECT_TIMEOUT, ws_handshake(target, index, protocol))
+pub async fn ws_connect(target: &Target, index: usize, ask: Ask<'_>) -> Result<WsConn, WireError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, ws_handshake(target, index, ask))
         .await
         .map_err(|_| WireError::HandshakeTimeout {
             url: format!("ws://{}{}", target.authority, target.path),
         })?
 }
 
-async fn ws_handshake(
-    target: &Target,
-    index: usize,
-    protocol: Option<&str>,
-) -> Result<WsConn, WireError> {
+async fn ws_handshake(target: &Target, index: usize, ask: Ask<'_>) -> Result<WsConn, WireError> {
+    let protocol = ask.protocol;
     let url = format!("ws://{}{}", target.authority, target.path);
     let io = |source| WireError::Io {
         url: url.clone(),
@@ -185,6 +192,9 @@ async fn ws_handshake(
     );
     if let Some(p) = protocol {
         request.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
+    }
+    if let Some(t) = ask.token {
+        request.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     request.push_str("\r\n");
     stream.write_all(request.as_bytes()).await.map_err(io)?;
@@ -207,7 +217,11 @@ async fn ws_handshake(
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if status != "101" {
         let status_line = head.lines().next().unwrap_or("").to_string();
-        return Err(WireError::Refused { url, status_line });
+        return Err(WireError::Refused {
+            url,
+            status: status.parse().unwrap_or(0),
+            status_line,
+        });
     }
     let protocol_selected = protocol.is_some_and(|p| {
         head.lines().any(|line| {
