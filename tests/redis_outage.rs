@@ -43,7 +43,7 @@ async fn subscribers_stay_connected_through_a_redis_restart_and_get_what_is_publ
     assert_eq!(subscribe.metric("lightrelay_connections").await, 3.0);
     assert_eq!(subscribe.metric("lightrelay_channels").await, 2.0);
     let metrics = subscribe.metrics_text().await;
-    assert!(!metrics.contains("lightrelay_closed_total"), "{metrics}");
+    assert_eq!(closes(&metrics), 0.0, "{metrics}");
     subscribe.wait_health(200).await;
 }
 

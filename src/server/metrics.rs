@@ -3,6 +3,8 @@
 //! Owns: metric names, help texts, label values and the handles the hot paths increment.
 //! Must not: compute anything on the message path beyond an atomic add per batch; gauges
 //! that need a walk over the hub (queued messages and bytes) are filled in at scrape time.
+//! Every label value of the counters alerts watch (drops, refusals, auth refusals, closes) is
+//! created at zero up front.
 //!
 //! Directions of `lightrelay_messages_total` and `lightrelay_bytes_total`: `ws_in` (messages
 //! read from WebSocket clients and POST bodies), `redis_out` (PUBLISHes Redis accepted),
@@ -168,6 +170,8 @@ impl std::ops::Deref for Metrics {
 
 pub struct Handles {
     pub connections: Gauge,
+    /// `--max-connections`, set once at start, so an alert can compare `connections` with it.
+    pub max_connections: Gauge,
     pub ws_in: Flow,
     pub ws_out: Flow,
     pub redis_in: Flow,
@@ -196,6 +200,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let connections = Gauge::default();
+        let max_connections = Gauge::default();
         let messages = Family::<DirectionLabel, Counter>::default();
         let bytes = Family::<DirectionLabel, Counter>::default();
         let dropped = Family::<DropLabel, Counter>::default();
@@ -218,6 +223,11 @@ impl Metrics {
             "lightrelay_connections",
             "Open WebSocket connections",
             connections.clone(),
+        );
+        registry.register(
+            "lightrelay_max_connections",
+            "The --max-connections limit of this server",
+            max_connections.clone(),
         );
         registry.register(
             "lightrelay_messages",
@@ -306,7 +316,9 @@ impl Metrics {
             throttled.clone(),
         );
 
-        // Created up front so every series shows from the first scrape, at zero.
+        // Created up front so every series shows from the first scrape, at zero: a series that
+        // first appears at 1 is invisible to `rate()` and `increase()`, so an alert on it would
+        // miss the first event (deploy/prometheus/lightrelay.rules.yml relies on this).
         for reason in [
             DropReason::slow_consumer_skip,
             DropReason::slow_consumer_close,
@@ -315,8 +327,48 @@ impl Metrics {
         ] {
             let _ = dropped.get_or_create(&DropLabel { reason });
         }
+        for reason in [
+            Refusal::bad_path,
+            Refusal::over_capacity,
+            Refusal::post_budget,
+            Refusal::per_ip,
+            Refusal::origin,
+            Refusal::publish_rate,
+        ] {
+            let _ = refused.get_or_create(&RefusalLabel { reason });
+        }
+        for reason in [
+            AuthRefusal::missing,
+            AuthRefusal::malformed,
+            AuthRefusal::bad_signature,
+            AuthRefusal::unknown_kid,
+            AuthRefusal::expired,
+            AuthRefusal::not_yet_valid,
+            AuthRefusal::wrong_issuer,
+            AuthRefusal::wrong_audience,
+            AuthRefusal::forbidden,
+        ] {
+            let _ = auth_refused.get_or_create(&AuthRefusalLabel { reason });
+        }
+        for reason in [
+            Closed::client,
+            Closed::broken,
+            Closed::going_away,
+            Closed::slow_consumer,
+            Closed::idle_timeout,
+            Closed::too_big,
+            Closed::message_timeout,
+            Closed::busy,
+            Closed::redis_unavailable,
+            Closed::protocol_error,
+            Closed::token_expired,
+            Closed::not_allowed,
+        ] {
+            let _ = closed.get_or_create(&ClosedLabel { reason });
+        }
         Metrics(std::sync::Arc::new(Handles {
             connections,
+            max_connections,
             ws_in: Flow::new(&messages, &bytes, Direction::ws_in),
             ws_out: Flow::new(&messages, &bytes, Direction::ws_out),
             redis_in: Flow::new(&messages, &bytes, Direction::redis_in),

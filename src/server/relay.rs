@@ -137,6 +137,9 @@ impl<R: Role> Relay<R> {
     ) -> Arc<Self> {
         let common_max_message_bytes = common.max_message_bytes;
         let limits = Limits::new(&common.limits, metrics.clone());
+        metrics
+            .max_connections
+            .set(i64::try_from(common.max_connections).unwrap_or(i64::MAX));
         Arc::new(Relay {
             role,
             common,

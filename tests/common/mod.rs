@@ -585,6 +585,16 @@ impl Server {
 }
 
 /// The value of one series (`name{labels}`) in a Prometheus text exposition.
+/// Every `lightrelay_closed_total{reason}` added up: the connections closed so far (each
+/// reason's series exists from the start, at zero).
+pub fn closes(body: &str) -> f64 {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("lightrelay_closed_total{"))
+        .filter_map(|rest| rest.rsplit_once(' '))
+        .map(|(_, v)| v.trim().parse::<f64>().unwrap())
+        .sum()
+}
+
 pub fn series_value(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
