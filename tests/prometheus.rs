@@ -62,13 +62,18 @@ impl Prometheus {
         let port = quiet_port();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("prometheus is not installed: bin/test installs it (apt-get install prometheus)");
+            .expect(
+                "prometheus is not installed: bin/test installs it (apt-get install prometheus)",
+            );
         let prometheus = Prometheus { port, dir, child };
         let deadline = Instant::now() + PROMETHEUS_PATIENCE;
         loop {
@@ -89,7 +94,12 @@ impl Prometheus {
     }
 
     /// An HTTP/1.0 request (no chunked answer); `form` is an urlencoded body for POST.
-    async fn request(&self, method: &str, path: &str, form: &str) -> std::io::Result<(u16, String)> {
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        form: &str,
+    ) -> std::io::Result<(u16, String)> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await?;
         let request = format!(
             "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\
@@ -309,7 +319,10 @@ fn probes_take_operands_and_drop_thresholds() {
             "sum(r{direction=\"y\"})"
         ]
     );
-    assert_eq!(probes("increase(x{reason=~\"a|b\"}[5m]) > 0"), ["increase(x{reason=~\"a|b\"}[5m])"]);
+    assert_eq!(
+        probes("increase(x{reason=~\"a|b\"}[5m]) > 0"),
+        ["increase(x{reason=~\"a|b\"}[5m])"]
+    );
 }
 
 fn shipped(path: &str) -> String {
@@ -426,8 +439,11 @@ async fn promtool_accepts_the_shipped_rules() {
 #[tokio::test(flavor = "multi_thread")]
 async fn alerts_and_dashboard_queries_work_against_a_real_prometheus() {
     let mut redis = Redis::start().await;
-    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
-    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    // The servers find Redis gone at their next health PING, every --ping-interval (30 s by
+    // default): 1 s here, so that the alert can fire within the test's patience.
+    let flags = ["--ping-interval", "1s"];
+    let publish = Server::start(Kind::Publish, &redis.url(), &flags).await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &flags).await;
     let traffic = Traffic::start(&publish, &subscribe).await;
     let prometheus = Prometheus::start(
         &[
@@ -497,27 +513,11 @@ async fn alerts_and_dashboard_queries_work_against_a_real_prometheus() {
     let dashboard: Value = serde_json::from_str(&shipped(DASHBOARD)).unwrap();
     let variables = dashboard["templating"]["list"].as_array().unwrap();
     assert!(
-        variables
-            .iter()
-            .any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        variables.iter().any(|v| v["name"] == "datasource"
+            && v["type"] == "datasource"
+            && v["query"] == "prometheus"),
         "no Prometheus datasource variable"
     );
-    for variable in variables.iter().filter(|v| v["type"] == "query") {
-        let definition = variable["definition"].as_str().unwrap();
-        let (metric, label) = definition
-            .strip_prefix("label_values(")
-            .and_then(|d| d.strip_suffix(')'))
-            .and_then(|d| d.split_once(", "))
-            .unwrap_or_else(|| panic!("variable query {definition}"));
-        let path = format!("/api/v1/label/{label}/values?match[]={}", encode(metric));
-        let values = prometheus.api("GET", &path, "").await;
-        for instance in &instances {
-            assert!(
-                values.as_array().unwrap().iter().any(|v| v == instance),
-                "variable {definition}: {values} lacks {instance}"
-            );
-        }
-    }
     let selected = format!(
         "({})",
         instances
@@ -553,6 +553,24 @@ async fn alerts_and_dashboard_queries_work_against_a_real_prometheus() {
 
     prometheus.wait_for_data(&queries).await;
 
+    // The instance variable lists both servers.
+    for variable in variables.iter().filter(|v| v["type"] == "query") {
+        let definition = variable["definition"].as_str().unwrap();
+        let (metric, label) = definition
+            .strip_prefix("label_values(")
+            .and_then(|d| d.strip_suffix(')'))
+            .and_then(|d| d.split_once(", "))
+            .unwrap_or_else(|| panic!("variable query {definition}"));
+        let path = format!("/api/v1/label/{label}/values?match[]={}", encode(metric));
+        let values = prometheus.api("GET", &path, "").await;
+        for instance in &instances {
+            assert!(
+                values.as_array().unwrap().iter().any(|v| v == instance),
+                "variable {definition}: {values} lacks {instance}"
+            );
+        }
+    }
+
     // A healthy relay under traffic sets off nothing.
     let firing: Vec<Value> = prometheus
         .alerts()
@@ -560,7 +578,10 @@ async fn alerts_and_dashboard_queries_work_against_a_real_prometheus() {
         .into_iter()
         .filter(|a| a["state"] == "firing")
         .collect();
-    assert!(firing.is_empty(), "alerts firing on a healthy relay: {firing:?}");
+    assert!(
+        firing.is_empty(),
+        "alerts firing on a healthy relay: {firing:?}"
+    );
 
     // Redis dies: both servers' LightrelayRedisDown fires.
     drop(traffic);

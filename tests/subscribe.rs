@@ -423,7 +423,10 @@ async fn a_slow_consumer_under_skip_keeps_its_connection_and_gets_the_newest_mes
     assert_eq!(t.subscribe.metric("lightrelay_connections").await, 2.0);
     let metrics = t.subscribe.metrics_text().await;
     assert_eq!(
-        series_value(&metrics, "lightrelay_closed_total{reason=\"slow_consumer\"}"),
+        series_value(
+            &metrics,
+            "lightrelay_closed_total{reason=\"slow_consumer\"}"
+        ),
         Some(0.0),
         "{metrics}"
     );
