@@ -545,7 +545,7 @@ async fn a_client_that_drops_its_connection_without_a_close_frame_is_counted_as_
     let text = subscribe.metrics_text().await;
     assert_eq!(
         series_value(&text, "lightrelay_closed_total{reason=\"protocol_error\"}"),
-        None
+        Some(0.0)
     );
 }
 
