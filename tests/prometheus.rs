@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -374,7 +374,6 @@ impl Traffic {
             // At most 5 minutes of traffic, far past the test's end.
             for i in 0..15_000u32 {
                 tick.tick().await;
-                use futures_util::SinkExt;
                 let frame = tokio_tungstenite::tungstenite::Message::text(format!("reading {i}"));
                 if publisher.send(frame).await.is_err() {
                     return;
