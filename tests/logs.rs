@@ -136,13 +136,41 @@ async fn a_redis_never_reached_is_reported_at_once_then_only_as_reminders_and_wh
 async fn with_stderr_a_closed_pipe_sigterm_still_stops_the_server_with_exit_0() {
     let redis = Redis::start().await;
     for kind in [Kind::Publish, Kind::Subscribe] {
-        // Debug logging, so that every request below writes to the broken pipe.
+        // Debug logging, so that every request writes to stderr.
         let mut server = Logged::start(kind, &redis.url(), "debug", &[]);
-        drop(server.child.stderr.take());
+        // Like `… 2>&1 | head`: stderr is read until told to stop, then closed.
+        let stderr = server.child.stderr.take().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                use std::io::BufRead;
+                let mut lines = std::io::BufReader::new(stderr).lines();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if lines.next().is_none() {
+                        return;
+                    }
+                }
+            }
+        });
         wait_healthy(server.addr).await;
-        let mut ws = connect(&format!("ws://{}/office", server.addr)).await;
-        send_text(&mut ws, "x").await;
-        drop(ws);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The next line read ends the reader, and stderr becomes a broken pipe. A client
+        // coming and going makes lines (at debug).
+        let url = format!("ws://{}/office", server.addr);
+        eventually(|| {
+            let closed = reader.is_finished();
+            let url = url.clone();
+            async move {
+                // Whether it works is not this test's matter (a server that panics on a
+                // log line fails it below, by not stopping).
+                drop(tokio_tungstenite::connect_async(&url).await);
+                closed.then_some(()).ok_or("stderr still read".to_string())
+            }
+        })
+        .await;
+        // More lines into the broken pipe, then the signal (whose handler logs too).
+        let _ = tokio_tungstenite::connect_async(&url).await;
         server.signal("TERM");
         assert_eq!(server.wait_exit().await, Some(0));
     }
@@ -243,4 +271,27 @@ async fn a_summary_of_connections_and_messages_is_logged_at_info_every_interval(
                 && sum("messages_out") == 3
         })
         .await;
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_listen_exits_1_even_with_stderr_a_closed_pipe() {
+    // The port is taken; the error line goes to a pipe nobody reads any more.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut server = Logged {
+        addr: taken.local_addr().unwrap(),
+        child: command(
+            Kind::Publish,
+            taken.local_addr().unwrap(),
+            "redis://127.0.0.1:1",
+            "info",
+            &[],
+        )
+        .stderr(writer)
+        .spawn()
+        .unwrap(),
+    };
+    // Not 101, the code of a panic on the write.
+    assert_eq!(server.wait_exit().await, Some(1));
 }
