@@ -3,6 +3,9 @@
 //! Owns: fred configuration, the health checks behind `/healthz` and `lightrelay_redis_up`,
 //! and the reporting of connection errors (logs with Redis's own words, the reason shown by
 //! `/healthz`, `lightrelay_redis_errors_total` and `lightrelay_redis_reconnects_total`).
+//! Until a process first reaches Redis, the failures of all its connections are logged as
+//! one: at once with the URL (password hidden), then reminders after 10 s, 30 s, 1 min and
+//! every 5 min; once reached, each connection's errors are logged by kind with back-off.
 //!
 //! Rules that keep delivery honest under faults (fred 10.1.0, pinned in Cargo.toml; read its
 //! `router/utils.rs` and `protocol/command.rs` before changing them):

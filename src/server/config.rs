@@ -1,9 +1,10 @@
 //! Command-line flags and their environment variables, for both servers.
 //!
 //! Owns: every flag's name, default, environment variable, parsing (durations, sizes, Redis
-//! URLs) and allowed range, so a bad value is refused by clap with exit code 2 and one line
-//! naming the flag and its range before anything starts; and [`CommonArgs::check`], the one
-//! rule that spans two flags (`--idle-timeout` longer than `--ping-interval`).
+//! URLs, `--listen` forms) and allowed range, so a bad value is refused by clap with exit
+//! code 2 and one line naming the flag and its range before anything starts; each server's
+//! `--help` (what it does, examples); and [`CommonArgs::check`], the one rule that spans two
+//! flags (`--idle-timeout` longer than `--ping-interval`).
 //! Must not: open sockets, talk to Redis or read files; it only describes what to do.
 
 use std::net::SocketAddr;

@@ -12,6 +12,9 @@
 //! place under `--max-connections-per-ip`), to its session. The abuse limits are
 //! `limits`'s: one call before the upgrade (origin, connections per address) and one before
 //! a POST body is read (rate per address).
+//! Owns too: the `/metrics` content negotiation (text 0.0.4 unless `Accept` prefers
+//! OpenMetrics), and the `debug` lines of a client connecting and leaving (with its address):
+//! only when debug is on are they worked out and carried by the connection's task.
 //! Must not: hold per-connection state after the upgrade, wait for the POST body budget, or
 //! block on Redis except for a POST publish (bounded by `--redis-timeout`).
 //! The token check (SPEC §8, `auth`) runs after the path is known and before anything else

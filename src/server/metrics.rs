@@ -1,6 +1,8 @@
 //! Prometheus metrics: one registry per server process, rendered by `GET /metrics`.
 //!
-//! Owns: metric names, help texts, label values and the handles the hot paths increment.
+//! Owns: metric names, help texts, label values and the handles the hot paths increment; the
+//! two expositions (OpenMetrics as prometheus-client writes it, and Prometheus text 0.0.4
+//! converted from it, [`Exposition`]); the totals the log summary reads ([`Totals`]).
 //! Must not: compute anything on the message path beyond an atomic add per batch; gauges
 //! that need a walk over the hub (queued messages and bytes) are filled in at scrape time.
 //!

@@ -1,9 +1,15 @@
 //! Logging set-up: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON.
 //!
-//! Owns: the global subscriber, and the last guard that keeps tokens out of logs: every line
+//! Owns: the global subscriber (colour only when stderr is a terminal and `NO_COLOR` is unset
+//! or empty), and the last guard that keeps tokens out of logs: every line
 //! passes [`redact`] on its way to stderr, so a `token=…` or `Bearer …` that reached a log
-//! field (a URI in an error, a header in a debug line) is written as `[redacted]`.
-//! Must not: be called twice, or log message payloads.
+//! field (a URI in an error, a header in a debug line) is written as `[redacted]`. Owns too:
+//! that a stderr which cannot be written (a closed pipe) costs nothing but the line: the
+//! writer ignores write errors (tracing's own writer reports them with `eprint!`, which
+//! panics, and once panicked the signal task never stopped the server), and
+//! [`error_line`] replaces `eprintln!` for the lines said outside tracing; and the periodic
+//! summary line ([`summarise`], one task per process, reading the metrics' counters).
+//! Must not: be called twice, log message payloads, or count anything on the message path.
 
 use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
