@@ -1094,6 +1094,154 @@ async fn help_exits_0_and_names_the_environment_variables() {
 }
 
 #[tokio::test]
+async fn help_describes_each_server_with_an_example_and_the_listen_forms() {
+    for (kind, what, example) in [
+        (
+            Kind::Publish,
+            "Redis PUBLISH out",
+            "lightrelay-publish --listen",
+        ),
+        (
+            Kind::Subscribe,
+            "WebSocket out",
+            "lightrelay-subscribe --listen",
+        ),
+    ] {
+        let mut command = clean(server_command(kind));
+        command.arg("--help");
+        let (code, stdout, stderr) = run_to_exit(command).await;
+        assert_eq!(code, Some(0), "stderr: {stderr}");
+        for expected in [
+            what,
+            "Examples:",
+            example,
+            "localhost:PORT",
+            ":PORT (all interfaces",
+        ] {
+            assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn listen_accepts_localhost_port_and_colon_port_for_all_interfaces() {
+    let redis = Redis::start().await;
+    for (form, bound) in [
+        ("localhost:{port}", "127.0.0.1:{port}"),
+        (":{port}", "0.0.0.0:{port}"),
+    ] {
+        let port = free_port().to_string();
+        let listen = form.replace("{port}", &port);
+        let mut command = clean(server_command(Kind::Publish));
+        command
+            .args(["--listen", &listen, "--redis-url", &redis.url()])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped());
+        let mut server = Spawned(command.spawn().unwrap());
+        let stderr = StderrLines::read(&mut server.0);
+        let bound = format!("addr={}", bound.replace("{port}", &port));
+        stderr
+            .wait_for(&bound, |lines| {
+                lines
+                    .iter()
+                    .any(|l| l.contains("listening") && l.contains(&bound))
+            })
+            .await;
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let listen = &listen;
+        eventually(|| async move {
+            match http(addr, "GET", "/healthz", &[], b"").await.0 {
+                200 => Ok(()),
+                now => Err(format!("--listen {listen}: /healthz {now}")),
+            }
+        })
+        .await;
+    }
+    // What is not one of the forms still exits 2 with one line naming --listen.
+    for bad in ["8865", "example.org:8865", "localhost", ":99999"] {
+        let mut command = clean(server_command(Kind::Subscribe));
+        command.args(["--listen", bad, "--redis-url", "redis://127.0.0.1:1"]);
+        let (code, _, stderr) = run_to_exit(command).await;
+        assert_eq!(code, Some(2), "--listen {bad}: {stderr}");
+        let first = stderr.lines().next().unwrap_or("");
+        assert!(
+            first.starts_with("error:") && first.contains("--listen") && first.contains(":PORT"),
+            "--listen {bad}: {first:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_post_to_the_subscribe_server_gets_426_saying_publishing_goes_to_the_publish_server() {
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let (status, body) = http(subscribe.addr, "POST", "/office", &[], b"42").await;
+    assert_eq!(status, 426);
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(body.lines().count(), 1, "{body:?}");
+    assert!(
+        body.contains("publish server") && body.contains("--accept-publish"),
+        "{body:?}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_text_0_0_4_unless_the_scraper_asks_for_openmetrics() {
+    let redis = Redis::start().await;
+    for server in both(&redis, &[]).await {
+        let request = |accept: &str| {
+            let accept = if accept.is_empty() {
+                String::new()
+            } else {
+                format!("Accept: {accept}\r\n")
+            };
+            format!("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{accept}\r\n")
+        };
+        for accept in [
+            "",
+            "*/*",
+            "text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5",
+        ] {
+            let response = raw_exchange(server.addr, request(accept).as_bytes()).await;
+            assert_eq!(status_of(&response), 200);
+            assert!(
+                has_header(
+                    &response,
+                    "content-type",
+                    "text/plain; version=0.0.4; charset=utf-8"
+                ),
+                "Accept {accept:?}: {response}"
+            );
+            let body = body_of(&response);
+            assert!(
+                body.contains("# TYPE lightrelay_messages_total counter\n"),
+                "{body}"
+            );
+            assert!(body.contains("# HELP lightrelay_messages_total "), "{body}");
+            assert!(!body.contains("# EOF"), "{body}");
+        }
+        // What Prometheus sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let response = raw_exchange(server.addr, request(prometheus).as_bytes()).await;
+        assert!(
+            has_header(
+                &response,
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            ),
+            "{response}"
+        );
+        let body = body_of(&response);
+        assert!(
+            body.contains("# TYPE lightrelay_messages counter\n"),
+            "{body}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+    }
+}
+
+#[tokio::test]
 async fn listen_and_redis_url_can_come_from_the_environment_alone() {
     let redis = Redis::start().await;
     let port = free_port();

@@ -42,7 +42,7 @@ impl PublishRole {
         metrics: &Metrics,
         shutdown: &CancellationToken,
     ) -> Result<Self, Error> {
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::new(common.redis_url.display.clone()));
         let publisher = Publisher::start(common, &health, metrics, shutdown)?;
         Ok(PublishRole { publisher, health })
     }

@@ -403,7 +403,7 @@ mod tests {
         assert!(window.is_empty() && !window.is_full());
         assert_eq!(window.deadline(), None);
         assert!(window.poll_next(cx).is_pending());
-        let text = metrics.render();
+        let text = metrics.render(crate::server::metrics::Exposition::Text004);
         assert!(
             text.contains("lightrelay_dropped_total{reason=\"publish_failed\"} 3"),
             "{text}"

@@ -3,6 +3,9 @@
 //! Owns: fred configuration, the health checks behind `/healthz` and `lightrelay_redis_up`,
 //! and the reporting of connection errors (logs with Redis's own words, the reason shown by
 //! `/healthz`, `lightrelay_redis_errors_total` and `lightrelay_redis_reconnects_total`).
+//! Until a process first reaches Redis, the failures of all its connections are logged as
+//! one: at once with the URL (password hidden), then reminders after 10 s, 30 s, 1 min and
+//! every 5 min; once reached, each connection's errors are logged by kind with back-off.
 //!
 //! Rules that keep delivery honest under faults (fred 10.1.0, pinned in Cargo.toml; read its
 //! `router/utils.rs` and `protocol/command.rs` before changing them):
@@ -147,9 +150,36 @@ pub(crate) fn connect_subscriber(args: &CommonArgs) -> Result<SubscriberClient, 
 }
 
 /// What `/healthz` reports: one check per Redis connection this server uses.
-#[derive(Default)]
 pub(crate) struct Health {
     checks: Mutex<Vec<Arc<Check>>>,
+    /// `--redis-url` with its password hidden, for logs.
+    url: String,
+    /// Whether any connection has reached Redis yet, and the reminders while none has.
+    reach: Mutex<Reach>,
+}
+
+/// Until a process first reaches Redis, its connections' failures are reported together:
+/// one line at the first, then reminders (see [`reminder_at`]), whatever the number of
+/// connections failing.
+enum Reach {
+    Never(Option<Unreached>),
+    Reached,
+}
+
+struct Unreached {
+    first: Instant,
+    failures: u64,
+    reminders: u32,
+}
+
+/// When the `n`th reminder is due, counted from the first failure: after 10 s, 30 s and
+/// 1 min, then every 5 min.
+fn reminder_at(n: u32) -> Duration {
+    match n {
+        0 => Duration::from_secs(10),
+        1 => Duration::from_secs(30),
+        n => Duration::from_secs(60 + 300 * u64::from(n - 2)),
+    }
 }
 
 struct Check {
@@ -170,6 +200,65 @@ pub(crate) enum OnDeaf {
 }
 
 impl Health {
+    /// Checks of connections to the Redis at `url` (its display form, password hidden).
+    pub(crate) fn new(url: String) -> Self {
+        Health {
+            checks: Mutex::default(),
+            url,
+            reach: Mutex::new(Reach::Never(None)),
+        }
+    }
+
+    /// A connection that never reached Redis failed with `error`: said at the first failure
+    /// of the process, then as reminders. `false` once some connection has reached Redis
+    /// (its errors are then reported as a lost connection's are).
+    fn unreachable(&self, error: &str) -> bool {
+        let mut reach = lock(&self.reach);
+        let Reach::Never(unreached) = &mut *reach else {
+            return false;
+        };
+        let now = Instant::now();
+        let Some(unreached) = unreached else {
+            tracing::warn!(
+                redis = %self.url,
+                %error,
+                "cannot connect to Redis; retrying (meanwhile publishing waits and /healthz \
+                 answers 503)"
+            );
+            *unreached = Some(Unreached {
+                first: now,
+                failures: 1,
+                reminders: 0,
+            });
+            return true;
+        };
+        unreached.failures += 1;
+        let elapsed = now.duration_since(unreached.first);
+        if elapsed >= reminder_at(unreached.reminders) {
+            tracing::warn!(
+                redis = %self.url,
+                %error,
+                failures = unreached.failures,
+                since = %humantime::format_duration(Duration::from_secs(elapsed.as_secs())),
+                "still cannot connect to Redis; retrying"
+            );
+            while elapsed >= reminder_at(unreached.reminders) {
+                unreached.reminders += 1;
+            }
+        }
+        true
+    }
+
+    /// A connection reached Redis: how long the process had failed to, if it had.
+    fn reached(&self) -> Option<Duration> {
+        let mut reach = lock(&self.reach);
+        let was = std::mem::replace(&mut *reach, Reach::Reached);
+        match was {
+            Reach::Never(Some(unreached)) => Some(unreached.first.elapsed()),
+            _ => None,
+        }
+    }
+
     /// `Ok` while every connection answered its last PING, else the first reason why not.
     pub(crate) fn status(&self) -> Result<(), String> {
         for check in lock(&self.checks).iter() {
@@ -207,6 +296,7 @@ impl Health {
         });
         lock(&self.checks).push(check.clone());
         tokio::spawn(report_events(
+            self.clone(),
             check.clone(),
             client.clone(),
             metrics.clone(),
@@ -329,6 +419,7 @@ struct Repeats {
 
 /// Log connection errors and reconnects of `client` as they come, until shutdown.
 async fn report_events<C>(
+    health: Arc<Health>,
     check: Arc<Check>,
     client: C,
     metrics: Metrics,
@@ -348,6 +439,9 @@ async fn report_events<C>(
                     metrics.redis_error(class);
                     let text = error.to_string();
                     *lock(&check.last_error) = Some(text.clone());
+                    if !connected_once && health.unreachable(&text) {
+                        continue;
+                    }
                     let now = Instant::now();
                     match seen.get_mut(&class) {
                         None => {
@@ -375,7 +469,16 @@ async fn report_events<C>(
                         metrics.redis_reconnect(&check.name);
                         tracing::info!(connection = %check.name, %server, "reconnected to Redis");
                     } else {
-                        tracing::info!(connection = %check.name, %server, "connected to Redis");
+                        match health.reached() {
+                            Some(after) => tracing::info!(
+                                connection = %check.name,
+                                %server,
+                                redis = %health.url,
+                                after = %humantime::format_duration(Duration::from_millis(after.as_millis() as u64)),
+                                "connected to Redis"
+                            ),
+                            None => tracing::info!(connection = %check.name, %server, "connected to Redis"),
+                        }
                     }
                     connected_once = true;
                     seen.clear();

@@ -1,9 +1,10 @@
 //! Command-line flags and their environment variables, for both servers.
 //!
 //! Owns: every flag's name, default, environment variable, parsing (durations, sizes, Redis
-//! URLs) and allowed range, so a bad value is refused by clap with exit code 2 and one line
-//! naming the flag and its range before anything starts; and [`CommonArgs::check`], the one
-//! rule that spans two flags (`--idle-timeout` longer than `--ping-interval`).
+//! URLs, `--listen` forms) and allowed range, so a bad value is refused by clap with exit
+//! code 2 and one line naming the flag and its range before anything starts; each server's
+//! `--help` (what it does, examples); and [`CommonArgs::check`], the one rule that spans two
+//! flags (`--idle-timeout` longer than `--ping-interval`).
 //! Must not: open sockets, talk to Redis or read files; it only describes what to do.
 
 use std::net::SocketAddr;
@@ -75,6 +76,12 @@ pub struct CommonArgs {
     #[arg(long, env = "LIGHTRELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = shutdown_timeout)]
     pub shutdown_timeout: Duration,
 
+    /// Interval of the info summary line (connections opened, closed and open, messages in
+    /// and out); 0: none. An interval with no connection and no message logs nothing.
+    #[arg(long, env = "LIGHTRELAY_LOG_SUMMARY_INTERVAL", default_value = "1m",
+          value_parser = log_summary_interval)]
+    pub log_summary_interval: Duration,
+
     /// Log format on stderr (the filter comes from RUST_LOG, default info).
     #[arg(long, env = "LIGHTRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -125,12 +132,45 @@ pub struct LimitArgs {
     pub allowed_origins: Vec<String>,
 }
 
+const PUBLISH_ABOUT: &str = "\
+lightrelay-publish: WebSocket and HTTP POST in, Redis PUBLISH out.
+
+Every message a client sends on ws://HOST:PORT/PATH (or POSTs to /PATH) is published on the
+Redis channel PREFIX + PATH (e.g. lightlevel/office), bytes unchanged, in order. GET /healthz
+and GET /metrics answer plain HTTP.";
+
+const PUBLISH_EXAMPLES: &str = "\
+Examples:
+  lightrelay-publish
+  lightrelay-publish --listen :8765 --redis-url redis://:secret@10.0.0.5:6379/0
+  curl -d 42 http://127.0.0.1:8765/office      (publishes 42 on lightlevel/office)
+
+--listen takes ADDR:PORT, [IPv6]:PORT, localhost:PORT (127.0.0.1) or :PORT (all interfaces,
+like nginx's `listen PORT`). Every flag can also be set by its environment variable.";
+
+const SUBSCRIBE_ABOUT: &str = "\
+lightrelay-subscribe: Redis SUBSCRIBE in, WebSocket out.
+
+A client of ws://HOST:PORT/PATH receives every message published on the Redis channel
+PREFIX + PATH (e.g. lightlevel/office), one frame per message. GET / is the live page;
+GET /healthz and GET /metrics answer plain HTTP. Publishing goes to lightrelay-publish
+(or, with --accept-publish, through a subscriber's own WebSocket).";
+
+const SUBSCRIBE_EXAMPLES: &str = "\
+Examples:
+  lightrelay-subscribe
+  lightrelay-subscribe --listen :8767 --redis-url redis://10.0.0.5:6379 --slow-consumer skip
+  lightrelay sub ws://127.0.0.1:8767/office      (prints what is published on lightlevel/office)
+
+--listen takes ADDR:PORT, [IPv6]:PORT, localhost:PORT (127.0.0.1) or :PORT (all interfaces,
+like nginx's `listen PORT`). Every flag can also be set by its environment variable.";
+
 /// `lightrelay-publish`: WebSocket and HTTP POST in, Redis PUBLISH out.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "lightrelay-publish", version, about)]
+#[command(name = "lightrelay-publish", version, about = PUBLISH_ABOUT, after_help = PUBLISH_EXAMPLES)]
 pub struct PublishArgs {
-    /// Address to listen on.
-    #[arg(long, env = "LIGHTRELAY_LISTEN", default_value = "127.0.0.1:8765")]
+    /// Address to listen on: ADDR:PORT, localhost:PORT or :PORT (all interfaces).
+    #[arg(long, env = "LIGHTRELAY_LISTEN", default_value = "127.0.0.1:8765", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
     #[command(flatten)]
@@ -139,10 +179,10 @@ pub struct PublishArgs {
 
 /// `lightrelay-subscribe`: Redis SUBSCRIBE in, WebSocket out.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "lightrelay-subscribe", version, about)]
+#[command(name = "lightrelay-subscribe", version, about = SUBSCRIBE_ABOUT, after_help = SUBSCRIBE_EXAMPLES)]
 pub struct SubscribeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "LIGHTRELAY_LISTEN", default_value = "127.0.0.1:8767")]
+    /// Address to listen on: ADDR:PORT, localhost:PORT or :PORT (all interfaces).
+    #[arg(long, env = "LIGHTRELAY_LISTEN", default_value = "127.0.0.1:8767", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
     /// Most messages a client may have queued: past it, --slow-consumer applies at once
@@ -186,6 +226,28 @@ pub enum SlowConsumer {
     Close,
     /// Drop its backlog but the newest message, and count what was dropped.
     Skip,
+}
+
+/// `--listen`: `ADDR:PORT` (`[::1]:PORT` for IPv6), `localhost:PORT` (127.0.0.1) or `:PORT`,
+/// which means every interface (0.0.0.0), as nginx's `listen PORT` does.
+pub(crate) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let bad = || {
+        format!(
+            "'{s}' is not an address to listen on: expected ADDR:PORT (127.0.0.1:8765, \
+             [::1]:8765), localhost:PORT or :PORT (all interfaces)"
+        )
+    };
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    match host {
+        "" => Ok(SocketAddr::from(([0, 0, 0, 0], port))),
+        h if h.eq_ignore_ascii_case("localhost") => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+        _ => Err(bad()),
+    }
 }
 
 /// A Redis URL that fred accepted, kept with its text for logs (password hidden).
@@ -307,6 +369,8 @@ pub(crate) const HANDSHAKE_TIMEOUT: (Duration, Duration) = (ms(100), secs(600));
 pub(crate) const REDIS_TIMEOUT: (Duration, Duration) = (ms(100), secs(3_600));
 /// `--shutdown-timeout`: 0 drops clients at once; an hour bounds a stop that systemd waits for.
 pub(crate) const SHUTDOWN_TIMEOUT: (Duration, Duration) = (secs(0), secs(3_600));
+/// `--log-summary-interval`: 0 (none), else from 100 ms (for tests) to a day.
+pub(crate) const LOG_SUMMARY_INTERVAL: (Duration, Duration) = (ms(100), secs(86_400));
 /// `--max-message-bytes`: a message is held several times on its way (read buffer, frame,
 /// Redis command; per POST, the POST body budget holds eight of them), and Redis refuses bulk
 /// strings over 512 MB by default: 256 MiB stays clear of both.
@@ -338,6 +402,13 @@ fn handshake_timeout(s: &str) -> Result<Duration, String> {
 
 fn redis_timeout(s: &str) -> Result<Duration, String> {
     duration_in(s, REDIS_TIMEOUT)
+}
+
+fn log_summary_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Ok(Duration::ZERO),
+        _ => duration_in(s, LOG_SUMMARY_INTERVAL).map_err(|e| format!("{e} (or 0: none)")),
+    }
 }
 
 fn shutdown_timeout(s: &str) -> Result<Duration, String> {
@@ -474,6 +545,27 @@ mod tests {
         assert!(max_path_bytes("8193").is_err());
         assert!(max_connections("0").is_err());
         assert!(max_connections("18446744073709551616").is_err());
+    }
+
+    #[test]
+    fn listen_accepts_addr_port_colon_port_and_localhost() {
+        let addr = |s: &str| parse_listen(s).map(|a| a.to_string());
+        assert_eq!(addr("127.0.0.1:8765").unwrap(), "127.0.0.1:8765");
+        assert_eq!(addr("[::1]:8765").unwrap(), "[::1]:8765");
+        assert_eq!(addr(":8865").unwrap(), "0.0.0.0:8865");
+        assert_eq!(addr("localhost:8865").unwrap(), "127.0.0.1:8865");
+        assert_eq!(addr("LOCALHOST:8865").unwrap(), "127.0.0.1:8865");
+        for bad in [
+            "8865",
+            "localhost",
+            "example.org:8865",
+            ":99999",
+            ":",
+            "1.2.3:80",
+        ] {
+            let why = parse_listen(bad).unwrap_err();
+            assert!(why.contains(":PORT") && !why.contains('\n'), "{bad}: {why}");
+        }
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! place under `--max-connections-per-ip`), to its session. The abuse limits are
 //! `limits`'s: one call before the upgrade (origin, connections per address) and one before
 //! a POST body is read (rate per address).
+//! Owns too: the `/metrics` content negotiation (text 0.0.4 unless `Accept` prefers
+//! OpenMetrics), and the `debug` lines of a client connecting and leaving (with its address):
+//! only when debug is on are they worked out and carried by the connection's task.
 //! Must not: hold per-connection state after the upgrade, wait for the POST body budget, or
 //! block on Redis except for a POST publish (bounded by `--redis-timeout`).
 //! The token check (SPEC §8, `auth`) runs after the path is known and before anything else
@@ -39,7 +42,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::channel::ChannelName;
 use super::frames::Watched;
-use super::metrics::{Metrics, Refusal};
+use super::metrics::{Exposition, Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
 use super::write::socket::Socket;
 use crate::auth::{self, AuthRefusal, Grant};
@@ -105,16 +108,27 @@ pub(crate) async fn handle<R: Role>(
             Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
         (&Method::GET, "/metrics") => {
-            let mut response = reply(StatusCode::OK, relay.render_metrics());
+            let format = Exposition::asked_by(req.headers().get_all(header::ACCEPT));
+            let mut response = reply(StatusCode::OK, relay.render_metrics(format));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                HeaderValue::from_static(format.content_type()),
             );
             response
         }
         (&Method::POST, _) if relay.role.publishes() => post(relay, peer, req).await,
+        // Only the subscribe server without --accept-publish does not publish.
+        (&Method::POST, _) => {
+            let mut response = refusal(
+                StatusCode::UPGRADE_REQUIRED,
+                "this is the subscribe server: POST to publish goes to the publish server \
+                 (lightrelay-publish), or start this one with --accept-publish\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            response
+        }
         _ => {
             let mut response = refusal(
                 StatusCode::UPGRADE_REQUIRED,
@@ -343,6 +357,14 @@ async fn upgrade<R: Role>(
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let prepared = R::prepare(&relay, &channel).await;
+    // The client's comings and goings are logged at debug: when that is off (the usual case),
+    // this is one cached check and the connection's task carries nothing more.
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        (
+            relay.limits.client_address(peer, req.headers()),
+            channel.clone(),
+        )
+    });
     let task_relay = relay.clone();
     // Combinators, not an async block: the task holds the wait for the upgrade, then the
     // session, each once (see `start_session`).
@@ -357,11 +379,24 @@ async fn upgrade<R: Role>(
             }
         };
         match session {
-            Some(session) => futures_util::future::Either::Left(session),
-            None => futures_util::future::Either::Right(std::future::ready(())),
+            Some(session) => {
+                futures_util::future::Either::Left(futures_util::FutureExt::map(session, Some))
+            }
+            None => futures_util::future::Either::Right(std::future::ready(None)),
         }
     });
-    admission.spawn(&relay.tracker, task);
+    match logged {
+        None => admission.spawn(&relay.tracker, futures_util::FutureExt::map(task, drop)),
+        Some((client, channel)) => {
+            tracing::debug!(%client, %channel, ack, "client connected");
+            let task = futures_util::FutureExt::map(task, move |ending| {
+                if let Some(ending) = ending {
+                    tracing::debug!(%client, %channel, ?ending, "client left");
+                }
+            });
+            admission.spawn(&relay.tracker, task);
+        }
+    }
 
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -400,7 +435,7 @@ fn start_session<R: Role>(
     access: Access,
     prepared: R::Prepared,
     slot: Arc<ConnectionSlot<R>>,
-) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+) -> Option<impl std::future::Future<Output = super::session::Ending> + Send + 'static> {
     use futures_util::FutureExt;
     let ws_config = ws_config::<R>(relay.common.max_message_bytes);
     let Some((socket, read_ahead)) = into_socket(upgraded) else {

@@ -29,7 +29,7 @@ use super::config::CommonArgs;
 use super::http::RequestLineGuard;
 use super::metrics::{Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role};
-use super::{http, shutdown};
+use super::{http, shutdown, telemetry};
 use crate::auth::Auth;
 use crate::Error;
 
@@ -42,14 +42,14 @@ where
     F: FnOnce(&CommonArgs, &Metrics, &CancellationToken) -> Result<R, Error>,
 {
     if let Err(why) = common.check() {
-        eprintln!("error: {why}");
+        telemetry::error_line(format_args!("{why}"));
         return ExitCode::from(2);
     }
     // Keys are read before anything starts: auth on without a readable key is a bad flag.
     let auth = match Auth::from_args(&common.auth) {
         Ok(auth) => auth,
         Err(why) => {
-            eprintln!("error: {why}");
+            telemetry::error_line(format_args!("{why}"));
             return ExitCode::from(2);
         }
     };
@@ -60,7 +60,7 @@ where
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            telemetry::error_line(format_args!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -68,7 +68,7 @@ where
         let listener = match TcpListener::bind(listen).await {
             Ok(listener) => listener,
             Err(e) => {
-                eprintln!("error: cannot listen on {listen}: {e}");
+                telemetry::error_line(format_args!("cannot listen on {listen}: {e}"));
                 return ExitCode::FAILURE;
             }
         };
@@ -78,11 +78,11 @@ where
         let role = match start(&common, &metrics, &shutdown) {
             Ok(role) => role,
             Err(Error::Config(e)) => {
-                eprintln!("error: {e}");
+                telemetry::error_line(format_args!("{e}"));
                 return ExitCode::from(2);
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                telemetry::error_line(format_args!("{e}"));
                 return ExitCode::FAILURE;
             }
         };
@@ -92,7 +92,7 @@ where
             Ok(()) if shutdown::failure().is_some() => ExitCode::FAILURE,
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e}");
+                telemetry::error_line(format_args!("{e}"));
                 ExitCode::FAILURE
             }
         }
@@ -156,6 +156,11 @@ pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) ->
     tokio::spawn(shutdown::on_hangup(shutdown.clone(), move || {
         reload_keys(&reloading.auth)
     }));
+    tokio::spawn(telemetry::summarise(
+        relay.metrics.clone(),
+        relay.common.log_summary_interval,
+        shutdown.clone(),
+    ));
     let lingering = Arc::new(Semaphore::new(LINGERING_REFUSALS));
 
     let mut accept_errors = 0u32;

@@ -1,6 +1,8 @@
 //! Prometheus metrics: one registry per server process, rendered by `GET /metrics`.
 //!
-//! Owns: metric names, help texts, label values and the handles the hot paths increment.
+//! Owns: metric names, help texts, label values and the handles the hot paths increment; the
+//! two expositions (OpenMetrics as prometheus-client writes it, and Prometheus text 0.0.4
+//! converted from it, [`Exposition`]); the totals the log summary reads ([`Totals`]).
 //! Must not: compute anything on the message path beyond an atomic add per batch; gauges
 //! that need a walk over the hub (queued messages and bytes) are filled in at scrape time.
 //! Every label value of the counters alerts watch (drops, refusals, auth refusals, closes) is
@@ -85,6 +87,24 @@ pub enum Closed {
     not_allowed,
 }
 
+impl Closed {
+    /// Every reason, for summing `lightrelay_closed_total` (keep in step with the enum).
+    const ALL: [Closed; 12] = [
+        Closed::client,
+        Closed::broken,
+        Closed::going_away,
+        Closed::slow_consumer,
+        Closed::idle_timeout,
+        Closed::too_big,
+        Closed::message_timeout,
+        Closed::busy,
+        Closed::redis_unavailable,
+        Closed::protocol_error,
+        Closed::token_expired,
+        Closed::not_allowed,
+    ];
+}
+
 /// The kind of a Redis connection error (`lightrelay_redis_errors_total{kind}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -153,6 +173,24 @@ impl Flow {
         self.messages.inc_by(messages);
         self.bytes.inc_by(bytes);
     }
+
+    fn messages(&self) -> u64 {
+        self.messages.get()
+    }
+}
+
+/// What the periodic log summary compares from one interval to the next (read from the
+/// counters the hot paths already keep; nothing is counted for it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// WebSocket connections open now.
+    pub open: u64,
+    /// WebSocket connections closed since start.
+    pub closed: u64,
+    /// Messages received (from clients and from Redis) since start.
+    pub messages_in: u64,
+    /// Messages sent (to Redis and to clients) since start.
+    pub messages_out: u64,
 }
 
 /// The handles every part of a server increments, behind one `Arc`: a clone is one pointer,
@@ -440,17 +478,249 @@ impl Handles {
             .inc();
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// The counts the log summary reports.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            open: u64::try_from(self.connections.get()).unwrap_or(0),
+            closed: Closed::ALL
+                .iter()
+                .filter_map(|&reason| Some(self.closed.get(&ClosedLabel { reason })?.get()))
+                .sum(),
+            messages_in: self.ws_in.messages() + self.redis_in.messages(),
+            messages_out: self.ws_out.messages() + self.redis_out.messages(),
+        }
+    }
+
+    /// Every metric, in `format`.
+    pub fn render(&self, format: Exposition) -> String {
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        out
+        match format {
+            Exposition::OpenMetrics => out,
+            Exposition::Text004 => openmetrics_to_text_004(&out),
+        }
     }
+}
+
+/// The two expositions `/metrics` speaks (SPEC §5): Prometheus text 0.0.4 by default,
+/// OpenMetrics 1.0.0 when the scraper's `Accept` prefers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    Text004,
+    OpenMetrics,
+}
+
+impl Exposition {
+    /// What the `Accept` header lines ask for: OpenMetrics when they name
+    /// `application/openmetrics-text` with a quality above 0 and at least that of any
+    /// `text/plain` (Prometheus itself asks for OpenMetrics first, text 0.0.4 after); else
+    /// text 0.0.4, whatever else they name.
+    pub fn asked_by<'a>(accept: impl IntoIterator<Item = &'a hyper::header::HeaderValue>) -> Self {
+        let (mut openmetrics, mut text) = (0.0f32, 0.0f32);
+        for range in accept
+            .into_iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+        {
+            let mut params = range.split(';');
+            let media = params.next().unwrap_or("").trim();
+            let quality = params
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            if media.eq_ignore_ascii_case("application/openmetrics-text") {
+                openmetrics = openmetrics.max(quality);
+            } else if media.eq_ignore_ascii_case("text/plain") {
+                text = text.max(quality);
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Exposition::OpenMetrics
+        } else {
+            Exposition::Text004
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::Text004 => "text/plain; version=0.0.4; charset=utf-8",
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// prometheus-client writes only OpenMetrics; Prometheus's text format 0.0.4 differs in what
+/// this converts: a counter's `# HELP`/`# TYPE` name its samples (`x_total`, where OpenMetrics
+/// names the family `x`), `info` becomes a gauge named `x_info` and types 0.0.4 does not know
+/// become `untyped`; `# UNIT` lines, a counter's `_created` samples, exemplars and `# EOF`
+/// are left out. Label values and help texts are escaped alike in both, and this registry
+/// writes no timestamps (which differ in unit).
+pub(crate) fn openmetrics_to_text_004(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // The `# HELP` line of the family being read, held until its `# TYPE` names its type.
+    let mut help: Option<(&str, &str)> = None;
+    // The family being read: its OpenMetrics name and type.
+    let mut family: (&str, &str) = ("", "");
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            family = (name, kind);
+            let (suffix, kind) = match kind {
+                "counter" => ("_total", "counter"),
+                "gauge" | "histogram" | "summary" => ("", kind),
+                "info" => ("_info", "gauge"),
+                _ => ("", "untyped"),
+            };
+            if let Some((help_name, text)) = help.take() {
+                if help_name == name {
+                    out.push_str(&format!("# HELP {name}{suffix} {text}\n"));
+                }
+            }
+            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            // `# UNIT`, `# EOF`, other comments.
+            continue;
+        }
+        let (name, rest) = split_sample(line);
+        if family.1 == "counter" && name.strip_suffix("_created") == Some(family.0) {
+            continue;
+        }
+        // An exemplar follows the value (and optional timestamp) after ` # `.
+        let value = rest.split_once(" # ").map_or(rest, |(value, _)| value);
+        out.push_str(&line[..line.len() - rest.len()]);
+        out.push_str(value);
+        out.push('\n');
+    }
+    out
+}
+
+/// A sample line's metric name, and what follows its name and labels (` value …`).
+fn split_sample(line: &str) -> (&str, &str) {
+    let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+    let name = &line[..name_end];
+    if !line[name_end..].starts_with('{') {
+        return (name, &line[name_end..]);
+    }
+    // Past the closing brace, minding quoted label values with escapes.
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in line[name_end..].char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return (name, &line[name_end + i + 1..]),
+            _ => {}
+        }
+    }
+    (name, "")
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::HeaderValue;
+
+    #[test]
+    fn text_004_names_counters_by_their_samples_and_drops_what_it_does_not_know() {
+        let openmetrics = "\
+# HELP lightrelay_messages Messages relayed, by direction
+# TYPE lightrelay_messages counter
+lightrelay_messages_total{direction=\"ws_in\"} 3
+lightrelay_messages_created{direction=\"ws_in\"} 1700000000.0
+# HELP lightrelay_connections Open WebSocket connections
+# TYPE lightrelay_connections gauge
+lightrelay_connections 2
+# HELP build Build, with an odd label
+# TYPE build info
+# UNIT build x
+build_info{v=\"a}b \\\" # c\"} 1 # {trace=\"1\"} 0.5
+# HELP lat Latency
+# TYPE lat histogram
+lat_bucket{le=\"+Inf\"} 1
+lat_sum 0.25
+lat_count 1
+# EOF
+";
+        assert_eq!(
+            openmetrics_to_text_004(openmetrics),
+            "\
+# HELP lightrelay_messages_total Messages relayed, by direction
+# TYPE lightrelay_messages_total counter
+lightrelay_messages_total{direction=\"ws_in\"} 3
+# HELP lightrelay_connections Open WebSocket connections
+# TYPE lightrelay_connections gauge
+lightrelay_connections 2
+# HELP build_info Build, with an odd label
+# TYPE build_info gauge
+build_info{v=\"a}b \\\" # c\"} 1
+# HELP lat Latency
+# TYPE lat histogram
+lat_bucket{le=\"+Inf\"} 1
+lat_sum 0.25
+lat_count 1
+"
+        );
+    }
+
+    #[test]
+    fn the_registry_renders_in_both_expositions() {
+        let metrics = Metrics::new();
+        metrics.ws_in.add(1, 2);
+        let text = metrics.render(Exposition::Text004);
+        assert!(
+            text.contains("# TYPE lightrelay_messages_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("lightrelay_messages_total{direction=\"ws_in\"} 1\n"));
+        assert!(!text.contains("# EOF"), "{text}");
+        let open = metrics.render(Exposition::OpenMetrics);
+        assert!(
+            open.contains("# TYPE lightrelay_messages counter\n"),
+            "{open}"
+        );
+        assert!(open.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn accept_chooses_openmetrics_only_when_asked_for_first() {
+        let asked = |values: &[&'static str]| {
+            let values: Vec<HeaderValue> =
+                values.iter().map(|v| HeaderValue::from_static(v)).collect();
+            Exposition::asked_by(&values)
+        };
+        assert_eq!(asked(&[]), Exposition::Text004);
+        assert_eq!(asked(&["*/*"]), Exposition::Text004);
+        assert_eq!(asked(&["text/plain;version=0.0.4"]), Exposition::Text004);
+        // Prometheus 2.x and 3.x.
+        assert_eq!(
+            asked(&["application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"]),
+            Exposition::OpenMetrics
+        );
+        assert_eq!(
+            asked(&["text/plain;q=1.0, application/openmetrics-text;q=0.5"]),
+            Exposition::Text004
+        );
+        assert_eq!(
+            asked(&["application/openmetrics-text;q=0"]),
+            Exposition::Text004
+        );
+        assert_eq!(
+            asked(&["text/html", "Application/OpenMetrics-Text"]),
+            Exposition::OpenMetrics
+        );
     }
 }

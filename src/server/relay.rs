@@ -25,7 +25,7 @@ use super::config::CommonArgs;
 use super::frames::Watched;
 use super::http::Reply;
 use super::limits::Limits;
-use super::metrics::Metrics;
+use super::metrics::{Exposition, Metrics};
 use super::session::Ending;
 use super::write::socket::Socket;
 use crate::auth::{Auth, Grant};
@@ -164,21 +164,20 @@ impl<R: Role> Relay<R> {
         Some(ConnectionSlot(self.clone()))
     }
 
-    pub fn render_metrics(&self) -> String {
+    pub fn render_metrics(&self, format: Exposition) -> String {
         self.role.before_scrape(&self.metrics);
-        self.metrics.render()
+        self.metrics.render(format)
     }
 
     /// Run an upgraded connection to its end, then count how it ended and free its slot
-    /// (the connection's, taken when it was accepted).
+    /// (the connection's, taken when it was accepted); its output says how it ended.
     pub fn serve(
         self: &Arc<Self>,
         connection: Upgraded,
         prepared: R::Prepared,
         slot: Arc<ConnectionSlot<R>>,
-    ) -> impl Future<Output = ()> + Send + 'static {
+    ) -> impl Future<Output = Ending> + Send + 'static {
         use futures_util::FutureExt;
-        let channel = connection.channel.clone();
         let session = R::serve(self.clone(), connection, prepared);
         let open = OpenSession::new(self.metrics.clone());
         // A combinator, not an `async move` block awaiting `session`: such a block keeps the
@@ -186,9 +185,9 @@ impl<R: Role> Relay<R> {
         // layer doubled the connection's task (3.4 KB instead of 1.8 KB per connection).
         session.map(move |ending| {
             open.0.closed(ending.label());
-            tracing::debug!(channel = %channel, ending = ?ending, "connection closed");
             drop(open);
             drop(slot);
+            ending
         })
     }
 }

@@ -784,6 +784,11 @@ impl StderrLines {
         .await
     }
 
+    /// The lines read so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
     /// Everything the child wrote, once it has exited (its stderr is then closed).
     pub fn all(self) -> String {
         let _ = self.reader.join();
