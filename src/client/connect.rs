@@ -24,9 +24,9 @@ use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::{ProtocolError, SubProtocolError, UrlError};
 use tokio_tungstenite::tungstenite::http::header::{InvalidHeaderValue, AUTHORIZATION};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::error::{ProtocolError, SubProtocolError, UrlError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
@@ -85,7 +85,9 @@ pub enum ConnectError {
     /// The client offered a subprotocol and the server selected none (handled by `pub`).
     #[error("the server did not select the offered subprotocol")]
     NoSubprotocol,
-    #[error("the server answered with a subprotocol the client did not offer: not a lightrelay server?")]
+    #[error(
+        "the server answered with a subprotocol the client did not offer: not a lightrelay server?"
+    )]
     Subprotocol(SubProtocolError),
     #[error("{0}")]
     Failed(tungstenite::Error),
@@ -278,10 +280,12 @@ impl Tls {
                 });
             }
             for cert in certs {
-                roots.add(cert.clone()).map_err(|source| TlsError::Rejected {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                roots
+                    .add(cert.clone())
+                    .map_err(|source| TlsError::Rejected {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
                 pinned.push(cert);
             }
         }
@@ -341,7 +345,10 @@ impl ServerCertVerifier for Verifier {
         ) {
             Err(rustls::Error::InvalidCertificate(CertificateError::Other(other)))
                 if is_ca_used_as_end_entity(&other)
-                    && self.pinned.iter().any(|c| c.as_ref() == end_entity.as_ref()) =>
+                    && self
+                        .pinned
+                        .iter()
+                        .any(|c| c.as_ref() == end_entity.as_ref()) =>
             {
                 let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
                 rustls::client::verify_server_name(&cert, server_name)?;
@@ -476,6 +483,70 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A self-signed certificate for relay.local with the CA flag, as `openssl req -x509`
+    /// makes, valid `from`..`until` (years).
+    fn ca_certificate(from: i32, until: i32) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(vec!["relay.local".to_string()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn verifier(pinned: &[CertificateDer<'static>]) -> Verifier {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in pinned {
+            roots.add(cert.clone()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Verifier {
+            webpki: WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap(),
+            pinned: pinned.to_vec(),
+        }
+    }
+
+    fn verify(verifier: &Verifier, cert: &CertificateDer<'_>, name: &str) -> Result<(), String> {
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        verifier
+            .verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_pinned_ca_certificate_is_the_servers_own_only_for_its_name_and_dates() {
+        let cert = ca_certificate(2020, 2090);
+        let other = ca_certificate(2020, 2090);
+        // Given with --ca and presented as is: accepted, for its own name only.
+        assert_eq!(
+            verify(&verifier(std::slice::from_ref(&cert)), &cert, "relay.local"),
+            Ok(())
+        );
+        let wrong_name = verify(&verifier(std::slice::from_ref(&cert)), &cert, "other.local");
+        assert!(wrong_name.unwrap_err().contains("not valid for name"));
+        // Another CA certificate presented as the server's own: still refused.
+        let refused = verify(
+            &verifier(std::slice::from_ref(&cert)),
+            &other,
+            "relay.local",
+        );
+        assert!(refused.is_err());
+        // Expired (webpki checks the dates before the CA flag: this holds that order).
+        let expired = ca_certificate(2000, 2001);
+        let refused = verify(
+            &verifier(std::slice::from_ref(&expired)),
+            &expired,
+            "relay.local",
+        );
+        assert!(
+            refused.unwrap_err().contains("expired"),
+            "expired is refused"
+        );
+    }
 
     #[test]
     fn a_printed_url_hides_its_token() {
