@@ -774,3 +774,16 @@ async fn pub_goes_on_without_acks_where_the_server_selects_none_and_no_ack_asks_
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(&watcher.next().await[..], b"417");
 }
+
+#[tokio::test]
+async fn pub_exits_1_when_the_server_closes_with_1009_instead_of_resending_for_ever() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &["--max-message-bytes", "16"]).await;
+    let mut client = spawn_pub(&["pub", &publish.ws("/big")]);
+    let mut stdin = client.stdin.take().unwrap();
+    writeln!(stdin, "{}", "x".repeat(100)).unwrap();
+    let (code, _, stderr) = finish(client).await;
+    drop(stdin);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(one_line(&stderr).contains("1009"), "{stderr}");
+}

@@ -7,7 +7,7 @@
 //! each in one sentence a person understands) and which failures are permanent
 //! ([`ConnectError::is_final`]: 3xx/4xx answers but 408 and 429, a certificate the client
 //! refuses, TLS to a plain port, a refused subprotocol; the rest is retried), why a
-//! connection ended ([`Lost`]), [`Backoff`] (exponential with jitter, every wait under 30 s;
+//! connection ended ([`Lost`], final for 1009/1003/1002: [`Lost::is_final`]), [`Backoff`] (exponential with jitter, every wait under 30 s;
 //! the `backon` crate computes it) and [`shown`] (a URL as printed, any `token=` in it
 //! hidden). Must not: read input or write output, or put a token in anything it returns.
 
@@ -244,6 +244,21 @@ impl Lost {
                 .is_none_or(|f| matches!(f.code, CloseCode::Normal | CloseCode::Away)),
             _ => false,
         }
+    }
+}
+
+impl Lost {
+    /// A close that reconnecting cannot change: 1009 (a message over the server's limit:
+    /// resent, it would be refused again), 1003 (data the server does not take) or 1002 (a
+    /// protocol error). Other closes (1001 going away, 1011, 1012 restarting, 1013 try again
+    /// later, 1008 slow consumer …) and broken connections are retried.
+    pub fn is_final(&self) -> bool {
+        use tungstenite::protocol::frame::coding::CloseCode;
+        matches!(
+            self,
+            Lost::Closed(Some(frame))
+                if matches!(frame.code, CloseCode::Size | CloseCode::Unsupported | CloseCode::Protocol)
+        )
     }
 }
 

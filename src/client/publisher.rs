@@ -204,6 +204,11 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
                         eprintln!("lightrelay: {e}");
                         return ExitCode::FAILURE;
                     }
+                    // 1009 (a message over the server's limit): resending it cannot help.
+                    End::Lost(why) if why.is_final() => {
+                        eprintln!("lightrelay: {}: {why}", shown(&args.url));
+                        return ExitCode::FAILURE;
+                    }
                     End::Lost(why) => why,
                 }
             }
