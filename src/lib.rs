@@ -37,6 +37,12 @@ pub mod subscribe;
 /// select it, the client and the bench offer it.
 pub const ACK_PROTOCOL: &str = "lightrelay.ack";
 
+/// The response header of a server's WebSocket handshake that names it: `publish` or
+/// `subscribe`. The client reads it to say "this is the other server" instead of waiting for
+/// messages that never come (a `sub` aimed at the publish port) or publishing into a
+/// subscribe server that discards what it is sent.
+pub const ROLE_HEADER: &str = "lightrelay-role";
+
 /// Lock `mutex`, also when a thread panicked while holding it. Every mutex in lightrelay
 /// guards state that each update leaves consistent in one step (a push, a swap, an
 /// assignment, a map insert), so a poisoned lock is still safe to use; refusing it would turn

@@ -467,3 +467,323 @@ async fn wss_works_with_a_self_signed_certificate_given_with_ca_and_fails_withou
     assert_eq!(&watcher.next().await[..], b"over tls");
     let _ = std::fs::remove_file(pem);
 }
+
+/// The README's `openssl` recipe for a self-signed certificate, run as written in `dir`;
+/// returns the certificate and key files it made.
+fn readme_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("# a self-signed certificate for relay.local")
+        .expect("the README's certificate recipe");
+    let block = &readme[start..];
+    let block = &block[..block.find("```").unwrap()];
+    // The block is indented under its list item.
+    let script: String = block
+        .lines()
+        .map(|l| format!("{}\n", l.trim_start()))
+        .collect();
+    assert!(script.contains("openssl req -x509"), "{script}");
+    let status = Command::new("sh")
+        .args(["-e", "-c", &script])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the README's openssl recipe failed:\n{script}"
+    );
+    (dir.join("relay.pem"), dir.join("relay.key"))
+}
+
+/// A TLS terminator presenting `cert` (PEM, with its `key`) in front of `backend`.
+async fn tls_proxy_with(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    backend: std::net::SocketAddr,
+) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        for _ in 0..16 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut upstream = TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    port
+}
+
+/// The lines a failed client wrote: exactly one, and no retry.
+fn one_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, no retry: {stderr}");
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    lines[0]
+}
+
+#[tokio::test]
+async fn the_readmes_openssl_certificate_works_with_ca_and_certificate_errors_are_final() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let dir = temp_dir("client-openssl");
+    let (cert, key) = readme_certificate(&dir);
+    let port = tls_proxy_with(&cert, &key, publish.addr).await;
+    let ca = cert.to_str().unwrap();
+    let mut watcher = redis.subscribe("lightlevel/lan").await;
+
+    // The certificate openssl makes by default (CA flag set) is accepted as the server's own.
+    let mut client = spawn_pub(&["pub", "--ca", ca, &format!("wss://127.0.0.1:{port}/lan")]);
+    client
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"over tls\n")
+        .unwrap();
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(&watcher.next().await[..], b"over tls");
+
+    // Still checked: the name. `localhost` is not in the certificate: final, one sentence.
+    let client = spawn_sub(&["sub", "--ca", ca, &format!("wss://localhost:{port}/lan")]);
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        one_line(&stderr).contains("not for this host name"),
+        "{stderr}"
+    );
+
+    // Without --ca (and without --once): final too, saying what to do.
+    let client = spawn_sub(&["sub", &format!("wss://127.0.0.1:{port}/lan")]);
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(one_line(&stderr).contains("--ca"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A plain HTTP server that answers every request with `status` (and `Location` for a
+/// redirect), for the refusals a relay does not make itself.
+async fn answering(status: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for _ in 0..32 {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = 0;
+                while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") && got < buf.len() {
+                    match tcp.read(&mut buf[got..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                let body = "the answer of this test server\n";
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\nlocation: ws://elsewhere/\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn permanent_refusals_exit_1_in_one_line_and_transient_ones_are_retried() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+
+    // 400 from the relay itself: a path over --max-path-bytes.
+    let long = format!("/{}", "x".repeat(300));
+    for command in ["pub", "sub"] {
+        let mut client = if command == "pub" {
+            spawn_pub(&["pub", &publish.ws(&long)])
+        } else {
+            spawn_sub(&["sub", &publish.ws(&long)])
+        };
+        let stdin = client.stdin.take();
+        let (code, _, stderr) = finish(client).await;
+        drop(stdin);
+        assert_eq!(code, Some(1), "{command}: {stderr}");
+        assert!(
+            one_line(&stderr).contains("HTTP 400"),
+            "{command}: {stderr}"
+        );
+    }
+
+    // 404 and a redirect from another server.
+    for (status, says) in [
+        ("404 Not Found", "HTTP 404"),
+        ("301 Moved Permanently", "ws://elsewhere/"),
+    ] {
+        let addr = answering(status).await;
+        let client = spawn_sub(&["sub", &format!("ws://{addr}/office")]);
+        let (code, _, stderr) = finish(client).await;
+        assert_eq!(code, Some(1), "{status}: {stderr}");
+        assert!(one_line(&stderr).contains(says), "{status}: {stderr}");
+    }
+
+    // wss:// to the relay's plain port.
+    let client = spawn_sub(&["sub", &format!("wss://{}/office", publish.addr)]);
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(one_line(&stderr).contains("plain ws:// port"), "{stderr}");
+
+    // 503 (a relay over its limit) is transient: retried.
+    let addr = answering("503 Service Unavailable").await;
+    let mut client = spawn_sub(&["sub", &format!("ws://{addr}/office")]);
+    let stderr = StderrLines::read(&mut client);
+    stderr
+        .wait_for("two retries after 503", |lines| {
+            lines
+                .iter()
+                .filter(|l| l.contains("HTTP 503") && l.contains("retrying"))
+                .count()
+                >= 2
+        })
+        .await;
+    let _ = Command::new("kill")
+        .args(["-KILL", &client.id().to_string()])
+        .status();
+    let _ = client.wait();
+}
+
+#[tokio::test]
+async fn sub_at_the_publish_port_and_pub_at_a_subscribe_server_exit_1_saying_so() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+
+    let client = spawn_sub(&["sub", &publish.ws("/office")]);
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(one_line(&stderr).contains("publish server"), "{stderr}");
+
+    // Input stays open: only the refusal can end the client.
+    let mut client = spawn_pub(&["pub", &subscribe.ws("/office")]);
+    let stdin = client.stdin.take();
+    let (code, _, stderr) = finish(client).await;
+    drop(stdin);
+    assert_eq!(code, Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("subscribe server") && last.contains("--accept-publish"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("retrying"), "{stderr}");
+}
+
+/// A WebSocket server that is not a relay: selects no subprotocol, keeps what it receives.
+async fn plain_websocket_server() -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<String>) {
+    use futures_util::StreamExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        for _ in 0..8 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                        let _ = tx.send(text.to_string()).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn pub_goes_on_without_acks_where_the_server_selects_none_and_no_ack_asks_for_that() {
+    let (addr, mut received) = plain_websocket_server().await;
+    for no_ack in [false, true] {
+        let mut args = vec!["pub"];
+        if no_ack {
+            args.push("--no-ack");
+        }
+        let url = format!("ws://{addr}/elsewhere");
+        args.push(&url);
+        let mut client = spawn_pub(&args);
+        client
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"one\ntwo\nthree\n")
+            .unwrap();
+        let (code, _, stderr) = finish(client).await;
+        assert_eq!(code, Some(0), "--no-ack {no_ack}: {stderr}");
+        for want in ["one", "two", "three"] {
+            let got = tokio::time::timeout(PATIENCE, received.recv())
+                .await
+                .unwrap();
+            assert_eq!(got.as_deref(), Some(want), "--no-ack {no_ack}");
+        }
+        let said = stderr.matches("without acknowledgements").count();
+        assert_eq!(
+            said,
+            if no_ack { 0 } else { 1 },
+            "said once, or not at all: {stderr}"
+        );
+        assert!(!stderr.contains("retrying"), "{stderr}");
+    }
+
+    // --no-ack against the relay itself publishes too.
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let mut watcher = redis.subscribe("lightlevel/na").await;
+    let mut client = spawn_pub(&["pub", "--no-ack", &publish.ws("/na")]);
+    client.stdin.take().unwrap().write_all(b"417\n").unwrap();
+    let (code, _, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(&watcher.next().await[..], b"417");
+}
+
+#[tokio::test]
+async fn pub_exits_1_when_the_server_closes_with_1009_instead_of_resending_for_ever() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &["--max-message-bytes", "16"]).await;
+    let mut client = spawn_pub(&["pub", &publish.ws("/big")]);
+    let mut stdin = client.stdin.take().unwrap();
+    writeln!(stdin, "{}", "x".repeat(100)).unwrap();
+    let (code, _, stderr) = finish(client).await;
+    drop(stdin);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(one_line(&stderr).contains("1009"), "{stderr}");
+}

@@ -3,7 +3,8 @@
 //! The browser part is `tests/browser/live_page.mjs` (playwright-core driving Debian's
 //! `chromium`); this file owns Redis and both servers and does what the script asks over its
 //! stdin/stdout: stop the subscribe server, start it again on the same address, wait for the
-//! Redis subscription of a path. The screenshot lands in `target/live-page.png`.
+//! Redis subscription of a path, kill Redis and restart it. The screenshots land in
+//! `target/live-page.png` (and `live-page-no-redis.png`: the page while Redis is down).
 
 mod common;
 
@@ -136,9 +137,12 @@ async fn subscribe_server_serves_the_page_and_its_files() {
 #[tokio::test(flavor = "multi_thread")]
 async fn live_page_in_headless_chromium() {
     browser_deps();
-    let redis = Redis::start().await;
+    let mut redis = Redis::start().await;
     let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
-    let mut subscribe = Some(Server::start(Kind::Subscribe, &redis.url(), &[]).await);
+    // The subscribe server's /healthz sees a dead Redis within a ping interval (SPEC §5): 1 s,
+    // for the page's Redis state in step 7.
+    let flags = ["--ping-interval", "1s"];
+    let mut subscribe = Some(Server::start(Kind::Subscribe, &redis.url(), &flags).await);
     let subscribe_addr = subscribe.as_ref().unwrap().addr;
 
     let target = root().join("target");
@@ -160,10 +164,12 @@ async fn live_page_in_headless_chromium() {
     let passed = run_browser(&args, async |command: &str, arg: &str| match command {
         "subscribed" => redis.wait_numsub(&format!("lightlevel{arg}"), 1).await,
         "stop-subscribe" => drop(subscribe.take().expect("already stopped")),
+        "stop-redis" => redis.kill(),
+        "start-redis" => redis.restart().await,
         "start-subscribe" => {
             assert!(subscribe.is_none(), "already running");
             subscribe =
-                Some(Server::start_at(Kind::Subscribe, subscribe_addr, &redis.url(), &[]).await);
+                Some(Server::start_at(Kind::Subscribe, subscribe_addr, &redis.url(), &flags).await);
         }
         other => panic!("unknown request from the browser test: {other:?}"),
     })

@@ -59,6 +59,12 @@ pub struct PubArgs {
     #[arg(long, value_name = "FILE", num_args = 1..)]
     pub binary: Vec<PathBuf>,
 
+    /// Do not ask for acknowledgements (for a WebSocket endpoint other than a lightrelay
+    /// publish server): a message counts as sent once written, and one in flight when a
+    /// connection drops can be lost.
+    #[arg(long, env = "LIGHTRELAY_NO_ACK")]
+    pub no_ack: bool,
+
     #[command(flatten)]
     pub token: TokenArg,
 }

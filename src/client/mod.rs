@@ -41,7 +41,7 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let tls = match connect::Tls::new(cli.ca.as_deref()) {
             Ok(tls) => tls,
             Err(e) => {
@@ -55,5 +55,10 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Token(args) => token::run(args),
         }
-    })
+    });
+    // Not a plain drop: that waits for blocking tasks, and a read of standard input that is
+    // still open (a sensor pipe, a terminal) never ends: the client would hang after saying
+    // why it stops.
+    runtime.shutdown_background();
+    code
 }

@@ -6,8 +6,12 @@
 //! accounting while disconnected. While connected, input is read only when the queue has
 //! room, so back-pressure reaches the producer; while disconnected, input keeps being read
 //! and the oldest messages are dropped past `--buffer` (a sensor should never block), with
-//! the count reported on stderr. A 401 or 403 answer (the token is missing, bad, expired or
-//! does not cover the path) ends it with exit 1: resending cannot change that.
+//! the count reported on stderr. A permanent failure ([`ConnectError::is_final`]: 4xx, a
+//! refused certificate, TLS to a plain port …) ends it with one line and exit 1: resending
+//! cannot change that. Without acknowledgements (`--no-ack`, or a server that does not select
+//! `lightrelay.ack`, said once on stderr: SPEC §6) a message counts as delivered once written
+//! to the socket; a lightrelay subscribe server that did not select the subprotocol discards
+//! what it is sent, so that ends it with exit 1 too.
 //! Must not: print anything on stdout.
 
 use std::collections::VecDeque;
@@ -24,7 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::args::PubArgs;
-use super::connect::{open, shown, Backoff, Lost, Tls, Ws};
+use super::connect::{open, shown, Backoff, ConnectError, Lost, Opened, Role, Tls, Ws};
 use super::INTERRUPTED;
 
 use crate::ACK_PROTOCOL;
@@ -142,8 +146,12 @@ enum Failure {
     UnexpectedAck,
     #[error("reading input: {0}")]
     Input(#[from] io::Error),
-    #[error("{url} did not accept the {ACK_PROTOCOL} subprotocol: not a lightrelay server?")]
-    NoAckProtocol { url: String },
+    #[error(
+        "{url}: this is a lightrelay subscribe server, which discards what it is sent here (it \
+         runs without --accept-publish, or the token may not publish): publish to the publish \
+         server (port 8765, or /publish/ behind nginx)"
+    )]
+    SubscribeServer { url: String },
 }
 
 pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
@@ -156,6 +164,8 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
         dropped_unreported: 0,
     };
     let mut backoff = Backoff::default();
+    // Acknowledged until told otherwise (--no-ack) or the server selects no lightrelay.ack.
+    let mut ack = !args.no_ack;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
 
@@ -163,31 +173,52 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
         if source.done() && pending.messages.is_empty() {
             return finish(&mut pending);
         }
+        let protocol = ack.then_some(ACK_PROTOCOL);
         let connected = tokio::select! {
-            connected = open(&args.url, Some(ACK_PROTOCOL), args.token.value.as_ref(), &tls) => connected,
+            connected = open(&args.url, protocol, args.token.value.as_ref(), &tls) => connected,
             _ = &mut ctrl_c => return interrupted(&pending),
         };
         let problem = match connected {
-            Ok((ws, true)) => {
+            Ok(Opened {
+                role: Some(Role::Subscribe),
+                selected: false,
+                ..
+            }) if !args.no_ack => {
+                // Offered lightrelay.ack and a subscribe server did not take it: it would
+                // discard every message.
+                let url = shown(&args.url);
+                eprintln!("lightrelay: {}", Failure::SubscribeServer { url });
+                return ExitCode::FAILURE;
+            }
+            Ok(opened) if ack && !opened.selected => {
+                no_ack_from_now_on(&args.url, &mut ack);
+                continue;
+            }
+            Ok(Opened { ws, .. }) => {
                 backoff.reset();
                 pending.report_drops();
-                match session(ws, &mut source, &mut pending, &mut ctrl_c).await {
+                match session(ws, ack, &mut source, &mut pending, &mut ctrl_c).await {
                     End::Done => return finish(&mut pending),
                     End::Interrupted => return interrupted(&pending),
                     End::Failed(e) => {
                         eprintln!("lightrelay: {e}");
                         return ExitCode::FAILURE;
                     }
+                    // 1009 (a message over the server's limit): resending it cannot help.
+                    End::Lost(why) if why.is_final() => {
+                        eprintln!("lightrelay: {}: {why}", shown(&args.url));
+                        return ExitCode::FAILURE;
+                    }
                     End::Lost(why) => why,
                 }
             }
-            Ok((_, false)) => {
-                let url = shown(&args.url);
-                eprintln!("lightrelay: {}", Failure::NoAckProtocol { url });
-                return ExitCode::FAILURE;
+            // Another relay, or a proxy that drops the header: go on unacknowledged, at once
+            // (this happens once: `ack` stays false).
+            Err(ConnectError::NoSubprotocol) if ack => {
+                no_ack_from_now_on(&args.url, &mut ack);
+                continue;
             }
-            // A missing, bad or expired token, or one that does not cover the path: no
-            // reconnect changes that.
+            // A refusal no reconnect changes (4xx, certificate, not TLS …): one line, exit 1.
             Err(e) if e.is_final() => {
                 eprintln!("lightrelay: {}: {e}", shown(&args.url));
                 return ExitCode::FAILURE;
@@ -221,6 +252,17 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
     }
 }
 
+/// Say once that acknowledgements are off, and turn them off.
+fn no_ack_from_now_on(url: &str, ack: &mut bool) {
+    eprintln!(
+        "lightrelay: {}: the server did not select the {ACK_PROTOCOL} subprotocol; going on \
+         without acknowledgements (a message in flight when a connection drops can be lost; \
+         --no-ack skips this check)",
+        shown(url)
+    );
+    *ack = false;
+}
+
 enum Step {
     Fed,
     Flushed,
@@ -238,6 +280,7 @@ async fn step(
 
 async fn session<F>(
     ws: Ws,
+    ack: bool,
     source: &mut Source,
     pending: &mut Pending,
     ctrl_c: &mut std::pin::Pin<&mut F>,
@@ -270,6 +313,8 @@ where
             biased;
             _ = &mut *ctrl_c => return End::Interrupted,
             frame = stream.next() => match frame {
+                // Without acknowledgements, whatever the server sends is not ours to count.
+                Some(Ok(Message::Text(_))) if !ack => {}
                 Some(Ok(Message::Text(_))) => {
                     if pending.sent == 0 {
                         return End::Failed(Failure::UnexpectedAck);
@@ -287,7 +332,14 @@ where
                     pending.sent += 1;
                     unflushed = true;
                 }
-                Ok(Step::Flushed) => unflushed = false,
+                Ok(Step::Flushed) => {
+                    unflushed = false;
+                    if !ack {
+                        // Written to the socket is as delivered as it gets without acks.
+                        pending.messages.drain(..pending.sent);
+                        pending.sent = 0;
+                    }
+                }
                 Err(e) => return End::Lost(Lost::Broken(e)),
             },
             next = source.next(), if can_read => match next {

@@ -1,7 +1,11 @@
 //! `lightrelay sub`: messages → standard output, one per line.
 //!
 //! Owns: the output format (text as is, binary as base64 unless `--raw`), `--count`, and
-//! reconnecting unless `--once` (or the server refused the token: 401/403 exit 1 at once). Must not: send anything but the close handshake.
+//! reconnecting unless `--once` (or the failure is permanent, [`ConnectError::is_final`]: one
+//! line, exit 1; also when the server is a lightrelay publish server, which sends
+//! subscribers nothing). Must not: send anything but the close handshake.
+//!
+//! [`ConnectError::is_final`]: super::connect::ConnectError::is_final
 
 use std::process::ExitCode;
 
@@ -11,7 +15,7 @@ use tokio::io::{AsyncWriteExt, Stdout};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::args::SubArgs;
-use super::connect::{open, shown, Backoff, Lost, Tls};
+use super::connect::{open, shown, Backoff, Lost, Opened, Role, Tls};
 use super::INTERRUPTED;
 
 pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
@@ -30,7 +34,21 @@ pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
             _ = &mut ctrl_c => return ExitCode::from(INTERRUPTED),
         };
         let problem = match connected {
-            Ok((mut ws, _)) => {
+            Ok(Opened {
+                role: Some(Role::Publish),
+                mut ws,
+                ..
+            }) => {
+                let _ = ws.close(None).await;
+                eprintln!(
+                    "lightrelay: {}: this is the lightrelay publish server, which sends \
+                     subscribers nothing: subscribe on the subscribe server (port 8767, or \
+                     /subscribe/ behind nginx)",
+                    shown(&args.url)
+                );
+                return ExitCode::FAILURE;
+            }
+            Ok(Opened { mut ws, .. }) => {
                 backoff.reset();
                 loop {
                     let frame = tokio::select! {
@@ -75,7 +93,7 @@ pub async fn run(args: SubArgs, tls: Tls) -> ExitCode {
                     }
                 }
             }
-            // 401/403: a reconnect would be refused the same way.
+            // 4xx, a refused certificate, not TLS …: a reconnect would fail the same way.
             Err(e) if e.is_final() => {
                 eprintln!("lightrelay: {}: {e}", shown(&args.url));
                 return ExitCode::FAILURE;

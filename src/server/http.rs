@@ -46,7 +46,7 @@ use super::metrics::{Exposition, Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
 use super::write::socket::Socket;
 use crate::auth::{self, AuthRefusal, Grant};
-use crate::ACK_PROTOCOL;
+use crate::{ACK_PROTOCOL, ROLE_HEADER};
 
 /// Every answer to a plain request.
 pub(crate) type Reply = Response<Full<Bytes>>;
@@ -406,6 +406,11 @@ async fn upgrade<R: Role>(
     if let Ok(accept) = HeaderValue::from_str(&accept) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
+    // Which server this is, for a client aimed at the wrong port (once per handshake).
+    headers.insert(
+        header::HeaderName::from_static(ROLE_HEADER),
+        HeaderValue::from_static(R::NAME),
+    );
     if ack {
         headers.insert(
             header::SEC_WEBSOCKET_PROTOCOL,

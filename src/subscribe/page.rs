@@ -10,9 +10,13 @@
 //! A relay with tokens (SPEC §8): the page takes one from its own `?token=` or its Token field,
 //! keeps it in the tab's sessionStorage (never localStorage) and sends it as `?token=` on its
 //! WebSocket (a browser cannot set the header); the page never displays it.
+//! The page also shows the relay's Redis state beside its connection state: it asks
+//! `healthz` every 5 s on its socket's base (same origin only, so also behind a proxy's path
+//! prefix) and never shows a green "live" while that answers 503.
 //! Must not: read files at run time, reach the network (no CDN), or hold any state: what the
-//! page shows comes from the relay's WebSocket like any other subscriber's. Routing by role
-//! (only the subscribe server serves the page) is `http`'s job.
+//! page shows comes from the relay's WebSocket like any other subscriber's, and from the
+//! relay's own `/healthz`. Routing by role (only the subscribe server serves the page) is
+//! `http`'s job.
 
 use bytes::Bytes;
 use http_body_util::Full;

@@ -158,6 +158,8 @@ function watchConsole(page, name) {
     if (m.type() !== 'error') return;
     // Chromium logs each refused reconnect attempt while the relay is down: expected.
     if (/WebSocket connection to .* failed/.test(m.text()) || /ERR_CONNECTION_REFUSED/.test(m.text())) return;
+    // So is each 503 of /healthz while Redis is down (step 7).
+    if (/status of 503/.test(m.text()) && /\/healthz$/.test(m.location()?.url ?? '')) return;
     pageErrors.push(`${name}: ${m.text()}`);
   });
 }
@@ -299,10 +301,33 @@ async function main() {
       await waitFor(p, 'the message through the proxy', () => document.querySelector('#rows td.payload')?.textContent === '777');
     }
     await waitFor(prefixed, 'a chart point under the prefix', () => window.lightrelay.chartPoints() === 1);
-    await prefixed.close();
     await pointed.close();
 
-    // 7. A picture for a person to look at.
+    // 7. The relay's Redis beside the connection state, from /healthz on the page's own base
+    // (through the prefix too): Redis killed, the page says so and shows no green "live".
+    step('Redis goes away and comes back');
+    for (const p of [page, prefixed]) {
+      await waitFor(p, 'Redis: ok', () => document.getElementById('redis').textContent === 'Redis: ok');
+    }
+    await ask('stop-redis');
+    for (const p of [page, prefixed]) {
+      await waitFor(p, 'Redis: unavailable', () => window.lightrelay.redis === 'down'
+        && /^Redis: unavailable \(.+\)$/.test(document.getElementById('redis').textContent));
+      const [shown, colour] = await p.evaluate(() => [document.getElementById('state').textContent,
+        document.getElementById('state').dataset.state]);
+      check(shown !== 'live' && colour !== 'live',
+        `no green "live" without Redis (shows ${shown}, ${colour})`);
+    }
+    step(`the page says: ${await page.textContent('#redis')}`);
+    await page.screenshot({ path: opt.screenshot.replace(/\.png$/, '-no-redis.png'), fullPage: false });
+    await ask('start-redis');
+    for (const p of [page, prefixed]) {
+      await waitFor(p, 'Redis: ok again', () => window.lightrelay.redis === 'ok');
+      check(await p.evaluate(() => document.getElementById('state').dataset.state) === 'live', 'live again');
+    }
+    await prefixed.close();
+
+    // 8. A picture for a person to look at.
     await page.bringToFront();
     await page.screenshot({ path: opt.screenshot, fullPage: false });
     step(`screenshot: ${opt.screenshot}`);
