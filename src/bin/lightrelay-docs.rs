@@ -3,8 +3,9 @@
 //! definitions, so they always say what `--help` says. The Debian package ships what it writes
 //! (README, "Deploy"; `[package.metadata.deb]` in Cargo.toml):
 //!
-//! - `OUT_DIR/man/*.1`: one page per program and per client subcommand (`lightrelay-pub.1`, …);
-//!   cargo-deb compresses them;
+//! - `OUT_DIR/man/*.1`: one page per program and per client subcommand (`lightrelay-pub.1`, …),
+//!   and beside each its `*.1.gz` (`gzip -9n`, as Debian wants them; cargo-deb does not compress
+//!   files under target/release);
 //! - `OUT_DIR/completions/bash/PROGRAM`, `zsh/_PROGRAM`, `fish/PROGRAM.fish`.
 //!
 //! Owns: nothing but writing those files. Must not: be packaged or run at build time (it is a
@@ -29,6 +30,18 @@ fn write(out: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(&man)?;
     for command in programs() {
         clap_mangen::generate_to(command, &man)?;
+    }
+    let mut gzip = std::process::Command::new("gzip");
+    gzip.args(["-9", "-n", "-k", "-f", "--"]);
+    for entry in std::fs::read_dir(&man)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "1") {
+            gzip.arg(path);
+        }
+    }
+    let status = gzip.status()?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!("gzip -9n failed ({status})")));
     }
     for (shell, dir, file) in [
         (Shell::Bash, "bash", "{}"),
