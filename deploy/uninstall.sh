@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Remove what deploy/install.sh installed: stop and disable the units (template instances
-# included), remove the binaries, units and nginx sites, and reload nginx.
+# included), remove the binaries, units and nginx sites (and every sites-enabled link to them,
+# whatever its name), and reload nginx.
 # /etc/default/lightrelay and the token secret /etc/lightrelay/jwt-secret are kept unless --purge.
 #
 # Options:
 #   --dry-run       print what would be done, change nothing
 #   --prefix DIR    where the binaries were installed: DIR/bin (default /usr/local)
 #   --destdir DIR   remove from a staged root instead of / (also: DESTDIR=DIR)
-#   --purge         also remove /etc/default/lightrelay{,-publish,-subscribe} and
-#                   /etc/lightrelay/jwt-secret (tokens minted with it stop working)
+#   --purge         also remove /etc/default/lightrelay{,-publish,-subscribe}, the units'
+#                   `systemctl edit` drop-ins and /etc/lightrelay/jwt-secret (tokens minted
+#                   with it stop working)
 #   -h, --help      this text
 set -euo pipefail
 
@@ -83,8 +85,20 @@ for unit in lightrelay-publish.service lightrelay-subscribe.service \
   lightrelay-publish@.service lightrelay-subscribe@.service; do
   remove "/etc/systemd/system/$unit"
 done
-for file in sites-enabled/lightrelay sites-enabled/lightrelay-tls \
-  sites-available/lightrelay sites-available/lightrelay-tls \
+# The sites' links in sites-enabled, whatever their names (the README's, install.sh's, or the
+# admin's own): left behind they would dangle and fail `nginx -t`.
+shopt -s nullglob
+for link in "$destdir"/etc/nginx/sites-enabled/*; do
+  [[ -L $link ]] || continue
+  case $(readlink "$link") in
+    */sites-available/lightrelay | */sites-available/lightrelay-tls | \
+      sites-available/lightrelay | sites-available/lightrelay-tls)
+      remove "/etc/nginx/sites-enabled/${link##*/}"
+      ;;
+  esac
+done
+shopt -u nullglob
+for file in sites-available/lightrelay sites-available/lightrelay-tls \
   sites-available/lightrelay.new sites-available/lightrelay-tls.new \
   conf.d/lightrelay-upstreams.conf conf.d/lightrelay-upstreams.conf.new; do
   remove "/etc/nginx/$file"
@@ -92,6 +106,13 @@ done
 if [[ $purge == 1 ]]; then
   for file in lightrelay lightrelay.new lightrelay-publish lightrelay-subscribe; do
     remove "/etc/default/$file"
+  done
+  # `systemctl edit` drop-ins for the units.
+  for unit in lightrelay-publish lightrelay-subscribe lightrelay-publish@ lightrelay-subscribe@; do
+    remove "/etc/systemd/system/$unit.service.d/override.conf"
+    if [[ -d $destdir/etc/systemd/system/$unit.service.d ]]; then
+      run rmdir --ignore-fail-on-non-empty "$destdir/etc/systemd/system/$unit.service.d"
+    fi
   done
   remove /etc/lightrelay/jwt-secret
   if [[ -d $destdir/etc/lightrelay ]]; then

@@ -17,6 +17,7 @@ const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const PUBLISH: &str = env!("CARGO_BIN_EXE_lightrelay-publish");
 const SUBSCRIBE: &str = env!("CARGO_BIN_EXE_lightrelay-subscribe");
 const CLIENT: &str = env!("CARGO_BIN_EXE_lightrelay");
+const DOCS: &str = env!("CARGO_BIN_EXE_lightrelay-docs");
 
 fn repo_file(path: &str) -> Vec<u8> {
     std::fs::read(Path::new(REPO).join(path)).unwrap()
@@ -177,7 +178,11 @@ const UNITS: [&str; 4] = [
 // The Debian package
 
 /// Build the .deb with `cargo deb` from the binaries this test run built (copied where cargo-deb
-/// expects release binaries, in a private target directory: no release build needed).
+/// expects release binaries, in a private target directory: no release build needed), with the
+/// man pages and completions written first, as the README's packaging step does. No `--strip`:
+/// whether the binaries are stripped is the manifest's release profile's say, as for a user's
+/// `cargo deb` (these debug binaries carry full debug info, so a profile that keeps debug info
+/// would ship it).
 fn build_deb(dir: &Path) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let has_cargo_deb = Command::new(&cargo)
@@ -194,20 +199,14 @@ fn build_deb(dir: &Path) -> PathBuf {
         let name = Path::new(program).file_name().unwrap();
         std::fs::copy(program, release.join(name)).unwrap();
     }
+    succeed(Command::new(DOCS).arg(release.join("docs")));
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
     succeed(
         Command::new(&cargo)
             .current_dir(REPO)
             .env("CARGO_TARGET_DIR", dir.join("target"))
-            .args([
-                "deb",
-                "--no-build",
-                "--strip",
-                "--fast",
-                "--offline",
-                "--quiet",
-            ])
+            .args(["deb", "--no-build", "--fast", "--offline", "--quiet"])
             .arg("--output")
             .arg(&out),
     );
@@ -320,6 +319,11 @@ fn cargo_deb_packages_binaries_units_sites_and_settings_with_enable_only_scripts
                 "-rw-r--r--".into(),
             ),
         ])
+        .chain(
+            packaged_docs(&dir.join("target/release/docs"))
+                .into_iter()
+                .map(|path| (path, "-rw-r--r--".to_string())),
+        )
         .collect();
     expected.sort();
     assert_eq!(files, expected, "dpkg-deb -c:\n{listing}");
@@ -360,9 +364,67 @@ fn cargo_deb_packages_binaries_units_sites_and_settings_with_enable_only_scripts
     let unpacked = dir.join("unpacked");
     succeed(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked));
     for program in ["lightrelay-publish", "lightrelay-subscribe", "lightrelay"] {
-        succeed(Command::new(unpacked.join("usr/bin").join(program)).arg("--help"));
+        let binary = unpacked.join("usr/bin").join(program);
+        succeed(Command::new(&binary).arg("--help"));
+        // Issue 17: stripped (the package once installed 213 MB, nearly all debug info).
+        let sections = succeed(Command::new("readelf").arg("-SW").arg(&binary));
+        assert!(
+            !sections.contains(".debug_info"),
+            "{program} in the package carries debug info:\n{sections}"
+        );
+    }
+    // Issue 17: the man pages, gzipped where man finds them, name the programs' flags.
+    for (page, flag) in [
+        ("lightrelay-publish", "--redis-url"),
+        ("lightrelay-subscribe", "--redis-url"),
+        ("lightrelay", "--ca"),
+        ("lightrelay-pub", "--binary"),
+    ] {
+        let gz = unpacked.join(format!("usr/share/man/man1/{page}.1.gz"));
+        let roff = succeed(Command::new("gzip").arg("-dc").arg(&gz));
+        assert!(roff.contains(".TH "), "{page}.1 is not a man page:\n{roff}");
+        assert!(
+            roff.contains(&flag.replace('-', "\\-")),
+            "{page}.1 does not name {flag}:\n{roff}"
+        );
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Where the package puts what `lightrelay-docs` wrote into `docs`: man pages (gzipped) and the bash, zsh and fish completions, at the paths Debian's man, bash-completion,
+/// zsh and fish look in.
+fn packaged_docs(docs: &Path) -> Vec<String> {
+    let names = |sub: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(docs.join(sub))
+            .unwrap_or_else(|e| panic!("{}/{sub}: {e}", docs.display()))
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let mut paths = Vec::new();
+    for (sub, dest, suffix) in [
+        ("man", "/usr/share/man/man1", ".1.gz"),
+        (
+            "completions/bash",
+            "/usr/share/bash-completion/completions",
+            "",
+        ),
+        ("completions/zsh", "/usr/share/zsh/vendor-completions", ""),
+        (
+            "completions/fish",
+            "/usr/share/fish/vendor_completions.d",
+            "",
+        ),
+    ] {
+        let found: Vec<String> = names(sub)
+            .into_iter()
+            .filter(|n| n.ends_with(suffix))
+            .collect();
+        assert!(found.len() >= 3, "{sub}: {found:?}");
+        paths.extend(found.iter().map(|n| format!("{dest}/{n}")));
+    }
+    paths
 }
 
 fn text_of(output: &Output) -> String {
@@ -473,7 +535,34 @@ fn the_package_installs_into_a_root_enabled_not_started_and_keeps_settings_until
     );
     assert!(std::fs::symlink_metadata(wants(&root, "lightrelay-subscribe@8777.service")).is_ok());
 
-    // Remove: programs, units and every enablement gone; settings kept.
+    // What the README has the admin do (issue 17): enable both sites (the TLS one under a name
+    // of their own, by an absolute link), per-server settings, a `systemctl edit` drop-in;
+    // beside the host's own default site, which must stay.
+    let etc = root.join("etc");
+    std::fs::write(etc.join("nginx/sites-available/default"), "server {}\n").unwrap();
+    std::fs::create_dir_all(etc.join("nginx/sites-enabled")).unwrap();
+    for (name, target) in [
+        ("default", "../sites-available/default"),
+        ("lightrelay", "../sites-available/lightrelay"),
+        ("relay-tls", "/etc/nginx/sites-available/lightrelay-tls"),
+    ] {
+        std::os::unix::fs::symlink(target, etc.join("nginx/sites-enabled").join(name)).unwrap();
+    }
+    std::fs::write(
+        etc.join("default/lightrelay-subscribe"),
+        "LIGHTRELAY_LISTEN=[::]:8767\n",
+    )
+    .unwrap();
+    std::fs::write(
+        etc.join("default/lightrelay-publish"),
+        "LIGHTRELAY_LOG_FORMAT=json\n",
+    )
+    .unwrap();
+    let drop_in = etc.join("systemd/system/lightrelay-subscribe.service.d");
+    std::fs::create_dir_all(&drop_in).unwrap();
+    std::fs::write(drop_in.join("override.conf"), "[Service]\nNice=5\n").unwrap();
+
+    // Remove: programs, units, every enablement and both sites gone; settings kept.
     succeed(dpkg(&root).args(["--remove", "lightrelay"]));
     let left = tree(&root.join("etc"))
         .into_keys()
@@ -483,21 +572,56 @@ fn the_package_installs_into_a_root_enabled_not_started_and_keeps_settings_until
         left,
         [
             "/default/lightrelay",
+            "/default/lightrelay-publish",
+            "/default/lightrelay-subscribe",
             "/lightrelay/jwt-secret",
             "/nginx/conf.d/lightrelay-upstreams.conf",
+            "/nginx/sites-available/default",
             "/nginx/sites-available/lightrelay",
             "/nginx/sites-available/lightrelay-tls",
+            "/nginx/sites-enabled/default",
+            "/systemd/system/lightrelay-subscribe.service.d/override.conf",
         ],
         "after dpkg --remove"
     );
-    // Purge: nothing left.
+    assert_no_dangling_sites(&root);
+    // Purge: nothing of ours left, and no link in sites-enabled dangles (nginx -t would fail).
     succeed(dpkg(&root).args(["--purge", "lightrelay"]));
-    assert!(
-        tree(&root.join("etc")).is_empty(),
-        "{:?}",
-        tree(&root.join("etc")).keys()
+    assert_eq!(
+        tree(&root.join("etc")).into_keys().collect::<Vec<_>>(),
+        [
+            "/nginx/sites-available/default",
+            "/nginx/sites-enabled/default",
+        ],
+        "after dpkg --purge"
     );
+    assert_no_dangling_sites(&root);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Every link in `root`'s /etc/nginx/sites-enabled resolves (inside `root`) to a file: a
+/// dangling one makes `nginx -t` fail, and with it every reload and start of nginx.
+fn assert_no_dangling_sites(root: &Path) {
+    let enabled = root.join("etc/nginx/sites-enabled");
+    let Ok(entries) = std::fs::read_dir(&enabled) else {
+        return;
+    };
+    for entry in entries {
+        let link = entry.unwrap().path();
+        let Ok(target) = std::fs::read_link(&link) else {
+            continue;
+        };
+        let resolved = match target.strip_prefix("/") {
+            Ok(absolute) => root.join(absolute),
+            Err(_) => enabled.join(&target),
+        };
+        assert!(
+            resolved.is_file(),
+            "{} -> {} dangles",
+            link.display(),
+            target.display()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -786,7 +910,92 @@ fn uninstall_sh_removes_what_install_sh_staged_and_keeps_settings_unless_purged(
     assert_eq!(left, ["/etc/default/lightrelay", SECRET]);
 
     install();
+    // What the README has the admin add (issue 17): the TLS site enabled under a name of their
+    // own, per-server settings, a `systemctl edit` drop-in.
+    let etc = root.join("etc");
+    std::os::unix::fs::symlink(
+        "/etc/nginx/sites-available/lightrelay-tls",
+        etc.join("nginx/sites-enabled/relay-tls"),
+    )
+    .unwrap();
+    std::fs::write(
+        etc.join("default/lightrelay-subscribe"),
+        "LIGHTRELAY_LISTEN=[::]:8767\n",
+    )
+    .unwrap();
+    let drop_in = etc.join("systemd/system/lightrelay-publish.service.d");
+    std::fs::create_dir_all(&drop_in).unwrap();
+    std::fs::write(drop_in.join("override.conf"), "[Service]\nNice=5\n").unwrap();
     succeed(script("uninstall.sh").arg("--purge").env("DESTDIR", &root));
+    assert_no_dangling_sites(&root);
     assert!(tree(&root).is_empty(), "{:?}", tree(&root).keys());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Man pages and completions (issue 17)
+
+#[test]
+fn lightrelay_docs_writes_man_pages_that_render_and_completions_that_know_the_subcommands() {
+    let dir = temp_dir("docs");
+    succeed(Command::new(DOCS).arg(&dir));
+    let has_man = Command::new("man")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    for (program, flags) in [
+        (
+            "lightrelay-publish",
+            &["--redis-url", "--listen", "--channel-prefix"][..],
+        ),
+        (
+            "lightrelay-subscribe",
+            &["--redis-url", "--listen", "--channel-prefix"][..],
+        ),
+        ("lightrelay", &["--ca"][..]),
+        ("lightrelay-sub", &["--count", "--raw"][..]),
+    ] {
+        let page = dir.join(format!("man/{program}.1"));
+        let roff = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{program}.1: {e}"));
+        assert!(roff.starts_with(".ie") || roff.contains(".TH "), "{roff}");
+        let shown = if has_man {
+            // man -l: the page as a reader sees it (roff's `\-` becomes `-`).
+            succeed(
+                Command::new("man")
+                    .arg("-l")
+                    .arg(&page)
+                    .env("MANWIDTH", "100")
+                    .env("PAGER", "cat"),
+            )
+        } else {
+            println!("no man here: checking the roff source");
+            roff.replace("\\-", "-")
+        };
+        for flag in flags {
+            assert!(
+                shown.contains(flag),
+                "{program}.1 does not name {flag}:\n{shown}"
+            );
+        }
+    }
+    let bash = std::fs::read_to_string(dir.join("completions/bash/lightrelay")).unwrap();
+    for word in ["pub", "sub", "token", "--ca"] {
+        assert!(
+            bash.split(|c: char| c.is_whitespace() || c == '"' || c == '|')
+                .any(|w| w == word),
+            "the bash completion does not know `{word}`"
+        );
+    }
+    for (file, word) in [
+        ("completions/bash/lightrelay-publish", "--redis-url"),
+        ("completions/zsh/_lightrelay", "token"),
+        ("completions/fish/lightrelay-subscribe.fish", "redis-url"),
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(text.contains(word), "{file} does not mention {word}");
+    }
+    // Bad usage: one line, exit 2.
+    let output = Command::new(DOCS).output().unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
     std::fs::remove_dir_all(dir).unwrap();
 }
