@@ -312,6 +312,42 @@ async fn healthz_answers_503_with_a_reason_while_redis_is_down_and_200_once_it_i
     }
 }
 
+/// With the default `--ping-interval` (30 s), a lost Redis shows in `/healthz` and
+/// `lightrelay_redis_up` as soon as fred reports the connection lost, not at the next PING
+/// (the live page and the RedisDown alert read them), and a Redis that is back shows at once.
+#[tokio::test]
+async fn a_lost_redis_shows_in_healthz_at_once_not_at_the_next_ping() {
+    let mut redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    for server in [&publish, &subscribe] {
+        assert_eq!(server.wait_health(200).await, "ok\n");
+    }
+    let within = |what: &'static str, server: &'static str, status: u16, addr| async move {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let (seen, _) = http(addr, "GET", "/healthz", &[], b"").await;
+            if seen == status {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{server}: /healthz still {seen} 5 s after {what} (the next PING is 30 s away)"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    redis.kill();
+    within("Redis was killed", "publish", 503, publish.addr).await;
+    within("Redis was killed", "subscribe", 503, subscribe.addr).await;
+    assert_eq!(publish.metric("lightrelay_redis_up").await, 0.0);
+    assert_eq!(subscribe.metric("lightrelay_redis_up").await, 0.0);
+
+    redis.restart().await;
+    within("Redis came back", "publish", 200, publish.addr).await;
+    within("Redis came back", "subscribe", 200, subscribe.addr).await;
+}
+
 #[tokio::test]
 async fn servers_started_while_redis_is_down_listen_at_once_and_work_once_it_is_up() {
     // Nothing listens on it for 4 s: a port no concurrent connection can take meanwhile.

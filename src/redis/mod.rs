@@ -188,6 +188,9 @@ struct Check {
     reason: Mutex<String>,
     /// The last connection error fred reported, in Redis's (or the OS's) words.
     last_error: Mutex<Option<String>>,
+    /// Wakes the PING loop at once: fred reported an error or a reconnect, so the verdict
+    /// is not left to wait for the next `--ping-interval`.
+    wake: tokio::sync::Notify,
 }
 
 /// How a health check treats a connection that stops answering.
@@ -293,6 +296,7 @@ impl Health {
             up: AtomicBool::new(false),
             reason: Mutex::new("not connected yet".into()),
             last_error: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
         });
         lock(&self.checks).push(check.clone());
         tokio::spawn(report_events(
@@ -387,6 +391,7 @@ async fn ping_loop<C>(
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            () = check.wake.notified() => {}
             () = shutdown.cancelled() => return,
         }
     }
@@ -439,6 +444,15 @@ async fn report_events<C>(
                     metrics.redis_error(class);
                     let text = error.to_string();
                     *lock(&check.last_error) = Some(text.clone());
+                    // A lost connection is a verdict now, not at the next PING (up to
+                    // --ping-interval later): /healthz and lightrelay_redis_up say so at once,
+                    // and the PING loop checks again right away.
+                    if check.up.swap(false, Ordering::Relaxed) {
+                        *lock(&check.reason) = format!("connection error: {text}");
+                        metrics.redis_up.set(0);
+                        tracing::warn!(connection = %check.name, error = %text, "Redis connection lost");
+                    }
+                    check.wake.notify_one();
                     if !connected_once && health.unreachable(&text) {
                         continue;
                     }
@@ -482,6 +496,8 @@ async fn report_events<C>(
                     }
                     connected_once = true;
                     seen.clear();
+                    // Confirm with a PING now rather than at the next interval.
+                    check.wake.notify_one();
                 }
                 Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => return,
