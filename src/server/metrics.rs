@@ -88,7 +88,8 @@ pub enum Closed {
 }
 
 impl Closed {
-    /// Every reason, for summing `lightrelay_closed_total` (keep in step with the enum).
+    /// Every reason: created at zero in [`Metrics::new`] and summed for the log summary
+    /// (keep in step with the enum).
     const ALL: [Closed; 12] = [
         Closed::client,
         Closed::broken,
@@ -388,20 +389,7 @@ impl Metrics {
         ] {
             let _ = auth_refused.get_or_create(&AuthRefusalLabel { reason });
         }
-        for reason in [
-            Closed::client,
-            Closed::broken,
-            Closed::going_away,
-            Closed::slow_consumer,
-            Closed::idle_timeout,
-            Closed::too_big,
-            Closed::message_timeout,
-            Closed::busy,
-            Closed::redis_unavailable,
-            Closed::protocol_error,
-            Closed::token_expired,
-            Closed::not_allowed,
-        ] {
+        for reason in Closed::ALL {
             let _ = closed.get_or_create(&ClosedLabel { reason });
         }
         Metrics(std::sync::Arc::new(Handles {
