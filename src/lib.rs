@@ -21,6 +21,7 @@
 //! - [`subscribe`]: the subscribe server's role, the hub and the live page.
 //! - [`client`] and [`bench`]: the `lightrelay` binary; they speak only the wire protocol and
 //!   use no server module.
+//! - [`docs`]: man pages and shell completions from the three programs' flags (packaging).
 //!
 //! `ARCHITECTURE.md` is the longer map.
 
@@ -28,6 +29,7 @@
 mod auth;
 pub mod bench;
 pub mod client;
+pub mod docs;
 pub mod publish;
 mod redis;
 pub mod server;
