@@ -5,58 +5,21 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-/// A server started with its stderr piped to the test; SIGKILLed when dropped.
-struct Logged {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Logged {
-    /// Start `kind` with `RUST_LOG=rust_log`, no `NO_COLOR`, and `extra` flags.
-    fn start(kind: Kind, redis_url: &str, rust_log: &str, extra: &[&str]) -> Logged {
-        let port = free_port();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = command(kind, addr, redis_url, rust_log, extra)
-            .spawn()
-            .unwrap();
-        Logged { child, addr }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args(["-s", signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// The exit code, once the process has exited (within [`PATIENCE`]).
-    async fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the server did not exit"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A server started with its stderr piped to the test, with `RUST_LOG=rust_log`, no
+/// `NO_COLOR`, and `extra` flags; SIGKILLed when dropped.
+fn start_logged(kind: Kind, redis_url: &str, rust_log: &str, extra: &[&str]) -> Server {
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = command(kind, addr, redis_url, rust_log, extra)
+        .spawn()
+        .unwrap();
+    Server::adopt(child, addr)
 }
 
 fn command(
@@ -100,8 +63,8 @@ async fn a_redis_never_reached_is_reported_at_once_then_only_as_reminders_and_wh
     // failing together.
     let port = quiet_port();
     let url = format!("redis://default:secret@127.0.0.1:{port}");
-    let mut server = Logged::start(Kind::Publish, &url, "info", &["--redis-connections", "8"]);
-    let stderr = StderrLines::read(&mut server.child);
+    let mut server = start_logged(Kind::Publish, &url, "info", &["--redis-connections", "8"]);
+    let stderr = StderrLines::read(server.child());
     let shown = format!("redis://***@127.0.0.1:{port}");
     stderr
         .wait_for("the first failure to connect, with the URL", |lines| {
@@ -137,9 +100,9 @@ async fn with_stderr_a_closed_pipe_sigterm_still_stops_the_server_with_exit_0() 
     let redis = Redis::start().await;
     for kind in [Kind::Publish, Kind::Subscribe] {
         // Debug logging, so that every request writes to stderr.
-        let mut server = Logged::start(kind, &redis.url(), "debug", &[]);
+        let mut server = start_logged(kind, &redis.url(), "debug", &[]);
         // Like `… 2>&1 | head`: stderr is read until told to stop, then closed.
-        let stderr = server.child.stderr.take().unwrap();
+        let stderr = server.child().stderr.take().unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reader = std::thread::spawn({
             let stop = stop.clone();
@@ -179,8 +142,8 @@ async fn with_stderr_a_closed_pipe_sigterm_still_stops_the_server_with_exit_0() 
 #[tokio::test]
 async fn logs_to_a_pipe_carry_no_colour_codes() {
     let redis = Redis::start().await;
-    let mut server = Logged::start(Kind::Subscribe, &redis.url(), "info", &[]);
-    let stderr = StderrLines::read(&mut server.child);
+    let mut server = start_logged(Kind::Subscribe, &redis.url(), "info", &[]);
+    let stderr = StderrLines::read(server.child());
     stderr
         .wait_for("the listening line", |lines| {
             lines.iter().any(|l| l.contains("listening"))
@@ -197,8 +160,8 @@ async fn logs_to_a_pipe_carry_no_colour_codes() {
 async fn at_debug_a_client_connecting_and_leaving_is_logged_with_its_address() {
     let redis = Redis::start().await;
     for kind in [Kind::Publish, Kind::Subscribe] {
-        let mut server = Logged::start(kind, &redis.url(), "info,lightrelay=debug", &[]);
-        let stderr = StderrLines::read(&mut server.child);
+        let mut server = start_logged(kind, &redis.url(), "info,lightrelay=debug", &[]);
+        let stderr = StderrLines::read(server.child());
         wait_healthy(server.addr).await;
         // The peer (127.0.0.1) is a trusted proxy by default: X-Real-IP names the client.
         let mut request = format!("ws://{}/office/desk", server.addr)
@@ -237,13 +200,13 @@ async fn at_debug_a_client_connecting_and_leaving_is_logged_with_its_address() {
 #[tokio::test]
 async fn a_summary_of_connections_and_messages_is_logged_at_info_every_interval() {
     let redis = Redis::start().await;
-    let mut server = Logged::start(
+    let mut server = start_logged(
         Kind::Publish,
         &redis.url(),
         "info",
         &["--log-summary-interval", "200ms"],
     );
-    let stderr = StderrLines::read(&mut server.child);
+    let stderr = StderrLines::read(server.child());
     wait_healthy(server.addr).await;
     let mut ws = connect(&format!("ws://{}/office", server.addr)).await;
     for _ in 0..3 {
@@ -279,19 +242,17 @@ async fn a_server_that_cannot_listen_exits_1_even_with_stderr_a_closed_pipe() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let mut server = Logged {
-        addr: taken.local_addr().unwrap(),
-        child: command(
-            Kind::Publish,
-            taken.local_addr().unwrap(),
-            "redis://127.0.0.1:1",
-            "info",
-            &[],
-        )
-        .stderr(writer)
-        .spawn()
-        .unwrap(),
-    };
+    let child = command(
+        Kind::Publish,
+        taken.local_addr().unwrap(),
+        "redis://127.0.0.1:1",
+        "info",
+        &[],
+    )
+    .stderr(writer)
+    .spawn()
+    .unwrap();
+    let mut server = Server::adopt(child, taken.local_addr().unwrap());
     // Not 101, the code of a panic on the write.
     assert_eq!(server.wait_exit().await, Some(1));
 }

@@ -339,6 +339,17 @@ impl Server {
         self.child.id()
     }
 
+    /// A server the test started itself (its own stderr, say), to be signalled, awaited and
+    /// SIGKILLed when dropped like any other.
+    pub fn adopt(child: Child, addr: SocketAddr) -> Server {
+        Server { addr, child }
+    }
+
+    /// The process, for its pipes.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
     /// Send a signal to this server (only ever to the process we started).
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
