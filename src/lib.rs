@@ -16,7 +16,7 @@
 //!   WebSocket's session, the client write path, metrics, shutdown); it knows a server only as
 //!   a `Role`.
 //! - `redis`: connections to Redis, their health and how they reconnect.
-//! - `auth`: where SPEC §8's tokens will be checked.
+//! - `auth`: signed tokens (SPEC §8): keys, verification, what a token grants.
 //! - [`publish`]: the publish server's role and the pipelined PUBLISH window.
 //! - [`subscribe`]: the subscribe server's role, the hub and the live page.
 //! - [`client`] and [`bench`]: the `lightrelay` binary; they speak only the wire protocol and
@@ -25,7 +25,6 @@
 //!
 //! `ARCHITECTURE.md` is the longer map.
 
-#[allow(dead_code)]
 mod auth;
 pub mod bench;
 pub mod client;

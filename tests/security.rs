@@ -977,3 +977,58 @@ async fn tokens_without_exp_or_with_the_largest_exp_are_accepted() {
         assert_eq!(&watcher.next().await[..], b"post");
     }
 }
+
+/// A public key the token's algorithm cannot use (a P-384 key where ES256 wants P-256) is
+/// skipped like a key whose signature does not match: the next key of the list still verifies
+/// a token without `kid` (the check used to stop at the first key's error, "malformed").
+#[tokio::test]
+async fn a_key_of_another_curve_does_not_hide_the_key_that_verifies() {
+    let redis = Redis::start().await;
+    let keys = KeyDir::new("auth-curves");
+    let p384_private = keys.write("p384.key", "");
+    let p384_public = keys.write("p384.pem", "");
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-out",
+            &arg(&p384_private),
+        ],
+        vec![
+            "pkey",
+            "-pubout",
+            "-in",
+            &arg(&p384_private),
+            "-out",
+            &arg(&p384_public),
+        ],
+    ] {
+        let status = std::process::Command::new("openssl")
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "openssl {args:?}");
+    }
+    let p256 = keys.key_pair("sensor-ec", KeyKind::Ec);
+    let server = Server::start(
+        Kind::Publish,
+        &redis.url(),
+        &[
+            "--auth",
+            "publish",
+            "--jwt-public-key-file",
+            &arg(&p384_public),
+            "--jwt-public-key-file",
+            &p256.public_arg(),
+        ],
+    )
+    .await;
+    let mut watcher = redis.subscribe("lightlevel/sensors/1").await;
+    let token = p256.sign(None, &grants(&["/sensors/*"], &[]));
+    let mut ws = connect_bearer(&server.ws("/sensors/1"), &token).await;
+    send_text(&mut ws, "verified by the second key").await;
+    assert_eq!(&watcher.next().await[..], b"verified by the second key");
+}

@@ -108,7 +108,9 @@ pub(crate) enum Grant {
     Publish,
     /// Subscribing to the path.
     Subscribe,
-    /// Sending to the device on the path (`POST /down/…`, SPEC §10).
+    /// Sending to the device on the path (`POST /down/…`, SPEC §10): checked once the
+    /// downlink exists; `lightrelay token --down` mints it already.
+    #[allow(dead_code)]
     Down,
 }
 
@@ -332,7 +334,14 @@ impl Auth {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &self.validation(key.algorithm)) {
                 Ok(data) => return self.accept(data.claims),
                 Err(e) => match e.kind() {
-                    ErrorKind::InvalidSignature => last = Some(e),
+                    // This key does not verify it (or cannot: a key of another curve or
+                    // size under the same algorithm): the next key may.
+                    ErrorKind::InvalidSignature
+                    | ErrorKind::InvalidEcdsaKey
+                    | ErrorKind::InvalidEddsaKey
+                    | ErrorKind::InvalidRsaKey(_)
+                    | ErrorKind::InvalidKeyFormat
+                    | ErrorKind::InvalidAlgorithm => last = Some(e),
                     // The signature was good: this is the token's answer, whatever other
                     // keys would say.
                     _ => return Err(claim_refusal(e.kind())),

@@ -115,6 +115,18 @@ impl Token {
     pub fn secret(&self) -> &str {
         &self.0
     }
+
+    /// Whether it can be a header's value. Checked here, not by clap: clap's error for a
+    /// refused value repeats the value, and a token must never reach stderr.
+    pub fn check(&self) -> Result<(), TokenError> {
+        if self.0.is_empty() {
+            return Err(TokenError::Empty);
+        }
+        if !self.0.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenError::NotPrintable);
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Token {
@@ -132,16 +144,10 @@ pub enum TokenError {
     NotPrintable,
 }
 
-fn parse_token(s: &str) -> Result<Token, TokenError> {
+/// Never fails (see [`Token::check`], which the commands run first).
+fn parse_token(s: &str) -> Result<Token, std::convert::Infallible> {
     // A token file read with $(cat …) may end with a newline; nothing else is trimmed.
-    let s = s.trim_end_matches(['\r', '\n']);
-    if s.is_empty() {
-        return Err(TokenError::Empty);
-    }
-    if !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(TokenError::NotPrintable);
-    }
-    Ok(Token(s.to_string()))
+    Ok(Token(s.trim_end_matches(['\r', '\n']).to_string()))
 }
 
 #[derive(Args, Debug)]

@@ -49,6 +49,15 @@ pub fn main(cli: Cli) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        let token = match &cli.command {
+            Command::Pub(args) => args.token.value.as_ref(),
+            Command::Sub(args) => args.token.value.as_ref(),
+            _ => None,
+        };
+        if let Some(Err(e)) = token.map(args::Token::check) {
+            eprintln!("error: --token: {e} (the token is not shown)");
+            return ExitCode::from(2);
+        }
         match cli.command {
             Command::Pub(args) => publisher::run(args, tls).await,
             Command::Sub(args) => subscriber::run(args, tls).await,

@@ -115,9 +115,12 @@ impl Limits {
         if !self.is_trusted(peer) {
             return peer;
         }
+        // An X-Real-IP that is itself a trusted proxy (a CDN in front of nginx) says who
+        // the last proxy saw, not who the client is: X-Forwarded-For knows more then.
         if let Some(real) = headers
             .get("x-real-ip")
             .and_then(|value| parse_address(value.to_str().ok()?))
+            .filter(|real| !self.is_trusted(*real))
         {
             return real;
         }
@@ -434,6 +437,21 @@ mod tests {
         );
         let ported = headers(&[("x-real-ip", "[2001:db8::1]:443")]);
         assert_eq!(limits.client_address(ip("::1"), &ported), ip("2001:db8::1"));
+    }
+
+    #[test]
+    fn an_x_real_ip_that_is_itself_a_trusted_proxy_defers_to_x_forwarded_for() {
+        // A CDN (203.0.113.0/24, trusted) in front of nginx (loopback): nginx's X-Real-IP is
+        // the CDN; the client is the right-most untrusted X-Forwarded-For entry.
+        let limits = limits(&["127.0.0.1/32", "203.0.113.0/24"]);
+        let forwarded = headers(&[
+            ("x-real-ip", "203.0.113.7"),
+            ("x-forwarded-for", "198.51.100.9, 203.0.113.7"),
+        ]);
+        assert_eq!(
+            limits.client_address(ip("127.0.0.1"), &forwarded),
+            ip("198.51.100.9")
+        );
     }
 
     #[test]
