@@ -173,7 +173,7 @@ impl Limits {
         let Some(per_ip) = &self.per_ip else {
             return Ok(Admission(None));
         };
-        let client = self.client_address(peer, headers);
+        let client = limit_key(self.client_address(peer, headers));
         match per_ip.take(client) {
             Some(place) => Ok(Admission(Some(place))),
             None => {
@@ -195,7 +195,7 @@ impl Limits {
         let Some(post_rate) = &self.post_rate else {
             return Ok(());
         };
-        let client = self.client_address(peer, headers);
+        let client = limit_key(self.client_address(peer, headers));
         let checked = post_rate.limiter.check_key(&client);
         post_rate.sweep();
         let Err(not_until) = checked else {
@@ -374,6 +374,16 @@ fn parse_address(text: &str) -> Option<IpAddr> {
     Some(ip.to_canonical())
 }
 
+/// What the per-address limits count by: an IPv4 address, or an IPv6 address's /64 (one
+/// subscriber's network: a host picks any of its 2^64 addresses at will, so counting whole
+/// addresses would let one client step around the limits and grow the POST limiter's map).
+fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,6 +461,32 @@ mod tests {
         assert_eq!(
             limits.client_address(ip("127.0.0.1"), &forwarded),
             ip("198.51.100.9")
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64_and_ipv4_per_address() {
+        assert_eq!(
+            limit_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            limit_key(ip("2001:db8:1:2::1")),
+            limit_key(ip("2001:db8:1:2::2"))
+        );
+        assert_ne!(
+            limit_key(ip("2001:db8:1:2::1")),
+            limit_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(limit_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        let limits = limits(&["127.0.0.1/32"]);
+        let per_ip = limits.per_ip.as_ref().unwrap();
+        let _first = per_ip
+            .take(limit_key(ip("2001:db8::1")))
+            .expect("first place");
+        assert!(
+            per_ip.take(limit_key(ip("2001:db8::2"))).is_none(),
+            "a second address of the same /64 is the same client (max 1)"
         );
     }
 
