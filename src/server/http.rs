@@ -17,8 +17,9 @@
 //! only when debug is on are they worked out and carried by the connection's task.
 //! Must not: hold per-connection state after the upgrade, wait for the POST body budget, or
 //! block on Redis except for a POST publish (bounded by `--redis-timeout`).
-//! The token check (SPEC §8, `auth`) runs after the path is known and before anything else
-//! is done for the request: before a POST body is read, before an upgrade joins the hub.
+//! The abuse limits (`limits`) and then the token check (SPEC §8, `auth`) run once the path
+//! is known and before anything else is done for the request: before a POST body is read,
+//! before an upgrade joins the hub.
 
 use std::convert::Infallible;
 use std::io;
