@@ -413,21 +413,9 @@ async fn mint(secret: &std::path::Path) -> String {
 
 /// A subscribe server with `--auth all` and an HS256 secret file, and a token it accepts.
 async fn auth_server(redis: &Redis, tag: &str) -> (Server, String) {
-    let dir = common::temp_dir(tag);
-    let secret = dir.join("hs256.secret");
-    std::fs::write(&secret, "bench-smoke-secret-0123456789abcdef\n").unwrap();
-    let sub = Server::start(
-        Kind::Subscribe,
-        &redis.url(),
-        &[
-            "--auth",
-            "all",
-            "--jwt-secret-file",
-            secret.to_str().unwrap(),
-        ],
-    )
-    .await;
-    (sub, mint(&secret).await)
+    let (sub, dir) =
+        common::auth::server_with_auth(Kind::Subscribe, &redis.url(), "all", tag).await;
+    (sub, mint(&dir.join("jwt-secret")).await)
 }
 
 /// The storm's clients send `--token` as `Authorization: Bearer`: with `--auth all`, every

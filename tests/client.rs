@@ -309,15 +309,8 @@ fn refusal_line(stderr: &str) -> &str {
 #[tokio::test]
 async fn pub_sends_its_token_and_a_401_or_403_exits_1_at_once_with_the_servers_reason() {
     let redis = Redis::start().await;
-    let dir = temp_dir("client-token");
-    let secret = jwt::secret_file(&dir);
-    let secret = secret.to_str().unwrap();
-    let publish = Server::start(
-        Kind::Publish,
-        &redis.url(),
-        &["--auth", "publish", "--jwt-secret-file", secret],
-    )
-    .await;
+    let (publish, dir) =
+        jwt::server_with_auth(Kind::Publish, &redis.url(), "publish", "client-token").await;
     let mut watcher = redis.subscribe("lightlevel/pi/lux").await;
     let good = jwt::token(&["/pi/*"], &[]);
 
@@ -370,19 +363,8 @@ async fn pub_sends_its_token_and_a_401_or_403_exits_1_at_once_with_the_servers_r
 #[tokio::test]
 async fn sub_takes_its_token_from_the_environment_and_a_401_exits_1_at_once() {
     let redis = Redis::start().await;
-    let dir = temp_dir("client-sub-token");
-    let secret = jwt::secret_file(&dir);
-    let subscribe = Server::start(
-        Kind::Subscribe,
-        &redis.url(),
-        &[
-            "--auth",
-            "all",
-            "--jwt-secret-file",
-            secret.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (subscribe, dir) =
+        jwt::server_with_auth(Kind::Subscribe, &redis.url(), "all", "client-sub-token").await;
     let token = jwt::token(&[], &["/office"]);
     let client = lightrelay(&["sub", "--count", "1", &subscribe.ws("/office")])
         .env("LIGHTRELAY_TOKEN", &token)

@@ -189,20 +189,9 @@ async fn live_page_in_headless_chromium() {
 async fn live_page_with_a_token_in_headless_chromium() {
     browser_deps();
     let redis = Redis::start().await;
-    let dir = temp_dir("live-page-token");
-    let secret = jwt::secret_file(&dir);
     let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
-    let subscribe = Server::start(
-        Kind::Subscribe,
-        &redis.url(),
-        &[
-            "--auth",
-            "all",
-            "--jwt-secret-file",
-            secret.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (subscribe, dir) =
+        jwt::server_with_auth(Kind::Subscribe, &redis.url(), "all", "live-page-token").await;
     let token = jwt::token(&[], &["/live-page-*"]);
     let args: Vec<OsString> = vec![
         "--subscribe".into(),

@@ -248,19 +248,8 @@ async fn with_publish_auth_the_pi_publishes_with_its_token_and_without_one_is_re
 {
     venv_python();
     let redis = Redis::start().await;
-    let dir = temp_dir("pi-token");
-    let secret = jwt::secret_file(&dir);
-    let publish = Server::start(
-        Kind::Publish,
-        &redis.url(),
-        &[
-            "--auth",
-            "publish",
-            "--jwt-secret-file",
-            secret.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (publish, dir) =
+        jwt::server_with_auth(Kind::Publish, &redis.url(), "publish", "pi-token").await;
     let mut watcher = redis.subscribe("lightlevel/pi/lux").await;
     let sensor = temp_file("lux-token", "417\n");
     let url = publish.ws("/pi/lux");

@@ -69,6 +69,26 @@ pub fn secret_file(dir: &Path) -> PathBuf {
     path
 }
 
+/// A server of `kind` started with `--auth MODE` and a secret file holding [`SECRET`], in a
+/// fresh directory named after `tag` (returned: the test removes it at its end), the way
+/// every caller's test needs one.
+pub async fn server_with_auth(
+    kind: Kind,
+    redis_url: &str,
+    mode: &str,
+    tag: &str,
+) -> (Server, PathBuf) {
+    let dir = temp_dir(tag);
+    let secret = secret_file(&dir);
+    let flags = [
+        "--auth",
+        mode,
+        "--jwt-secret-file",
+        secret.to_str().unwrap(),
+    ];
+    (Server::start(kind, redis_url, &flags).await, dir)
+}
+
 /// An HS256 token signed with `secret`, granting `pub` and `sub` patterns, valid for an hour.
 pub fn token_with(secret: &str, publish: &[&str], sub: &[&str]) -> String {
     hs256(secret.as_bytes(), None, &grants(publish, sub))
