@@ -392,35 +392,11 @@ async fn tls_proxy(backend: std::net::SocketAddr) -> (u16, std::path::PathBuf) {
     let cert =
         rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
             .unwrap();
-    let pem = std::env::temp_dir().join(format!("lightrelay-test-ca-{}.pem", free_port()));
+    let base = std::env::temp_dir().join(format!("lightrelay-test-ca-{}", free_port()));
+    let (pem, key) = (base.with_extension("pem"), base.with_extension("key"));
     std::fs::write(&pem, cert.cert.pem()).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        for _ in 0..8 {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut upstream = TcpStream::connect(backend).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
-            });
-        }
-    });
-    (port, pem)
+    std::fs::write(&key, cert.key_pair.serialize_pem()).unwrap();
+    (tls_proxy_with(&pem, &key, backend).await, pem)
 }
 
 #[tokio::test]
