@@ -49,35 +49,6 @@ fn clean(mut command: Command) -> Command {
     command
 }
 
-/// Run a command that must exit by itself; returns (exit code, stdout, stderr). A process
-/// still running after [`PATIENCE`] is killed and fails the test.
-async fn run_to_exit(mut command: Command) -> (Option<i32>, String, String) {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{command:?} did not exit");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 /// Read from a raw TCP connection until the server ends it; returns what it sent meanwhile.
 /// Fails if the connection is still open after [`PATIENCE`].
 async fn until_server_hangs_up(stream: &mut TcpStream) -> Vec<u8> {
@@ -874,7 +845,7 @@ async fn a_bad_flag_or_value_exits_2_with_the_problem_on_the_first_line() {
             command.args(["--redis-url", "redis://127.0.0.1:1"]);
         }
         command.args(flags);
-        let (code, _, stderr) = run_to_exit(command).await;
+        let (code, _, stderr) = run_to_exit(&mut command).await;
         assert_eq!(code, Some(2), "{server} {flags:?}: stderr {stderr}");
         let first = stderr.lines().next().unwrap_or("");
         assert!(
@@ -925,7 +896,7 @@ async fn every_number_and_duration_outside_its_range_exits_2_naming_the_flag_and
             "redis://127.0.0.1:1",
         ]);
         command.args([flag, value]);
-        let (code, _, stderr) = run_to_exit(command).await;
+        let (code, _, stderr) = run_to_exit(&mut command).await;
         assert_eq!(code, Some(2), "{flag} {value}: stderr {stderr}");
         let first = stderr.lines().next().unwrap_or("");
         assert!(
@@ -941,7 +912,7 @@ async fn every_number_and_duration_outside_its_range_exits_2_naming_the_flag_and
         .env("LIGHTRELAY_LISTEN", "127.0.0.1:0")
         .env("LIGHTRELAY_REDIS_URL", "redis://127.0.0.1:1")
         .env("LIGHTRELAY_MAX_CONNECTIONS", "0");
-    let (code, _, stderr) = run_to_exit(command).await;
+    let (code, _, stderr) = run_to_exit(&mut command).await;
     assert_eq!(code, Some(2), "stderr {stderr}");
     assert!(
         stderr.starts_with("error:") && stderr.contains("--max-connections"),
@@ -986,7 +957,7 @@ async fn an_idle_timeout_not_longer_than_the_ping_interval_exits_2_naming_both()
             "redis://127.0.0.1:1",
         ]);
         command.args(["--ping-interval", ping, "--idle-timeout", idle]);
-        let (code, _, stderr) = run_to_exit(command).await;
+        let (code, _, stderr) = run_to_exit(&mut command).await;
         assert_eq!(code, Some(2), "ping {ping}, idle {idle}: stderr {stderr}");
         let first = stderr.lines().next().unwrap_or("");
         assert!(
@@ -1064,7 +1035,7 @@ async fn a_bad_value_in_an_environment_variable_exits_2_like_the_flag() {
             command.env("LIGHTRELAY_REDIS_URL", "redis://127.0.0.1:1");
         }
         command.env(variable, value);
-        let (code, _, stderr) = run_to_exit(command).await;
+        let (code, _, stderr) = run_to_exit(&mut command).await;
         assert_eq!(code, Some(2), "{variable}={value}: stderr {stderr}");
         let first = stderr.lines().next().unwrap_or("");
         assert!(
@@ -1080,7 +1051,7 @@ async fn help_exits_0_and_names_the_environment_variables() {
     for kind in [Kind::Publish, Kind::Subscribe] {
         let mut command = clean(server_command(kind));
         command.arg("--help");
-        let (code, stdout, stderr) = run_to_exit(command).await;
+        let (code, stdout, stderr) = run_to_exit(&mut command).await;
         assert_eq!(code, Some(0), "stderr: {stderr}");
         for variable in [
             "LIGHTRELAY_REDIS_URL",
@@ -1109,7 +1080,7 @@ async fn help_describes_each_server_with_an_example_and_the_listen_forms() {
     ] {
         let mut command = clean(server_command(kind));
         command.arg("--help");
-        let (code, stdout, stderr) = run_to_exit(command).await;
+        let (code, stdout, stderr) = run_to_exit(&mut command).await;
         assert_eq!(code, Some(0), "stderr: {stderr}");
         for expected in [
             what,
@@ -1161,7 +1132,7 @@ async fn listen_accepts_localhost_port_and_colon_port_for_all_interfaces() {
     for bad in ["8865", "example.org:8865", "localhost", ":99999"] {
         let mut command = clean(server_command(Kind::Subscribe));
         command.args(["--listen", bad, "--redis-url", "redis://127.0.0.1:1"]);
-        let (code, _, stderr) = run_to_exit(command).await;
+        let (code, _, stderr) = run_to_exit(&mut command).await;
         assert_eq!(code, Some(2), "--listen {bad}: {stderr}");
         let first = stderr.lines().next().unwrap_or("");
         assert!(

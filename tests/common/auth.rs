@@ -352,35 +352,3 @@ pub async fn start_logged(
     server.wait_healthy().await;
     (server, lines)
 }
-
-/// Run `command` to its end (within [`PATIENCE`]): its exit code, stdout and stderr.
-pub async fn run_to_exit(command: &mut Command) -> (Option<i32>, String, String) {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{command:?} did not exit within {PATIENCE:?}");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let read = |pipe: Option<&mut dyn std::io::Read>| {
-        let mut text = String::new();
-        if let Some(pipe) = pipe {
-            pipe.read_to_string(&mut text).unwrap();
-        }
-        text
-    };
-    let stdout = read(child.stdout.as_mut().map(|p| p as &mut dyn std::io::Read));
-    let stderr = read(child.stderr.as_mut().map(|p| p as &mut dyn std::io::Read));
-    (status.code(), stdout, stderr)
-}
