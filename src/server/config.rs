@@ -86,6 +86,18 @@ pub struct CommonArgs {
     #[arg(long, env = "LIGHTRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Keep the last N messages of each channel in a Redis stream beside it (SPEC §9), for
+    /// `?last=`, `?since=` and resuming after a lost subscription; 0: off. Set it on both
+    /// servers: the publish server writes the streams, the subscribe server reads them.
+    #[arg(long, env = "LIGHTRELAY_HISTORY", default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub history: u32,
+
+    /// How long a channel's stream outlives its last message (0: forever); with --history.
+    #[arg(long, env = "LIGHTRELAY_HISTORY_TTL", default_value = "1d", value_name = "D",
+          value_parser = history_ttl)]
+    pub history_ttl: Duration,
+
     /// Token checks (SPEC §8); their flags are defined with them, in `auth`.
     #[command(flatten)]
     pub auth: crate::auth::AuthArgs,
@@ -408,6 +420,19 @@ fn log_summary_interval(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         Duration::ZERO => Ok(Duration::ZERO),
         _ => duration_in(s, LOG_SUMMARY_INTERVAL).map_err(|e| format!("{e} (or 0: none)")),
+    }
+}
+
+/// `--history-ttl`: 0 (forever) or 1 s to 10 years.
+fn history_ttl(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Ok(Duration::ZERO),
+        d if (Duration::from_secs(1)..=Duration::from_secs(10 * 365 * 86_400)).contains(&d) => {
+            Ok(d)
+        }
+        _ => Err(format!(
+            "'{s}' is out of range (1s to 10 years, or 0: forever)"
+        )),
     }
 }
 

@@ -16,6 +16,8 @@
 pub(crate) mod channel;
 pub mod config;
 pub(crate) mod frames;
+#[allow(dead_code)] // wired by the publish and subscribe sides next
+pub(crate) mod history;
 pub(crate) mod http;
 pub(crate) mod limits;
 pub(crate) mod listener;
