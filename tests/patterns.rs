@@ -38,7 +38,11 @@ async fn a_pattern_path_without_format_json_gets_400_with_a_reason() {
     let (status, body) = upgrade_status(server.addr, "/office/*?format=json&last=1").await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("not a pattern"), "{body}");
-    assert_eq!(numpat(&redis).await, 0, "nothing subscribed for a refused request");
+    assert_eq!(
+        numpat(&redis).await,
+        0,
+        "nothing subscribed for a refused request"
+    );
 }
 
 #[tokio::test]
@@ -80,7 +84,9 @@ async fn one_psubscribe_per_pattern_per_process_whatever_the_number_of_clients()
     let left = eventually(|| async {
         match numpat(&redis).await {
             1 => Ok(()),
-            n => Err(format!("NUMPAT stayed {n}, expected 1 once /b/* has no client")),
+            n => Err(format!(
+                "NUMPAT stayed {n}, expected 1 once /b/* has no client"
+            )),
         }
     });
     left.await;
@@ -122,7 +128,12 @@ async fn a_channel_under_two_patterns_and_its_own_subscription_reaches_each_clie
     ] {
         let mut got = Vec::new();
         for _ in 0..20 {
-            got.push(envelope(next_data(ws).await)["data"].as_str().unwrap().to_string());
+            got.push(
+                envelope(next_data(ws).await)["data"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
         }
         assert_eq!(got, expected, "{name}");
         if let Some(last) = last {
@@ -131,4 +142,31 @@ async fn a_channel_under_two_patterns_and_its_own_subscription_reaches_each_clie
         assert!(sync(ws).await.is_empty(), "{name}: a copy arrived twice");
     }
     assert!(sync(&mut direct).await.is_empty());
+}
+
+/// With `--auth all`, a pattern path is allowed only when the token's grant covers every
+/// channel it can match, not merely its text: `/office/a?` matches the text `/office/a*`,
+/// but `/office/a*` would also hear `/office/abc`, which `/office/a?` does not grant.
+#[tokio::test]
+async fn a_pattern_needs_a_grant_that_covers_every_channel_it_can_match() {
+    use common::auth::{server_with_auth, token, upgrade_answer};
+    let redis = Redis::start().await;
+    let (server, _dir) =
+        server_with_auth(Kind::Subscribe, &redis.url(), "all", "pattern-auth").await;
+    let answer = |sub: &'static str| {
+        let bearer = format!("Bearer {}", token(&[], &[sub]));
+        let addr = server.addr;
+        async move {
+            upgrade_answer(
+                addr,
+                "/office/a*?format=json",
+                &[("Authorization", &bearer)],
+            )
+            .await
+        }
+    };
+    let narrow = answer("/office/a?").await;
+    assert!(narrow.starts_with("HTTP/1.1 403"), "{narrow}");
+    let wide = answer("/office/*").await;
+    assert!(wide.starts_with("HTTP/1.1 101"), "{wide}");
 }

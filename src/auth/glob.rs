@@ -1,7 +1,8 @@
 //! Redis glob patterns (`*`, `?`, `[…]`, `\` escapes), as `PSUBSCRIBE` and `KEYS` read them,
 //! matched against a request path: the grants of a token (SPEC §8).
 //!
-//! Owns: [`matches`]. Must not: allocate or recurse: a pattern comes from a token and a path
+//! Owns: [`matches`], and [`covers`] (whether a grant covers every path a pattern path can
+//! match). Must not: allocate or recurse: a pattern comes from a token and a path
 //! from a client, so the cost is bounded by their lengths (O(pattern × path) at worst, with
 //! the usual one-star backtracking).
 
@@ -94,9 +95,36 @@ fn one(pattern: &[u8], p: usize, byte: u8) -> Option<(bool, usize)> {
     }
 }
 
+/// Whether `path` holds a glob character (a subscriber's pattern path, SPEC §9).
+pub(crate) fn is_pattern(path: &[u8]) -> bool {
+    path.iter().any(|b| matches!(b, b'*' | b'?' | b'['))
+}
+
+/// Whether every text `pattern` can match is matched by `grant` too, as far as a cheap,
+/// conservative rule can tell: the two are the same, or `grant` is a literal prefix and one
+/// final `*` and `pattern`'s literal start (up to its first glob character) begins with that
+/// prefix. Anything else is refused, though it might be covered.
+pub(crate) fn covers(grant: &[u8], pattern: &[u8]) -> bool {
+    if grant == pattern {
+        return true;
+    }
+    let special = |b: &u8| matches!(b, b'*' | b'?' | b'[' | b'\\');
+    let Some(prefix) = grant.strip_suffix(b"*") else {
+        return false;
+    };
+    if prefix.iter().any(special) {
+        return false;
+    }
+    let literal = pattern
+        .iter()
+        .position(special)
+        .map_or(pattern, |end| &pattern[..end]);
+    literal.starts_with(prefix)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::matches;
+    use super::{covers, matches};
 
     fn m(p: &str, t: &str) -> bool {
         matches(p.as_bytes(), t.as_bytes())
@@ -141,5 +169,20 @@ mod tests {
         let pattern = "*a".repeat(50);
         let text = "a".repeat(8192) + "b";
         assert!(!m(&pattern, &text));
+    }
+
+    #[test]
+    fn a_grant_covers_a_pattern_only_when_every_match_is_granted() {
+        assert!(covers(b"/office/*", b"/office/a*"));
+        assert!(covers(b"/office/*", b"/office/[ab]/*"));
+        assert!(covers(b"*", b"/anything/*"));
+        assert!(covers(b"/office/a*", b"/office/a*"));
+        // Its text matches, but `/office/abc` would not be granted.
+        assert!(matches(b"/office/a?", b"/office/a*"));
+        assert!(!covers(b"/office/a?", b"/office/a*"));
+        assert!(!covers(b"/office/*", b"/*"));
+        assert!(!covers(b"/office/*", b"/off*"));
+        assert!(!covers(b"/of?ice/*", b"/office/*"));
+        assert!(!covers(b"/office/a", b"/office/*"));
     }
 }

@@ -172,13 +172,19 @@ struct Claims {
 
 impl Token {
     /// Whether a pattern of the `grant` list matches `path` (Redis glob; a missing list
-    /// grants nothing).
+    /// grants nothing). A subscriber's pattern path (SPEC §9) must be covered whole: every
+    /// channel it can match must be granted ([`glob::covers`]), not just its text.
     pub(crate) fn allows(&self, grant: Grant, path: &str) -> bool {
         let list = match grant {
             Grant::Publish => &self.grants.publish,
             Grant::Subscribe => &self.grants.sub,
             Grant::Down => &self.grants.down,
         };
+        if grant == Grant::Subscribe && glob::is_pattern(path.as_bytes()) {
+            return list
+                .iter()
+                .any(|pattern| glob::covers(pattern.as_bytes(), path.as_bytes()));
+        }
         list.iter()
             .any(|pattern| glob::matches(pattern.as_bytes(), path.as_bytes()))
     }
