@@ -5,12 +5,8 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use common::*;
 use futures_util::SinkExt;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -45,50 +41,6 @@ async fn subscribers_stay_connected_through_a_redis_restart_and_get_what_is_publ
     let metrics = subscribe.metrics_text().await;
     assert_eq!(closes(&metrics), 0.0, "{metrics}");
     subscribe.wait_health(200).await;
-}
-
-/// A TCP forwarder between a relay and Redis that the test opens and closes. Closed, it hangs
-/// up on every new connection at once, as if Redis were still down; connections already open
-/// are left alone (they end when Redis does). It lets a test restart Redis and subscribe a
-/// watcher there before the relay can reach it again.
-struct Gate {
-    port: u16,
-    open: Arc<AtomicBool>,
-}
-
-impl Gate {
-    async fn start(redis_port: u16) -> Gate {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(AtomicBool::new(true));
-        let is_open = open.clone();
-        tokio::spawn(async move {
-            // Bounded: the relay reconnects at most every 100 ms for the length of a test.
-            for _ in 0..10_000 {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
-                if !is_open.load(Ordering::SeqCst) {
-                    continue; // dropped: hung up
-                }
-                let Ok(mut server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                });
-            }
-        });
-        Gate { port, open }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.store(open, Ordering::SeqCst);
-    }
 }
 
 /// An ack publisher as SPEC §6 describes `lightrelay pub`: it keeps what was not

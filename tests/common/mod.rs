@@ -1060,3 +1060,47 @@ pub async fn run_to_exit(command: &mut Command) -> (Option<i32>, String, String)
     let stderr = read(child.stderr.as_mut().map(|p| p as &mut dyn std::io::Read));
     (status.code(), stdout, stderr)
 }
+
+/// A TCP forwarder between a relay and Redis that the test opens and closes. Closed, it hangs
+/// up on every new connection at once, as if Redis were still down; connections already open
+/// are left alone (they end when Redis does). It lets a test restart Redis and subscribe a
+/// watcher there before the relay can reach it again.
+pub struct Gate {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    pub async fn start(redis_port: u16) -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let is_open = open.clone();
+        tokio::spawn(async move {
+            // Bounded: the relay reconnects at most every 100 ms for the length of a test.
+            for _ in 0..10_000 {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !is_open.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: hung up
+                }
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        Gate { port, open }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+}
