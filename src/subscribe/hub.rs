@@ -41,7 +41,7 @@
 //!   holds after the channel's last delivered id.
 //! - Patterns: one PUBLISH reaches the connection once per matching pattern; the first copy
 //!   is delivered to every matching active pattern's clients, the following copies (as many
-//!   as the other active matching patterns) are skipped. A client of a pattern and of a
+//!   as the other active matching patterns, with the same channel and payload) are skipped. A client of a pattern and of a
 //!   channel it matches are two clients: each gets the message once, as in Redis.
 //!
 //! Must not: block on a client (direct writes never wait; a full socket means the frame is
@@ -404,7 +404,7 @@ impl Hub {
         let channel = ChannelName::from_redis(name);
         match message.kind {
             MessageKind::Message => {
-                let id = order.message(&channel);
+                let id = order.message(&channel, self.history.is_some());
                 let topic = Topic::Channel(channel.clone());
                 self.deliver(&topic, &channel, id, frame, direct, helper, false)
                     .await;
@@ -412,12 +412,12 @@ impl Hub {
             MessageKind::PMessage => {
                 // One PUBLISH reaches this connection once per pattern it matches: the first
                 // copy goes to every matching pattern's clients, the others are skipped.
-                if order.is_copy(&channel) {
+                if order.is_copy(&channel, &frame) {
                     return;
                 }
                 let id = order.pattern_message(&channel);
                 let patterns = self.matching_patterns(&channel);
-                order.copies_follow(&channel, patterns.len().saturating_sub(1));
+                order.copies_follow(&channel, &frame, patterns.len().saturating_sub(1));
                 for pattern in patterns {
                     let topic = Topic::Pattern(pattern);
                     self.deliver(&topic, &channel, id, frame.clone(), direct, helper, false)
@@ -1027,8 +1027,9 @@ struct Order {
     ids: Option<(ChannelName, std::collections::VecDeque<StreamId>, bool)>,
     /// The channel and id of the `message` just delivered, for the `pmessage`s that follow.
     current: Option<(ChannelName, Option<StreamId>)>,
-    /// Copies of a pattern message still to come (one per further matching pattern).
-    copies: Option<(ChannelName, usize)>,
+    /// Copies of a pattern message still to come (one per further matching pattern): a
+    /// copy has the same channel and the same payload.
+    copies: Option<(ChannelName, Message, usize)>,
 }
 
 impl Order {
@@ -1070,18 +1071,21 @@ impl Order {
         }
     }
 
-    /// A `message` on `channel`: a new PUBLISH.
-    fn message(&mut self, channel: &ChannelName) -> Option<StreamId> {
+    /// A `message` on `channel`: a new PUBLISH. Without `history` there are no ids.
+    fn message(&mut self, channel: &ChannelName, history: bool) -> Option<StreamId> {
         self.copies = None;
+        if !history {
+            return None;
+        }
         let id = self.take_id(channel);
         self.current = Some((channel.clone(), id));
         id
     }
 
     /// Whether a `pmessage` on `channel` is a further copy of the PUBLISH just delivered.
-    fn is_copy(&mut self, channel: &ChannelName) -> bool {
+    fn is_copy(&mut self, channel: &ChannelName, frame: &Message) -> bool {
         match &mut self.copies {
-            Some((last, left)) if last == channel && *left > 0 => {
+            Some((last, payload, left)) if *left > 0 && last == channel && payload == frame => {
                 *left -= 1;
                 true
             }
@@ -1097,8 +1101,8 @@ impl Order {
         }
     }
 
-    fn copies_follow(&mut self, channel: &ChannelName, copies: usize) {
-        self.copies = Some((channel.clone(), copies));
+    fn copies_follow(&mut self, channel: &ChannelName, frame: &Message, copies: usize) {
+        self.copies = (copies > 0).then(|| (channel.clone(), frame.clone(), copies));
     }
 }
 
