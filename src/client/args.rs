@@ -35,7 +35,8 @@ pub enum Command {
     /// Publish each line of standard input (or each --binary file) as one message; resend
     /// what was not acknowledged after a reconnect; exit 0 once everything was acknowledged.
     Pub(PubArgs),
-    /// Print each message on its own line (binary as base64 unless --raw).
+    /// Print each message on its own line (binary as base64 unless --raw); after a reconnect,
+    /// go on after the last message printed (a server with --history).
     Sub(SubArgs),
     /// Print one signed token (a JWT) for `--auth`: what it may publish, subscribe to and send
     /// down, and how long it lasts.
