@@ -125,7 +125,13 @@ impl Role for PublishRole {
 
     type Prepared = ();
 
-    async fn prepare(_relay: &Arc<Relay<Self>>, _channel: &ChannelName) {}
+    async fn prepare(
+        _relay: &Arc<Relay<Self>>,
+        _channel: &ChannelName,
+        _query: Option<&str>,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 
     fn serve(
         relay: Arc<Relay<Self>>,

@@ -149,6 +149,15 @@ pub(crate) fn connect_subscriber(args: &CommonArgs) -> Result<SubscriberClient, 
     Ok(client)
 }
 
+/// The connection the subscribe server reads channel histories on (SPEC §9), connecting in
+/// the background; it reconnects as fast as the subscriber does, since resuming a lost
+/// subscription reads on it right after.
+pub(crate) fn connect_reader(args: &CommonArgs) -> Result<fred::clients::Client, Error> {
+    let client = builder(args, Purpose::Subscribe)?.build()?;
+    client.connect();
+    Ok(client)
+}
+
 /// What `/healthz` reports: one check per Redis connection this server uses.
 pub(crate) struct Health {
     checks: Mutex<Vec<Arc<Check>>>,

@@ -357,7 +357,13 @@ async fn upgrade<R: Role>(
     let accept = derive_accept_key(key.as_bytes());
 
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let prepared = R::prepare(&relay, &channel).await;
+    let prepared = match R::prepare(&relay, &channel, req.uri().query()).await {
+        Ok(prepared) => prepared,
+        Err(reason) => {
+            relay.metrics.refused(Refusal::bad_query);
+            return refusal(StatusCode::BAD_REQUEST, format!("{reason}\n"));
+        }
+    };
     // The client's comings and goings are logged at debug: when that is off (the usual case),
     // this is one cached check and the connection's task carries nothing more.
     let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {

@@ -62,6 +62,9 @@ pub enum Refusal {
     origin,
     /// `--max-publish-rate`: a `POST` over the rate of its client address.
     publish_rate,
+    /// A query the subscribe server cannot serve (`format`, `last`, `since`, a pattern
+    /// without `format=json`).
+    bad_query,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -232,6 +235,12 @@ pub struct Handles {
     pub direct_writes: Counter,
     /// Times a publishing connection was held back by `--max-publish-rate`.
     pub throttled: Counter,
+    /// Retained messages sent to new clients before their live ones (`?last=`, `?since=`).
+    pub replayed: Counter,
+    /// Messages delivered from history after a lost subscription was made again.
+    pub resumed: Counter,
+    /// Resumptions that found messages no longer retained.
+    pub history_gaps: Counter,
     registry: Registry,
 }
 
@@ -257,6 +266,9 @@ impl Metrics {
         let queued_bytes = Gauge::default();
         let direct_writes = Counter::default();
         let throttled = Counter::default();
+        let replayed = Counter::default();
+        let resumed = Counter::default();
+        let history_gaps = Counter::default();
 
         registry.register(
             "lightrelay_connections",
@@ -324,6 +336,21 @@ impl Metrics {
             unsubscribed_seconds.clone(),
         );
         registry.register(
+            "lightrelay_replayed",
+            "Retained messages sent to new clients before the live ones (?last=, ?since=)",
+            replayed.clone(),
+        );
+        registry.register(
+            "lightrelay_resumed",
+            "Messages delivered from history after a lost subscription was made again",
+            resumed.clone(),
+        );
+        registry.register(
+            "lightrelay_history_gaps",
+            "Resumptions after a lost subscription that found messages no longer retained",
+            history_gaps.clone(),
+        );
+        registry.register(
             "lightrelay_publish_latency_seconds",
             "From a message read off a client to Redis accepting its PUBLISH",
             publish_latency.clone(),
@@ -373,6 +400,7 @@ impl Metrics {
             Refusal::per_ip,
             Refusal::origin,
             Refusal::publish_rate,
+            Refusal::bad_query,
         ] {
             let _ = refused.get_or_create(&RefusalLabel { reason });
         }
@@ -414,6 +442,9 @@ impl Metrics {
             queued_bytes,
             direct_writes,
             throttled,
+            replayed,
+            resumed,
+            history_gaps,
             registry,
         }))
     }

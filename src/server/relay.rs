@@ -63,13 +63,15 @@ pub(crate) trait Role: Send + Sync + Sized + 'static {
     /// What a connection on a channel needs before its 101 (see [`Role::prepare`]).
     type Prepared: Send + 'static;
 
-    /// Get ready for a connection on `channel`, before its 101: the subscribe side joins the
-    /// hub and waits (bounded) until Redis confirmed the subscription, so that what is
-    /// published after the 101 reaches the client.
+    /// Get ready for a connection on `channel`, before its 101: the subscribe side reads what
+    /// the query asks (`format`, `last`, `since`), joins the hub and waits (bounded) until
+    /// Redis confirmed the subscription, so that what is published after the 101 reaches the
+    /// client. `Err` is the one-line reason of a 400.
     fn prepare(
         relay: &Arc<Relay<Self>>,
         channel: &ChannelName,
-    ) -> impl Future<Output = Self::Prepared> + Send;
+        query: Option<&str>,
+    ) -> impl Future<Output = Result<Self::Prepared, String>> + Send;
 
     /// Run one upgraded connection to its end.
     fn serve(

@@ -1,12 +1,19 @@
-//! The hub: which clients of this process listen to which Redis channel (SPEC §4).
+//! The hub: which clients of this process listen to which Redis channel or pattern (SPEC §4,
+//! §9).
 //!
-//! Owns: the map topic → subscribers, the one Redis subscription per topic per process
-//! (first client in SUBSCRIBEs, last one out UNSUBSCRIBEs), and fan-out: a message from Redis
-//! becomes one frame, built once, pushed to every subscriber's [`Outbox`]. When the hub has
-//! caught up with Redis (no other message waiting), the frame is also encoded once and
-//! written straight into the socket of each subscriber whose session is idle: at a light
-//! rate that spares a task wake-up and poll per delivery. When messages wait, they are only
-//! queued, so busy sessions write many frames per call and the hub keeps up.
+//! Owns: the map topic → subscribers (raw and JSON), the one Redis subscription per topic per
+//! process (first client in SUBSCRIBEs or PSUBSCRIBEs, last one out unsubscribes), and
+//! fan-out: a message from Redis becomes one frame, built once (and one envelope, built once,
+//! for the JSON clients), pushed to every subscriber's [`Outbox`]. When the hub has caught up
+//! with Redis (no other message waiting), the frame is also encoded once and written straight
+//! into the socket of each subscriber whose session is idle: at a light rate that spares a
+//! task wake-up and poll per delivery. When messages wait, they are only queued, so busy
+//! sessions write many frames per call and the hub keeps up.
+//!
+//! Owns too, with `--history`: each live message's id (from the ids message the history
+//! script publishes just before a batch, see `server::history`), each client's replay
+//! (`?last=`, `?since=`) and its seam with the live messages, and resuming a channel from the
+//! last id it delivered after the subscription was lost.
 //!
 //! Invariants:
 //! - The hub's lock is a plain mutex, never held across an await. Joining and leaving only
@@ -23,41 +30,88 @@
 //! - Messages are read from fred's broadcast channel as fast as they come; when the hub falls
 //!   behind, fred overwrites the oldest and the loss is counted (`redis_lagged`), never silent,
 //!   and the loop goes on.
-//!
 //! - Fan-out works on a snapshot of the topic's subscribers (an `Arc`, copied on write by
 //!   joins and leaves), so the hub's lock is not held while it writes to sockets.
+//! - The seam (history): only the message reader fans out, and it serves replays and
+//!   resumptions between two messages. A client with a replay joins *waiting* (no live
+//!   message reaches it; those the reader passes meanwhile are already in the stream), the
+//!   reader reads the stream and queues the replay, and the client then takes every live
+//!   message newer than the replay's last id: no gap, no duplicate. A channel whose
+//!   subscription was lost waits the same way until the reader has delivered what its stream
+//!   holds after the channel's last delivered id.
+//! - Patterns: one PUBLISH reaches the connection once per matching pattern; the first copy
+//!   is delivered to every matching active pattern's clients, the following copies (as many
+//!   as the other active matching patterns) are skipped. A client of a pattern and of a
+//!   channel it matches are two clients: each gets the message once, as in Redis.
 //!
 //! Must not: block on a client (direct writes never wait; a full socket means the frame is
 //! queued); a slow client only fills its own outbox.
-//! Room left: `Topic` is where pattern (PSUBSCRIBE) and sharded (SSUBSCRIBE) topics go.
+//! Room left: `Topic` is where sharded (SSUBSCRIBE) topics go.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fred::interfaces::ClientLike;
-use tokio::time::Instant;
-
 use bytes::Bytes;
-use fred::clients::SubscriberClient;
+use fred::clients::{Client, SubscriberClient};
+use fred::interfaces::ClientLike;
 use fred::interfaces::{EventInterface, PubsubInterface};
-use fred::types::Value;
+use fred::types::{MessageKind, Value};
 use slab::Slab;
 use tokio::runtime::Handle;
-use tokio::sync::{broadcast::error::RecvError, Notify};
+use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot, Notify};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
+use super::envelope;
+use super::retained;
+use crate::auth::glob;
 use crate::server::channel::ChannelName;
+use crate::server::history::{self, StreamId};
 use crate::server::metrics::{DropReason, Metrics};
 use crate::server::write::outbox::{Outbox, Pushed};
 use crate::server::write::socket::EncodedFrame;
 
-/// What a client listens to. Today a plain channel; patterns and shard channels come later.
+/// What a client listens to: one channel, or a pattern of channels (SPEC §9).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Topic {
     Channel(ChannelName),
+    /// A Redis glob over channel names (`PREFIX + PATH` where the path holds `*`, `?`, `[`).
+    Pattern(ChannelName),
+}
+
+impl Topic {
+    fn name(&self) -> &ChannelName {
+        match self {
+            Topic::Channel(name) | Topic::Pattern(name) => name,
+        }
+    }
+}
+
+/// How a client receives messages: the raw payload, or its JSON envelope (`?format=json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    Raw,
+    Json,
+}
+
+/// What a client asked to be sent before the live messages (SPEC §9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    Nothing,
+    /// `?last=N`: the newest N retained messages.
+    Last(usize),
+    /// `?since=ID`: every retained message after ID.
+    Since(StreamId),
+}
+
+/// History as the hub reads it (`--history` on): the connection replays are read on, and
+/// how many entries one read may bring (the client queue's message bound).
+pub(crate) struct History {
+    pub reader: Client,
+    pub limit: usize,
 }
 
 pub struct Hub {
@@ -66,52 +120,142 @@ pub struct Hub {
     /// Notified (all waiters) whenever topics become active.
     activated: Notify,
     metrics: Metrics,
+    history: Option<History>,
+    /// Replays and resumptions, served by the message reader between two messages.
+    requests: mpsc::Sender<Request>,
+    requests_rx: Mutex<Option<mpsc::Receiver<Request>>>,
 }
 
 #[derive(Default)]
 struct State {
     topics: HashMap<Topic, Entry>,
     dirty: HashSet<Topic>,
+    /// The pattern topics among `topics`, so a pattern message is matched against patterns
+    /// only, not against every channel.
+    patterns: HashSet<ChannelName>,
+}
+
+/// A client's place in a topic's entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Seat {
+    format: Format,
+    key: usize,
+}
+
+/// Where live messages start for a client (or a topic) whose replay is being read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Floor {
+    /// The replay is not read yet: every live message waits for it (what the reader skips is
+    /// in the stream, so in the replay).
+    Waiting,
+    /// The replay went up to this id: live messages up to it are duplicates of it.
+    UpTo(StreamId),
+}
+
+impl Floor {
+    fn holds_back(self, id: Option<StreamId>) -> bool {
+        match self {
+            Floor::Waiting => true,
+            Floor::UpTo(floor) => id.is_some_and(|id| id <= floor),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Entry {
     /// Copied on write: a fan-out in progress keeps its snapshot, joins and leaves copy.
-    subscribers: Arc<Slab<Arc<Outbox>>>,
+    raw: Arc<Slab<Arc<Outbox>>>,
+    json: Arc<Slab<Arc<Outbox>>>,
     /// Redis confirmed the subscription (and it was not lost since).
     active: bool,
+    /// Clients whose replay seam is not passed yet (rare, short-lived).
+    floors: HashMap<Seat, Floor>,
+    /// The newest history id delivered on this topic: where it resumes after a lost
+    /// subscription.
+    last_id: Option<StreamId>,
+    /// Set while the topic resumes after a lost subscription (history on).
+    resume: Option<Floor>,
+}
+
+impl Entry {
+    fn is_empty(&self) -> bool {
+        self.raw.is_empty() && self.json.is_empty()
+    }
 }
 
 /// A client's place in the hub; leaving is dropping it.
 pub struct Membership {
     hub: Arc<Hub>,
     topic: Topic,
-    key: usize,
+    seat: Seat,
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        self.hub.leave(&self.topic, self.key);
+        self.hub.leave(&self.topic, self.seat);
     }
 }
 
+/// Work for the message reader besides messages: it alone fans out, so it alone can place
+/// a replay exactly between the live messages it has and has not delivered.
+enum Request {
+    Replay(Arrival),
+    /// These topics were (re)subscribed and are active: resume those that lost their
+    /// subscription from their last id; note where the others start.
+    Activated(Vec<Topic>),
+}
+
+/// A client waiting for its replay.
+struct Arrival {
+    topic: Topic,
+    seat: Seat,
+    outbox: Arc<Outbox>,
+    replay: Replay,
+    done: oneshot::Sender<()>,
+}
+
+/// How many requests the reader serves in one go (reads sharing one round trip).
+const REQUEST_BATCH: usize = 256;
+
 impl Hub {
-    pub fn new(metrics: Metrics) -> Arc<Self> {
+    pub fn new(metrics: Metrics, history: Option<History>) -> Arc<Self> {
+        let (requests, requests_rx) = mpsc::channel(1024);
         Arc::new(Hub {
             state: Mutex::new(State::default()),
             dirty: Notify::new(),
             activated: Notify::new(),
             metrics,
+            history,
+            requests,
+            requests_rx: Mutex::new(Some(requests_rx)),
         })
     }
 
-    /// Add a client to a topic; the topic is subscribed in Redis if it was not already.
-    pub fn join(self: &Arc<Self>, topic: Topic, outbox: Arc<Outbox>) -> Membership {
+    /// Add a client to a topic; the topic is subscribed in Redis if it was not already. With
+    /// `replaying`, no live message reaches it until [`Hub::replay`] placed its replay.
+    pub fn join(
+        self: &Arc<Self>,
+        topic: Topic,
+        format: Format,
+        outbox: Arc<Outbox>,
+        replaying: bool,
+    ) -> Membership {
         let mut state = self.lock();
+        if let Topic::Pattern(pattern) = &topic {
+            state.patterns.insert(pattern.clone());
+        }
         let entry = state.topics.entry(topic.clone()).or_default();
-        let subscribers = Arc::make_mut(&mut entry.subscribers);
-        let key = subscribers.insert(outbox);
-        if subscribers.len() == 1 {
+        let first = entry.is_empty();
+        let slab = match format {
+            Format::Raw => &mut entry.raw,
+            Format::Json => &mut entry.json,
+        };
+        let key = Arc::make_mut(slab).insert(outbox);
+        let seat = Seat { format, key };
+        if replaying {
+            entry.floors.insert(seat, Floor::Waiting);
+        }
+        if first {
             state.dirty.insert(topic.clone());
             drop(state);
             self.dirty.notify_one();
@@ -119,85 +263,53 @@ impl Hub {
         Membership {
             hub: Arc::clone(self),
             topic,
-            key,
+            seat,
         }
     }
 
-    fn leave(&self, topic: &Topic, key: usize) {
+    fn leave(&self, topic: &Topic, seat: Seat) {
         let mut state = self.lock();
         let Some(entry) = state.topics.get_mut(topic) else {
             return;
         };
-        let subscribers = Arc::make_mut(&mut entry.subscribers);
-        subscribers.try_remove(key);
-        if subscribers.is_empty() {
+        let slab = match seat.format {
+            Format::Raw => &mut entry.raw,
+            Format::Json => &mut entry.json,
+        };
+        Arc::make_mut(slab).try_remove(seat.key);
+        entry.floors.remove(&seat);
+        if entry.is_empty() {
             state.topics.remove(topic);
+            if let Topic::Pattern(pattern) = topic {
+                state.patterns.remove(pattern);
+            }
             state.dirty.insert(topic.clone());
             drop(state);
             self.dirty.notify_one();
         }
     }
 
-    /// Push one message to every subscriber of `topic`; with `direct`, write it into the
-    /// sockets of idle subscribers instead. With `helper` (the connections' runtime) and a
-    /// large topic, half of the direct writes run there while the hub does the other half,
-    /// and both halves are done before this returns, so the next message cannot overtake.
-    /// Returns how many subscribers received it.
-    pub async fn publish_local(
+    /// Send `membership`'s client what it asked for before the live messages, then let the
+    /// live ones through from exactly where the replay ends; waits at most `patience` for
+    /// the read (a later one still arrives first, before any live message).
+    pub async fn replay(
         &self,
-        topic: &Topic,
-        frame: Message,
-        direct: bool,
-        helper: Option<&Handle>,
-    ) -> usize {
-        let Some(subscribers) = self.lock().topics.get(topic).map(|e| e.subscribers.clone()) else {
-            return 0;
-        };
-        // Large frames always go through the sessions: a megabyte copied into a thousand
-        // sockets is work to spread over the runtime's threads, not to do on the hub's.
-        let encoded = (direct && frame.len() <= DIRECT_MAX)
-            .then(|| EncodedFrame::of(&frame))
-            .flatten();
-        let tally = match (encoded, helper) {
-            (Some(encoded), Some(helper)) if subscribers.len() >= SPLIT_AT => {
-                let encoded = Arc::new(encoded);
-                // Whoever claims the odd half writes it: the helper task if a worker runs it
-                // soon, else the hub itself once its own half is done (a busy runtime must
-                // not keep the hub from reading Redis).
-                let claimed = Arc::new(AtomicBool::new(false));
-                let theirs = helper.spawn({
-                    let (subscribers, frame, encoded, claimed) = (
-                        subscribers.clone(),
-                        frame.clone(),
-                        encoded.clone(),
-                        claimed.clone(),
-                    );
-                    async move {
-                        (!claimed.swap(true, Ordering::AcqRel))
-                            .then(|| fan_out(&subscribers, &frame, Some(&encoded), odd))
-                    }
-                });
-                let mine = fan_out(&subscribers, &frame, Some(&encoded), |key| !odd(key));
-                if claimed.swap(true, Ordering::AcqRel) {
-                    // Claimed by the helper: wait for it, so the next message cannot overtake.
-                    // (Once started it runs to the end: it has no await point.)
-                    mine + theirs.await.ok().flatten().unwrap_or_default()
-                } else {
-                    mine + fan_out(&subscribers, &frame, Some(&encoded), odd)
-                }
-            }
-            (encoded, _) => fan_out(&subscribers, &frame, encoded.as_ref(), |_| true),
-        };
-        if tally.written > 0 {
-            let bytes = tally.written * frame.len() as u64;
-            self.metrics.ws_out.add(tally.written, bytes);
-            self.metrics.direct_writes.inc_by(tally.written);
+        membership: &Membership,
+        outbox: Arc<Outbox>,
+        replay: Replay,
+        patience: Duration,
+    ) {
+        let (done, served) = oneshot::channel();
+        let request = Request::Replay(Arrival {
+            topic: membership.topic.clone(),
+            seat: membership.seat,
+            outbox,
+            replay,
+            done,
+        });
+        if self.requests.send(request).await.is_ok() {
+            let _ = tokio::time::timeout(patience, served).await;
         }
-        self.metrics
-            .dropped(DropReason::slow_consumer_skip, tally.skipped);
-        self.metrics
-            .dropped(DropReason::slow_consumer_close, tally.discarded);
-        subscribers.len()
     }
 
     /// (topics, queued messages, queued bytes) across every client, for `/metrics`.
@@ -205,7 +317,7 @@ impl Hub {
         let state = self.lock();
         let (mut messages, mut bytes) = (0, 0);
         for entry in state.topics.values() {
-            for (_, outbox) in entry.subscribers.iter() {
+            for (_, outbox) in entry.raw.iter().chain(entry.json.iter()) {
                 let (m, b) = outbox.queued();
                 messages += m;
                 bytes += b;
@@ -223,7 +335,10 @@ impl Hub {
         shutdown: CancellationToken,
         helper: Option<Handle>,
     ) {
-        let reader = self.clone().read_messages(redis.clone(), helper);
+        let Some(requests) = crate::lock(&self.requests_rx).take() else {
+            return;
+        };
+        let reader = self.clone().read_messages(redis.clone(), requests, helper);
         let reconciler = self.reconcile(redis);
         tokio::select! {
             () = reader => {},
@@ -232,28 +347,478 @@ impl Hub {
         }
     }
 
-    async fn read_messages(self: Arc<Self>, redis: SubscriberClient, helper: Option<Handle>) {
+    async fn read_messages(
+        self: Arc<Self>,
+        redis: SubscriberClient,
+        mut requests: mpsc::Receiver<Request>,
+        helper: Option<Handle>,
+    ) {
         let mut messages = redis.message_rx();
+        let mut order = Order::default();
+        let mut batch = Vec::with_capacity(REQUEST_BATCH);
         loop {
-            match messages.recv().await {
-                Ok(message) => {
-                    let Some(frame) = frame_of(message.value) else {
-                        continue;
-                    };
-                    self.metrics.redis_in.add(1, frame.len() as u64);
-                    let topic =
-                        Topic::Channel(ChannelName::from_redis(message.channel.into_inner()));
-                    // Caught up with Redis: write to idle subscribers directly. Behind: only
-                    // queue, and let the sessions write their backlog in few calls.
-                    let direct = messages.is_empty();
-                    self.publish_local(&topic, frame, direct, helper.as_ref())
+            tokio::select! {
+                received = messages.recv() => match received {
+                    Ok(message) => {
+                        // Caught up with Redis: write to idle subscribers directly. Behind:
+                        // only queue, and let the sessions write their backlog in few calls.
+                        let direct = messages.is_empty();
+                        self.on_message(message, &mut order, direct, helper.as_ref()).await;
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        // What paired ids with messages may be gone: start afresh.
+                        order = Order::default();
+                        self.metrics.dropped(DropReason::redis_lagged, n);
+                        tracing::warn!(lost = n, "hub fell behind Redis; messages were dropped");
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                n = requests.recv_many(&mut batch, REQUEST_BATCH) => {
+                    if n == 0 {
+                        return;
+                    }
+                    self.serve(std::mem::take(&mut batch)).await;
+                }
+            }
+        }
+    }
+
+    async fn on_message(
+        &self,
+        message: fred::types::Message,
+        order: &mut Order,
+        direct: bool,
+        helper: Option<&Handle>,
+    ) {
+        let name: Bytes = message.channel.into_inner();
+        if self.history.is_some() {
+            if let Some(channel) = history::channel_of_ids(&name) {
+                order.ids(channel, &message.value);
+                return;
+            }
+        }
+        let Some(frame) = frame_of(message.value) else {
+            return;
+        };
+        self.metrics.redis_in.add(1, frame.len() as u64);
+        let channel = ChannelName::from_redis(name);
+        match message.kind {
+            MessageKind::Message => {
+                let id = order.message(&channel);
+                let topic = Topic::Channel(channel.clone());
+                self.deliver(&topic, &channel, id, frame, direct, helper, false)
+                    .await;
+            }
+            MessageKind::PMessage => {
+                // One PUBLISH reaches this connection once per pattern it matches: the first
+                // copy goes to every matching pattern's clients, the others are skipped.
+                if order.is_copy(&channel) {
+                    return;
+                }
+                let id = order.pattern_message(&channel);
+                let patterns = self.matching_patterns(&channel);
+                order.copies_follow(&channel, patterns.len().saturating_sub(1));
+                for pattern in patterns {
+                    let topic = Topic::Pattern(pattern);
+                    self.deliver(&topic, &channel, id, frame.clone(), direct, helper, false)
                         .await;
                 }
-                Err(RecvError::Lagged(n)) => {
-                    self.metrics.dropped(DropReason::redis_lagged, n);
-                    tracing::warn!(lost = n, "hub fell behind Redis; messages were dropped");
+            }
+            _ => {}
+        }
+    }
+
+    /// The active pattern topics that match `channel`.
+    fn matching_patterns(&self, channel: &ChannelName) -> Vec<ChannelName> {
+        let state = self.lock();
+        let name = channel.to_bytes();
+        state
+            .patterns
+            .iter()
+            .filter(|pattern| {
+                glob::matches(&pattern.to_bytes(), &name)
+                    && state
+                        .topics
+                        .get(&Topic::Pattern((*pattern).clone()))
+                        .is_some_and(|entry| entry.active)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Deliver one message of `channel` (id `id`) to `topic`'s clients: the raw frame to
+    /// raw ones, its envelope (built once) to JSON ones, none to a client whose replay seam
+    /// holds it back. `replayed`: it comes from the topic's own resumption, which the
+    /// topic's floor does not hold back. Returns how many clients it reached.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver(
+        &self,
+        topic: &Topic,
+        channel: &ChannelName,
+        id: Option<StreamId>,
+        frame: Message,
+        direct: bool,
+        helper: Option<&Handle>,
+        replayed: bool,
+    ) -> usize {
+        let (raw, json, floors) = {
+            let mut state = self.lock();
+            let Some(entry) = state.topics.get_mut(topic) else {
+                return 0;
+            };
+            if !replayed {
+                match entry.resume {
+                    Some(floor) if floor.holds_back(id) => return 0,
+                    Some(_) if id.is_some() => entry.resume = None,
+                    _ => {}
                 }
-                Err(RecvError::Closed) => return,
+            }
+            if id.is_some() && id > entry.last_id {
+                entry.last_id = id;
+            }
+            let floors = (!entry.floors.is_empty()).then(|| entry.floors.clone());
+            let json = (!entry.json.is_empty()).then(|| entry.json.clone());
+            (entry.raw.clone(), json, floors)
+        };
+        let mut reached = 0;
+        if !raw.is_empty() {
+            reached += self
+                .fan_out_to(
+                    &raw,
+                    frame.clone(),
+                    Format::Raw,
+                    id,
+                    floors.as_ref(),
+                    direct,
+                    helper,
+                )
+                .await;
+        }
+        if let Some(json) = json {
+            let envelope = envelope::envelope(&channel.to_bytes(), id, &frame);
+            reached += self
+                .fan_out_to(
+                    &json,
+                    envelope,
+                    Format::Json,
+                    id,
+                    floors.as_ref(),
+                    direct,
+                    helper,
+                )
+                .await;
+        }
+        if floors.is_some() && id.is_some() {
+            // Clients whose seam this message passed take every message from now on.
+            let mut state = self.lock();
+            if let Some(entry) = state.topics.get_mut(topic) {
+                entry
+                    .floors
+                    .retain(|_, floor| *floor == Floor::Waiting || floor.holds_back(id));
+            }
+        }
+        reached
+    }
+
+    /// Push one frame to every client of `subscribers`; with `direct`, write it into the
+    /// sockets of idle ones instead. With `helper` (the connections' runtime) and a large
+    /// topic, half of the direct writes run there while the hub does the other half, and
+    /// both halves are done before this returns, so the next message cannot overtake.
+    #[allow(clippy::too_many_arguments)]
+    async fn fan_out_to(
+        &self,
+        subscribers: &Arc<Slab<Arc<Outbox>>>,
+        frame: Message,
+        format: Format,
+        id: Option<StreamId>,
+        floors: Option<&HashMap<Seat, Floor>>,
+        direct: bool,
+        helper: Option<&Handle>,
+    ) -> usize {
+        // Large frames always go through the sessions: a megabyte copied into a thousand
+        // sockets is work to spread over the runtime's threads, not to do on the hub's.
+        let encoded = (direct && frame.len() <= DIRECT_MAX)
+            .then(|| EncodedFrame::of(&frame))
+            .flatten();
+        let tally = match (encoded, helper, floors) {
+            (Some(encoded), Some(helper), None) if subscribers.len() >= SPLIT_AT => {
+                let encoded = Arc::new(encoded);
+                // Whoever claims the odd half writes it: the helper task if a worker runs it
+                // soon, else the hub itself once its own half is done (a busy runtime must
+                // not keep the hub from reading Redis).
+                let claimed = Arc::new(AtomicBool::new(false));
+                let theirs = helper.spawn({
+                    let (subscribers, frame, encoded, claimed) = (
+                        subscribers.clone(),
+                        frame.clone(),
+                        encoded.clone(),
+                        claimed.clone(),
+                    );
+                    async move {
+                        (!claimed.swap(true, Ordering::AcqRel))
+                            .then(|| fan_out(&subscribers, &frame, Some(&encoded), odd))
+                    }
+                });
+                let mine = fan_out(subscribers, &frame, Some(&encoded), |key| !odd(key));
+                if claimed.swap(true, Ordering::AcqRel) {
+                    // Claimed by the helper: wait for it, so the next message cannot overtake.
+                    // (Once started it runs to the end: it has no await point.)
+                    mine + theirs.await.ok().flatten().unwrap_or_default()
+                } else {
+                    mine + fan_out(subscribers, &frame, Some(&encoded), odd)
+                }
+            }
+            (encoded, _, floors) => fan_out(subscribers, &frame, encoded.as_ref(), |key| {
+                floors.is_none_or(|floors| {
+                    floors
+                        .get(&Seat { format, key })
+                        .is_none_or(|floor| !floor.holds_back(id))
+                })
+            }),
+        };
+        if tally.written > 0 {
+            let bytes = tally.written * frame.len() as u64;
+            self.metrics.ws_out.add(tally.written, bytes);
+            self.metrics.direct_writes.inc_by(tally.written);
+        }
+        self.metrics
+            .dropped(DropReason::slow_consumer_skip, tally.skipped);
+        self.metrics
+            .dropped(DropReason::slow_consumer_close, tally.discarded);
+        subscribers.len()
+    }
+
+    /// Serve a batch of requests: one read per stream and kind of read, all at once.
+    async fn serve(&self, requests: Vec<Request>) {
+        let mut replays = Vec::new();
+        let mut activated = Vec::new();
+        for request in requests {
+            match request {
+                Request::Replay(arrival) => replays.push(arrival),
+                Request::Activated(topics) => activated.extend(topics),
+            }
+        }
+        if !activated.is_empty() {
+            self.resume(activated).await;
+        }
+        if !replays.is_empty() {
+            self.place_replays(replays).await;
+        }
+    }
+
+    /// Read and place the replays of newly arrived clients; each then takes live messages
+    /// from just after its replay's last id.
+    async fn place_replays(&self, replays: Vec<Arrival>) {
+        // One read per channel for every `last` (the largest N), one per (channel, id) for
+        // every `since`.
+        let mut lasts: HashMap<ChannelName, usize> = HashMap::new();
+        let mut sinces: HashSet<(ChannelName, StreamId)> = HashSet::new();
+        for Arrival { topic, replay, .. } in &replays {
+            match *replay {
+                Replay::Last(n) => {
+                    let most = lasts.entry(topic.name().clone()).or_default();
+                    *most = (*most).max(n);
+                }
+                Replay::Since(id) => {
+                    sinces.insert((topic.name().clone(), id));
+                }
+                Replay::Nothing => {}
+            }
+        }
+        let (last_reads, since_reads) = match &self.history {
+            Some(history) => {
+                let limit = history.limit;
+                let reader = &history.reader;
+                let lasts = futures_util::future::join_all(lasts.into_iter().map(
+                    |(channel, n)| async move {
+                        let read = retained::last(reader, &channel, n.min(limit)).await;
+                        (channel, read)
+                    },
+                ));
+                let sinces = futures_util::future::join_all(sinces.into_iter().map(
+                    |(channel, id)| async move {
+                        let read = retained::after(reader, &channel, id, limit).await;
+                        ((channel, id), read)
+                    },
+                ));
+                let (lasts, sinces) = futures_util::future::join(lasts, sinces).await;
+                (
+                    lasts.into_iter().collect::<HashMap<_, _>>(),
+                    sinces.into_iter().collect::<HashMap<_, _>>(),
+                )
+            }
+            None => (HashMap::new(), HashMap::new()),
+        };
+        for Arrival {
+            topic,
+            seat,
+            outbox,
+            replay,
+            done,
+        } in replays
+        {
+            let channel = topic.name();
+            let frames_of = |entries: &[retained::Entry]| -> Vec<(StreamId, Message)> {
+                entries
+                    .iter()
+                    .map(|(id, data)| {
+                        let frame = envelope::payload_frame(data.clone());
+                        let frame = match seat.format {
+                            Format::Raw => frame,
+                            Format::Json => {
+                                envelope::envelope(&channel.to_bytes(), Some(*id), &frame)
+                            }
+                        };
+                        (*id, frame)
+                    })
+                    .collect()
+            };
+            let mut frames = Vec::new();
+            match replay {
+                Replay::Last(n) => match last_reads.get(channel) {
+                    Some(Ok(entries)) => {
+                        frames = frames_of(&entries[entries.len().saturating_sub(n)..]);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(%channel, error = %e, "could not read the retained messages; the client starts with the live ones");
+                    }
+                    None => {}
+                },
+                Replay::Since(after) => match since_reads.get(&(channel.clone(), after)) {
+                    Some(Ok(read)) => {
+                        if let Some(oldest) = read.gap {
+                            outbox.push(envelope::gap(after, oldest));
+                        }
+                        frames = frames_of(&read.entries);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(%channel, error = %e, "could not read the retained messages; the client is told of a gap");
+                        outbox.push(envelope::gap(after, None));
+                    }
+                    // History is off: nothing is retained.
+                    None => {
+                        outbox.push(envelope::gap(after, None));
+                    }
+                },
+                Replay::Nothing => {}
+            }
+            let newest = frames.last().map(|(id, _)| *id);
+            self.metrics.replayed.inc_by(frames.len() as u64);
+            for (_, frame) in frames {
+                outbox.push(frame);
+            }
+            let mut state = self.lock();
+            if let Some(entry) = state.topics.get_mut(&topic) {
+                match newest {
+                    Some(newest) => entry.floors.insert(seat, Floor::UpTo(newest)),
+                    None => entry.floors.remove(&seat),
+                };
+            }
+            drop(state);
+            let _ = done.send(());
+        }
+    }
+
+    /// Topics just (re)subscribed: those that lost their subscription get what was published
+    /// meanwhile from their stream, in order, before any live message; the others learn
+    /// where their stream stands, to resume from there if they lose it later.
+    async fn resume(&self, topics: Vec<Topic>) {
+        let Some(history) = &self.history else {
+            return;
+        };
+        let work: Vec<(Topic, Option<StreamId>, bool)> = {
+            let state = self.lock();
+            topics
+                .into_iter()
+                .filter(|topic| matches!(topic, Topic::Channel(_)))
+                .filter_map(|topic| {
+                    let entry = state.topics.get(&topic)?;
+                    let resuming = entry.resume.is_some();
+                    (resuming || entry.last_id.is_none()).then_some((
+                        topic,
+                        entry.last_id,
+                        resuming,
+                    ))
+                })
+                .collect()
+        };
+        let reader = &history.reader;
+        let limit = history.limit;
+        let reads = futures_util::future::join_all(work.into_iter().map(
+            |(topic, last_id, resuming)| async move {
+                let channel = topic.name().clone();
+                let read = match (resuming, last_id) {
+                    (true, Some(after)) => retained::after(reader, &channel, after, limit)
+                        .await
+                        .map(Resumed::After),
+                    (true, None) => Ok(Resumed::NothingToResume),
+                    (false, _) => retained::last(reader, &channel, 1)
+                        .await
+                        .map(Resumed::Anchor),
+                };
+                (topic, last_id, read)
+            },
+        ))
+        .await;
+        for (topic, last_id, read) in reads {
+            let channel = topic.name().clone();
+            match read {
+                Ok(Resumed::Anchor(newest)) => {
+                    if let (Some(entry), Some((id, _))) =
+                        (self.lock().topics.get_mut(&topic), newest.last())
+                    {
+                        entry.last_id = entry.last_id.max(Some(*id));
+                    }
+                }
+                Ok(Resumed::After(read)) => {
+                    let after = last_id.unwrap_or(StreamId::ZERO);
+                    if let Some(oldest) = read.gap {
+                        self.metrics.history_gaps.inc();
+                        tracing::warn!(%channel, after = %after, oldest = ?oldest.map(|id| id.to_string()),
+                            "resuming after a lost subscription: some messages are no longer retained");
+                        self.deliver_gap(&topic, after, oldest);
+                    }
+                    let count = read.entries.len();
+                    let newest = read.entries.last().map(|(id, _)| *id);
+                    for (id, data) in read.entries {
+                        let frame = envelope::payload_frame(data);
+                        self.deliver(&topic, &channel, Some(id), frame, false, None, true)
+                            .await;
+                    }
+                    self.metrics.resumed.inc_by(count as u64);
+                    if count > 0 {
+                        tracing::info!(%channel, messages = count, "resumed from history after a lost subscription");
+                    }
+                    if let Some(entry) = self.lock().topics.get_mut(&topic) {
+                        entry.resume = newest.map(Floor::UpTo);
+                    }
+                }
+                Ok(Resumed::NothingToResume) => {
+                    if let Some(entry) = self.lock().topics.get_mut(&topic) {
+                        entry.resume = None;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%channel, error = %e, "could not read history to resume a lost subscription; what was published meanwhile did not reach this relay");
+                    if let Some(entry) = self.lock().topics.get_mut(&topic) {
+                        entry.resume = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tell a topic's JSON clients that messages after `after` are missing.
+    fn deliver_gap(&self, topic: &Topic, after: StreamId, oldest: Option<StreamId>) {
+        let json = self
+            .lock()
+            .topics
+            .get(topic)
+            .map(|entry| entry.json.clone());
+        if let Some(json) = json {
+            let frame = envelope::gap(after, oldest);
+            for (_, outbox) in json.iter() {
+                outbox.push(frame.clone());
             }
         }
     }
@@ -293,15 +858,36 @@ impl Hub {
     }
 
     /// The subscriber connection was (re)established: every subscription must be made again.
-    /// Returns the topics to re-subscribe.
+    /// With history, each lost channel holds its live messages back until it has resumed
+    /// from its stream. Returns how many topics to re-subscribe.
     fn connection_reset(&self, subscribed: &mut HashSet<Topic>) -> usize {
         let mut state = self.lock();
         for entry in state.topics.values_mut() {
             entry.active = false;
         }
+        if self.history.is_some() {
+            for topic in subscribed.iter() {
+                if let (Topic::Channel(_), Some(entry)) = (topic, state.topics.get_mut(topic)) {
+                    entry.resume = Some(Floor::Waiting);
+                }
+            }
+        }
         let lost = subscribed.len();
         state.dirty.extend(subscribed.drain());
         lost
+    }
+
+    /// The Redis names a topic is subscribed with: itself, and its ids channel (or pattern)
+    /// when history is on.
+    fn redis_names(&self, topics: &[Topic]) -> Vec<fred::types::Key> {
+        let mut names = Vec::with_capacity(topics.len() * 2);
+        for topic in topics {
+            names.push(topic.name().to_bytes().into());
+            if self.history.is_some() {
+                names.push(history::ids_channel(topic.name()).into());
+            }
+        }
+        names
     }
 
     /// Bring Redis subscriptions in line with the hub, one command at a time; after every
@@ -340,7 +926,7 @@ impl Hub {
             };
             if work.is_empty() {
                 self.metrics.channels.set(subscribed.len() as i64);
-                recovery.done(&self.metrics);
+                recovery.done(&self.metrics, self.history.is_some());
                 tokio::select! {
                     () = self.dirty.notified() => {}
                     event = reconnects.recv() => match event {
@@ -358,44 +944,54 @@ impl Hub {
             }
             let (joins, leaves): (Vec<_>, Vec<_>) =
                 work.into_iter().partition(|(_, wanted)| *wanted);
-            let joins: Vec<Topic> = joins.into_iter().map(|(t, _)| t).collect();
-            let leaves: Vec<Topic> = leaves.into_iter().map(|(t, _)| t).collect();
             for (topics, subscribe) in [(joins, true), (leaves, false)] {
-                if topics.is_empty() {
-                    continue;
-                }
-                let names: Vec<Bytes> = topics
-                    .iter()
-                    .map(|Topic::Channel(c)| c.to_bytes())
-                    .collect();
-                let names: Vec<fred::types::Key> = names.into_iter().map(Into::into).collect();
-                let result = if subscribe {
-                    // fred resolves SUBSCRIBE once written; the PING's answer comes after
-                    // Redis ran it, so then the subscription is active.
-                    match redis.subscribe(names).await {
-                        Ok(()) => redis.ping::<fred::types::Value>(None).await.map(drop),
-                        Err(e) => Err(e),
+                let (patterns, channels): (Vec<Topic>, Vec<Topic>) = topics
+                    .into_iter()
+                    .map(|(t, _)| t)
+                    .partition(|t| matches!(t, Topic::Pattern(_)));
+                for (topics, pattern) in [(channels, false), (patterns, true)] {
+                    if topics.is_empty() {
+                        continue;
                     }
-                } else {
-                    redis.unsubscribe(names).await
-                };
-                match result {
-                    Ok(()) => {
-                        if subscribe {
-                            self.activate(&topics);
-                        }
-                        for t in topics {
+                    let names = self.redis_names(&topics);
+                    let result = match (subscribe, pattern) {
+                        // fred resolves SUBSCRIBE once written; the PING's answer comes after
+                        // Redis ran it, so then the subscription is active.
+                        (true, false) => match redis.subscribe(names).await {
+                            Ok(()) => redis.ping::<Value>(None).await.map(drop),
+                            Err(e) => Err(e),
+                        },
+                        (true, true) => match redis.psubscribe(names).await {
+                            Ok(()) => redis.ping::<Value>(None).await.map(drop),
+                            Err(e) => Err(e),
+                        },
+                        (false, false) => redis.unsubscribe(names).await,
+                        (false, true) => redis.punsubscribe(names).await,
+                    };
+                    match result {
+                        Ok(()) => {
                             if subscribe {
-                                subscribed.insert(t);
-                            } else {
-                                subscribed.remove(&t);
+                                self.activate(&topics);
+                                if self.history.is_some() {
+                                    let _ = self
+                                        .requests
+                                        .send(Request::Activated(topics.clone()))
+                                        .await;
+                                }
+                            }
+                            for t in topics {
+                                if subscribe {
+                                    subscribed.insert(t);
+                                } else {
+                                    subscribed.remove(&t);
+                                }
                             }
                         }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, subscribe, "Redis (un)subscribe failed; will retry");
-                        self.lock().dirty.extend(topics);
-                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        Err(e) => {
+                            tracing::warn!(error = %e, subscribe, "Redis (un)subscribe failed; will retry");
+                            self.lock().dirty.extend(topics);
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
                     }
                 }
             }
@@ -406,6 +1002,103 @@ impl Hub {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update under this lock is a single insert/remove; a poisoned lock is consistent.
         crate::lock(&self.state)
+    }
+}
+
+/// What a resumption read found.
+enum Resumed {
+    After(retained::After),
+    /// The topic never delivered an id: there is nothing to resume from.
+    NothingToResume,
+    /// Where the stream stood when the topic was first subscribed.
+    Anchor(Vec<retained::Entry>),
+}
+
+/// The order of what arrives on the subscriber connection, which is how live messages get
+/// their ids and how the copies of one PUBLISH matched by several patterns are told apart.
+///
+/// The history script publishes a batch's ids on the ids channel and then the batch's
+/// messages, atomically: nothing else arrives in between. So the ids message names the ids
+/// of the next messages of its channel, in order. One PUBLISH reaches this connection as the
+/// channel's `message` (if subscribed) followed by one `pmessage` per matching pattern.
+#[derive(Default)]
+struct Order {
+    /// The ids of the next messages of this channel, and whether any was taken yet.
+    ids: Option<(ChannelName, std::collections::VecDeque<StreamId>, bool)>,
+    /// The channel and id of the `message` just delivered, for the `pmessage`s that follow.
+    current: Option<(ChannelName, Option<StreamId>)>,
+    /// Copies of a pattern message still to come (one per further matching pattern).
+    copies: Option<(ChannelName, usize)>,
+}
+
+impl Order {
+    /// An ids message for `channel`.
+    fn ids(&mut self, channel: ChannelName, value: &Value) {
+        let Some(text) = value.as_str() else {
+            return;
+        };
+        let ids: std::collections::VecDeque<StreamId> =
+            text.split(' ').filter_map(|id| id.parse().ok()).collect();
+        // The same ids message may come twice (the ids channel and a pattern matching it).
+        if let Some((pending, pending_ids, false)) = &self.ids {
+            if *pending == channel && *pending_ids == ids {
+                return;
+            }
+        }
+        self.ids = Some((channel, ids, false));
+        self.current = None;
+        self.copies = None;
+    }
+
+    /// The id of the next message of `channel`, if an ids message announced it.
+    fn take_id(&mut self, channel: &ChannelName) -> Option<StreamId> {
+        match &mut self.ids {
+            Some((pending, ids, taken)) if pending == channel => {
+                *taken = true;
+                let id = ids.pop_front();
+                if ids.is_empty() {
+                    self.ids = None;
+                }
+                id
+            }
+            // A message of another channel: whatever was announced does not concern it.
+            Some(_) => {
+                self.ids = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// A `message` on `channel`: a new PUBLISH.
+    fn message(&mut self, channel: &ChannelName) -> Option<StreamId> {
+        self.copies = None;
+        let id = self.take_id(channel);
+        self.current = Some((channel.clone(), id));
+        id
+    }
+
+    /// Whether a `pmessage` on `channel` is a further copy of the PUBLISH just delivered.
+    fn is_copy(&mut self, channel: &ChannelName) -> bool {
+        match &mut self.copies {
+            Some((last, left)) if last == channel && *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The id of a `pmessage` that starts a PUBLISH's deliveries to patterns.
+    fn pattern_message(&mut self, channel: &ChannelName) -> Option<StreamId> {
+        match self.current.take() {
+            Some((current, id)) if current == *channel => id,
+            _ => self.take_id(channel),
+        }
+    }
+
+    fn copies_follow(&mut self, channel: &ChannelName, copies: usize) {
+        self.copies = Some((channel.clone(), copies));
     }
 }
 
@@ -440,16 +1133,26 @@ impl Recovery {
     }
 
     /// Everything is subscribed again: say how long channels were without a subscription.
-    fn done(&mut self, metrics: &Metrics) {
+    /// With `history`, what was published meanwhile is then resumed from the streams.
+    fn done(&mut self, metrics: &Metrics, history: bool) {
         if let Some((since, channels)) = self.pending.take() {
             let gap = since.elapsed();
             metrics.resubscribed(channels as u64, gap);
-            tracing::warn!(
-                channels,
-                unsubscribed_ms = gap.as_millis() as u64,
-                "re-subscribed after losing the subscriber connection; what was published \
-                 meanwhile did not reach this relay"
-            );
+            if history {
+                tracing::warn!(
+                    channels,
+                    unsubscribed_ms = gap.as_millis() as u64,
+                    "re-subscribed after losing the subscriber connection; resuming each \
+                     channel from its history"
+                );
+            } else {
+                tracing::warn!(
+                    channels,
+                    unsubscribed_ms = gap.as_millis() as u64,
+                    "re-subscribed after losing the subscriber connection; what was published \
+                     meanwhile did not reach this relay"
+                );
+            }
         }
     }
 }
@@ -544,10 +1247,10 @@ mod tests {
     /// SUBSCRIBE per topic per process, whatever the number of clients.
     #[test]
     fn first_join_and_last_leave_mark_a_topic_dirty_and_nothing_else_does() {
-        let hub = Hub::new(Metrics::new());
-        let a = hub.join(topic("t"), outbox());
+        let hub = Hub::new(Metrics::new(), None);
+        let a = hub.join(topic("t"), Format::Raw, outbox(), false);
         assert_eq!(dirty(&hub), vec![topic("t")]);
-        let b = hub.join(topic("t"), outbox());
+        let b = hub.join(topic("t"), Format::Raw, outbox(), false);
         assert!(dirty(&hub).is_empty(), "a second client subscribes nothing");
         drop(a);
         assert!(dirty(&hub).is_empty(), "a client leaving with others left");
@@ -560,8 +1263,8 @@ mod tests {
     /// and dirty again until it is confirmed anew.
     #[tokio::test]
     async fn a_reconnect_makes_every_topic_inactive_and_dirty_until_confirmed_again() {
-        let hub = Hub::new(Metrics::new());
-        let _member = hub.join(topic("t"), outbox());
+        let hub = Hub::new(Metrics::new(), None);
+        let _member = hub.join(topic("t"), Format::Raw, outbox(), false);
         dirty(&hub);
         let patience = Duration::from_millis(20);
         assert!(!hub.wait_active(&topic("t"), patience).await);
@@ -578,8 +1281,8 @@ mod tests {
     /// A client waiting for its topic is woken by the activation, not by its patience.
     #[tokio::test]
     async fn a_waiting_client_is_woken_when_its_topic_becomes_active() {
-        let hub = Hub::new(Metrics::new());
-        let _member = hub.join(topic("t"), outbox());
+        let hub = Hub::new(Metrics::new(), None);
+        let _member = hub.join(topic("t"), Format::Raw, outbox(), false);
         let waiter = tokio::spawn({
             let hub = hub.clone();
             async move { hub.wait_active(&topic("t"), Duration::from_secs(30)).await }

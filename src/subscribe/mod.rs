@@ -7,8 +7,10 @@
 //! Must not: write to a client's socket outside the outbox's rules (`server::outbox`), or
 //! block the hub on a client.
 
+pub(crate) mod envelope;
 pub(crate) mod hub;
 pub(crate) mod page;
+pub(crate) mod retained;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -18,16 +20,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
 use crate::publish::{self, Publisher};
-use crate::redis::{connect_subscriber, Health, OnDeaf};
+use crate::redis::{connect_reader, connect_subscriber, Health, OnDeaf};
 use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, SlowConsumer, SubscribeArgs};
+use crate::server::history::StreamId;
 use crate::server::http::Reply;
 use crate::server::metrics::Metrics;
 use crate::server::session::{self, Ending};
 use crate::server::write::outbox::{Limits, Outbox};
 use crate::server::{shutdown, Relay, Role, Upgraded};
 use crate::Error;
-use hub::{Hub, Membership, Topic};
+use hub::{Format, Hub, Membership, Replay, Topic};
 
 /// Run `lightrelay-subscribe` until SIGTERM/SIGINT. This is all its binary calls.
 pub fn main(args: SubscribeArgs) -> ExitCode {
@@ -89,7 +92,24 @@ impl SubscribeRole {
             metrics.clone(),
             shutdown.clone(),
         );
-        let hub = Hub::new(metrics.clone());
+        let history = (common.history > 0)
+            .then(|| -> Result<hub::History, Error> {
+                let reader = connect_reader(common)?;
+                health.watch(
+                    "history".into(),
+                    reader.clone(),
+                    common.ping_interval,
+                    OnDeaf::Wait,
+                    metrics.clone(),
+                    shutdown.clone(),
+                );
+                Ok(hub::History {
+                    reader,
+                    limit: limits.messages,
+                })
+            })
+            .transpose()?;
+        let hub = Hub::new(metrics.clone(), history);
         spawn_hub(hub.clone(), subscriber, shutdown.clone())?;
         Ok(SubscribeRole {
             hub,
@@ -140,18 +160,37 @@ impl Role for SubscribeRole {
     /// The client's outbox, in the hub from before its 101.
     type Prepared = (Arc<Outbox>, Membership);
 
-    async fn prepare(relay: &Arc<Relay<Self>>, channel: &ChannelName) -> Self::Prepared {
+    async fn prepare(
+        relay: &Arc<Relay<Self>>,
+        channel: &ChannelName,
+        query: Option<&str>,
+    ) -> Result<Self::Prepared, String> {
         let role = &relay.role;
+        let pattern = is_pattern(channel);
+        let asked = Asked::parse(query, pattern)?;
         let outbox = Arc::new(Outbox::new(role.limits, role.slow_consumer));
-        let topic = Topic::Channel(channel.clone());
-        let membership = role.hub.join(topic.clone(), outbox.clone());
+        let topic = match pattern {
+            true => Topic::Pattern(channel.clone()),
+            false => Topic::Channel(channel.clone()),
+        };
+        let replaying = asked.replay != Replay::Nothing;
+        let membership = role
+            .hub
+            .join(topic.clone(), asked.format, outbox.clone(), replaying);
         // One round trip, only for a channel this process was not subscribed to yet. If Redis
         // is away, the client is answered anyway and gets what comes once it is back.
         let patience = relay.common.redis_timeout;
         if !role.hub.wait_active(&topic, patience).await {
             tracing::debug!(channel = %channel, "answering an upgrade before its subscription is active");
         }
-        (outbox, membership)
+        if replaying {
+            // Read after the subscription is active: whatever the replay does not hold
+            // arrives live.
+            role.hub
+                .replay(&membership, outbox.clone(), asked.replay, patience)
+                .await;
+        }
+        Ok((outbox, membership))
     }
 
     fn serve(
@@ -188,6 +227,90 @@ impl Role for SubscribeRole {
             drop(membership);
             ending
         })
+    }
+}
+
+/// Whether a channel name holds a glob character, making its path a pattern (SPEC §9).
+fn is_pattern(channel: &ChannelName) -> bool {
+    channel
+        .to_bytes()
+        .iter()
+        .any(|b| matches!(b, b'*' | b'?' | b'['))
+}
+
+/// What a subscriber's query asks for (SPEC §9): `format=json`, `last=N`, `since=ID`.
+/// Other parameters (a `token`) are not its business.
+#[derive(Debug, PartialEq, Eq)]
+struct Asked {
+    format: Format,
+    replay: Replay,
+}
+
+/// The most `last` may ask for; more is not an error, it is what is retained.
+const LAST_MAX: usize = 1_000_000;
+
+impl Asked {
+    /// The query's request, or the reason of its 400.
+    fn parse(query: Option<&str>, pattern: bool) -> Result<Asked, String> {
+        let mut format = Format::Raw;
+        let (mut last, mut since) = (None, None);
+        for (name, value) in query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        {
+            match name {
+                "format" => {
+                    format = match value {
+                        "json" => Format::Json,
+                        "raw" => Format::Raw,
+                        other => {
+                            return Err(format!(
+                                "format must be json or raw, not '{}'",
+                                other.chars().take(32).collect::<String>()
+                            ))
+                        }
+                    }
+                }
+                "last" => {
+                    let n: usize = value.parse().map_err(|_| {
+                        format!(
+                            "last must be a count of messages, not '{}'",
+                            value.chars().take(32).collect::<String>()
+                        )
+                    })?;
+                    last = Some(n.min(LAST_MAX));
+                }
+                "since" => {
+                    since = Some(
+                        value
+                            .parse::<StreamId>()
+                            .map_err(|e| format!("since: {e}"))?,
+                    );
+                }
+                _ => {}
+            }
+        }
+        if pattern && format != Format::Json {
+            return Err(
+                "a pattern path (holding *, ? or [) needs ?format=json, so each \
+                        message says its channel"
+                    .into(),
+            );
+        }
+        if pattern && (last.is_some() || since.is_some()) {
+            return Err("last and since need a channel path, not a pattern".into());
+        }
+        let replay = match (last, since) {
+            (Some(_), Some(_)) => return Err("ask for last or since, not both".into()),
+            (Some(0), None) | (None, None) => Replay::Nothing,
+            (Some(n), None) => Replay::Last(n),
+            (None, Some(_)) if format != Format::Json => {
+                return Err("since needs ?format=json: ids are only in the envelopes".into())
+            }
+            (None, Some(id)) => Replay::Since(id),
+        };
+        Ok(Asked { format, replay })
     }
 }
 
@@ -242,6 +365,36 @@ fn supervise(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_query_asks_for_a_format_and_a_replay_or_gets_a_reason() {
+        let ok = |q: &str, pattern| Asked::parse(Some(q), pattern).unwrap();
+        assert_eq!(
+            ok("", false),
+            Asked {
+                format: Format::Raw,
+                replay: Replay::Nothing
+            }
+        );
+        assert_eq!(ok("token=x&last=3", false).replay, Replay::Last(3));
+        assert_eq!(ok("last=0", false).replay, Replay::Nothing);
+        let since = ok("format=json&since=17-2", false);
+        assert_eq!(since.format, Format::Json);
+        assert_eq!(since.replay, Replay::Since(StreamId { ms: 17, seq: 2 }));
+        assert_eq!(ok("format=json", true).format, Format::Json);
+        for (q, pattern, why) in [
+            ("since=1-0", false, "needs ?format=json"),
+            ("format=json&since=x", false, "not a stream id"),
+            ("last=-1", false, "count of messages"),
+            ("format=xml", false, "json or raw"),
+            ("last=1&since=1-0&format=json", false, "not both"),
+            ("", true, "pattern path"),
+            ("format=json&last=1", true, "not a pattern"),
+        ] {
+            let e = Asked::parse(Some(q), pattern).unwrap_err();
+            assert!(e.contains(why), "{q}: {e}");
+        }
+    }
 
     /// A hub thread that panics, or returns, stops the process (exit 1), not silently.
     #[test]
