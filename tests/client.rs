@@ -747,3 +747,218 @@ async fn pub_exits_1_when_the_server_closes_with_1009_instead_of_resending_for_e
     assert_eq!(code, Some(1), "{stderr}");
     assert!(one_line(&stderr).contains("1009"), "{stderr}");
 }
+
+/// POST `body` on `path` of the publish server; asserts 200.
+async fn post(publish: &Server, path: &str, body: &str) {
+    let (status, answer) = http(publish.addr, "POST", path, &[], body.as_bytes()).await;
+    assert_eq!(
+        status,
+        200,
+        "POST {path}: {}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+/// Both servers keep history (SPEC §9).
+const HISTORY: [&str; 2] = ["--history", "1000"];
+
+#[tokio::test]
+async fn sub_last_prints_that_many_retained_messages_then_the_live_ones() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &HISTORY).await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &HISTORY).await;
+    for n in 1..=5 {
+        post(&publish, "/office", &n.to_string()).await;
+    }
+    let client = spawn_sub(&[
+        "sub",
+        "--last",
+        "3",
+        "--count",
+        "5",
+        &subscribe.ws("/office"),
+    ]);
+    redis.wait_numsub("lightlevel/office", 1).await;
+    for n in 6..=7 {
+        post(&publish, "/office", &n.to_string()).await;
+    }
+    let (code, stdout, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(String::from_utf8(stdout).unwrap(), "3\n4\n5\n6\n7\n");
+}
+
+#[tokio::test]
+async fn sub_json_prints_each_envelope_as_received() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &HISTORY).await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &HISTORY).await;
+    let client = spawn_sub(&["sub", "--json", "--count", "2", &subscribe.ws("/office")]);
+    redis.wait_numsub("lightlevel/office", 1).await;
+    post(&publish, "/office", "42").await;
+    // A plain PUBLISH (no history id), not UTF-8.
+    redis
+        .publish("lightlevel/office", vec![0u8, 1, 2, 255])
+        .await;
+    let (code, stdout, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let stdout = String::from_utf8(stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[0]["channel"], "lightlevel/office", "{stdout}");
+    assert_eq!(lines[0]["data"], "42", "{stdout}");
+    let id = lines[0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id: {stdout}"));
+    let (ms, seq) = id.split_once('-').unwrap();
+    assert!(
+        ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok(),
+        "{id}"
+    );
+    assert_eq!(lines[1]["id"], serde_json::Value::Null, "{stdout}");
+    assert_eq!(lines[1]["data"], "AAEC/w==", "{stdout}");
+    assert_eq!(lines[1]["encoding"], "base64", "{stdout}");
+}
+
+/// A publisher POSTing "0", "1", … `total - 1` on `path`, one every few milliseconds; the
+/// returned counter says how many were answered.
+fn numbered_publisher(
+    publish: &Server,
+    path: &'static str,
+    total: usize,
+) -> (
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let addr = publish.addr;
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(4));
+        for n in 0..total {
+            tick.tick().await;
+            let (status, _) = http(addr, "POST", path, &[], n.to_string().as_bytes()).await;
+            assert_eq!(status, 200, "POST {n}");
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (sent, task)
+}
+
+async fn sent_at_least(sent: &std::sync::atomic::AtomicUsize, n: usize) {
+    eventually(|| async move {
+        match sent.load(std::sync::atomic::Ordering::SeqCst) {
+            now if now >= n => Ok(()),
+            now => Err(format!("the publisher stayed at {now} of {n}")),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn sub_resumes_after_a_subscribe_server_restart_with_nothing_missed_or_printed_twice() {
+    const TOTAL: usize = 400;
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &HISTORY).await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &HISTORY).await;
+    let addr = subscribe.addr;
+    let client = spawn_sub(&["sub", "--count", &TOTAL.to_string(), &subscribe.ws("/seq")]);
+    redis.wait_numsub("lightlevel/seq", 1).await;
+    let (sent, publisher) = numbered_publisher(&publish, "/seq", TOTAL);
+
+    // Some printed, then the subscribe server is gone (SIGKILL) while the publisher goes on.
+    subscribe
+        .wait_metric("lightrelay_messages_total{direction=\"ws_out\"}", |n| {
+            n >= 50.0
+        })
+        .await;
+    let before = sent.load(std::sync::atomic::Ordering::SeqCst);
+    drop(subscribe);
+    sent_at_least(&sent, before + 50).await;
+    let _restarted = Server::start_at(Kind::Subscribe, addr, &redis.url(), &HISTORY).await;
+    publisher.await.unwrap();
+
+    let (code, stdout, stderr) = finish(client).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let expected: String = (0..TOTAL).map(|n| format!("{n}\n")).collect();
+    assert_eq!(
+        String::from_utf8(stdout).unwrap(),
+        expected,
+        "stderr: {stderr}"
+    );
+    assert!(!stderr.contains("gap"), "stderr: {stderr}");
+}
+
+#[tokio::test]
+async fn sub_reports_a_gap_on_stderr_when_what_it_missed_is_no_longer_retained() {
+    // MAXLEN ~ 5 trims whole stream nodes (100 entries by default): 300 published while the
+    // client is away leave its last id far behind what is retained.
+    let flags = ["--history", "5"];
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &flags).await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &flags).await;
+    let addr = subscribe.addr;
+    let mut client = spawn_sub(&["sub", &subscribe.ws("/trim")]);
+    let stderr = StderrLines::read(&mut client);
+    redis.wait_numsub("lightlevel/trim", 1).await;
+    post(&publish, "/trim", "first").await;
+    subscribe
+        .wait_metric("lightrelay_messages_total{direction=\"ws_out\"}", |n| {
+            n >= 1.0
+        })
+        .await;
+    drop(subscribe);
+    for n in 0..300 {
+        post(&publish, "/trim", &n.to_string()).await;
+    }
+    let _restarted = Server::start_at(Kind::Subscribe, addr, &redis.url(), &flags).await;
+    stderr
+        .wait_for("the gap line", |lines| {
+            lines.iter().any(|l| {
+                l.starts_with("lightrelay: gap: messages after ")
+                    && l.contains("are no longer retained (oldest retained: ")
+            })
+        })
+        .await;
+    redis.wait_numsub("lightlevel/trim", 1).await;
+    post(&publish, "/trim", "last").await;
+    // Stopped by its PID once "last" is printed (it would reconnect for ever).
+    let mut stdout = client.stdout.take().unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(&mut stdout).lines() {
+            let line = line.unwrap();
+            let done = line == "last";
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines
+    });
+    let printed = tokio::time::timeout(PATIENCE, printed).await;
+    let _ = client.kill();
+    let _ = client.wait();
+    let printed = printed.expect("\"last\" was never printed").unwrap();
+    // No gap frame on stdout: "first", then the retained tail in order, then "last".
+    assert_eq!(
+        printed.first().map(String::as_str),
+        Some("first"),
+        "{printed:?}"
+    );
+    assert_eq!(
+        printed.last().map(String::as_str),
+        Some("last"),
+        "{printed:?}"
+    );
+    let middle: Vec<u32> = printed[1..printed.len() - 1]
+        .iter()
+        .map(|l| l.parse().unwrap_or_else(|_| panic!("{l:?} in {printed:?}")))
+        .collect();
+    assert!(!middle.is_empty() && middle.len() < 300, "{printed:?}");
+    assert!(middle.windows(2).all(|w| w[1] == w[0] + 1), "{middle:?}");
+    assert_eq!(middle.last(), Some(&299), "{printed:?}");
+}

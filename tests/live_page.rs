@@ -213,6 +213,38 @@ async fn live_page_with_a_token_in_headless_chromium() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn live_page_opens_with_the_latest_retained_value_and_resumes_after_a_restart() {
+    browser_deps();
+    let redis = Redis::start().await;
+    let flags = ["--history", "100"];
+    let publish = Server::start(Kind::Publish, &redis.url(), &flags).await;
+    let mut subscribe = Some(Server::start(Kind::Subscribe, &redis.url(), &flags).await);
+    let subscribe_addr = subscribe.as_ref().unwrap().addr;
+    let args: Vec<OsString> = vec![
+        "--subscribe".into(),
+        format!("http://{subscribe_addr}").into(),
+        "--publish".into(),
+        format!("http://{}", publish.addr).into(),
+        "--history".into(),
+    ];
+    let passed = run_browser(&args, async |command: &str, arg: &str| match command {
+        "subscribed" => redis.wait_numsub(&format!("lightlevel{arg}"), 1).await,
+        "stop-subscribe" => drop(subscribe.take().expect("already stopped")),
+        "start-subscribe" => {
+            assert!(subscribe.is_none(), "already running");
+            subscribe =
+                Some(Server::start_at(Kind::Subscribe, subscribe_addr, &redis.url(), &flags).await);
+        }
+        other => panic!("unknown request from the browser test: {other:?}"),
+    })
+    .await;
+    assert!(
+        passed.starts_with("PASS live page with history: "),
+        "{passed}"
+    );
+}
+
 /// Run tests/browser/live_page.mjs with `args`, doing what it asks (`@COMMAND ARG` lines) with
 /// `handle` and answering `ok`; returns its `PASS …` line.
 async fn run_browser(args: &[OsString], mut handle: impl AsyncFnMut(&str, &str)) -> String {

@@ -13,6 +13,7 @@ Examples:
   lightrelay pub wss://relay.example/publish/cam --binary still-*.jpg
   lightrelay sub ws://127.0.0.1:8767/office
   lightrelay sub --count 1 --raw wss://relay.example/subscribe/cam > frame.jpg
+  lightrelay sub --last 10 --json ws://127.0.0.1:8767/office
   LIGHTRELAY_TOKEN=$(cat pi.token) lightrelay pub wss://relay.example/publish/office
 
 Exit codes: 0 done, 1 failure, 2 bad usage, 130 interrupted (Ctrl-C).";
@@ -34,7 +35,8 @@ pub enum Command {
     /// Publish each line of standard input (or each --binary file) as one message; resend
     /// what was not acknowledged after a reconnect; exit 0 once everything was acknowledged.
     Pub(PubArgs),
-    /// Print each message on its own line (binary as base64 unless --raw).
+    /// Print each message on its own line (binary as base64 unless --raw); after a reconnect,
+    /// go on after the last message printed (a server with --history).
     Sub(SubArgs),
     /// Print one signed token (a JWT) for `--auth`: what it may publish, subscribe to and send
     /// down, and how long it lasts.
@@ -84,8 +86,18 @@ pub struct SubArgs {
     pub once: bool,
 
     /// Write binary payloads as they are (no base64, no newline); text lines keep their newline.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "json")]
     pub raw: bool,
+
+    /// First print up to N retained messages (oldest first), then the live ones (a server
+    /// with --history; asks ?last=N on the first connection only).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub last: Option<u32>,
+
+    /// Print each message's JSON envelope as received, one per line:
+    /// {"channel":…,"id":…,"data":…} (binary data as base64 with "encoding":"base64").
+    #[arg(long)]
+    pub json: bool,
 
     #[command(flatten)]
     pub token: TokenArg,

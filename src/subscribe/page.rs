@@ -10,6 +10,10 @@
 //! A relay with tokens (SPEC §8): the page takes one from its own `?token=` or its Token field,
 //! keeps it in the tab's sessionStorage (never localStorage) and sends it as `?token=` on its
 //! WebSocket (a browser cannot set the header); the page never displays it.
+//! History (SPEC §9): the page's socket asks `?format=json` (envelopes, so it knows each
+//! message's id), `last=1` on the first connection to a path (the latest retained value on
+//! open) and `since=ID` after a reconnect (the id of the last message it received); it turns
+//! an envelope back into the text or binary message and shows a gap frame as what was missed.
 //! The page also shows the relay's Redis state beside its connection state: it asks
 //! `healthz` every 5 s on its socket's base (same origin only, so also behind a proxy's path
 //! prefix) and never shows a green "live" while that answers 503.

@@ -4,6 +4,8 @@
 //        --screenshot target/live-page.png [--phone-screenshot target/live-page-phone.png]
 //   node tests/browser/live_page.mjs --subscribe … --publish … --token T
 //        (SPEC §8: the subscribe server runs --auth all and T may subscribe to PATH)
+//   node tests/browser/live_page.mjs --subscribe … --publish … --history
+//        (SPEC §9: both servers run --history: the latest value on open, resume after a restart)
 //
 // Run by tests/live_page.rs, which owns Redis and both servers. The two talk over this
 // process's stdin/stdout: a line `@COMMAND ARG` asks the Rust side to do something (stop or
@@ -32,10 +34,11 @@ const { values: opt } = parseArgs({
     screenshot: { type: 'string' },
     'phone-screenshot': { type: 'string' },
     token: { type: 'string' },
+    history: { type: 'boolean', default: false },
     chromium: { type: 'string', default: process.env.LIGHTRELAY_CHROMIUM || '/usr/bin/chromium' },
   },
 });
-for (const name of opt.token ? ['subscribe', 'publish'] : ['subscribe', 'publish', 'screenshot']) {
+for (const name of opt.token || opt.history ? ['subscribe', 'publish'] : ['subscribe', 'publish', 'screenshot']) {
   if (!opt[name]) usage(`--${name} is required`);
 }
 const subscribeUrl = opt.subscribe.replace(/\/+$/, '');
@@ -210,7 +213,8 @@ async function main() {
     check(response.headers()['content-type'].startsWith('text/html'), 'the page is text/html');
     await waitState(page, 'live');
     check(await page.evaluate(() => typeof uPlot === 'function'), 'the vendored uPlot loaded');
-    check(await page.evaluate(() => window.lightrelay.url) === toWs(subscribeUrl) + PATH, 'the socket URL is same-origin + path');
+    check(await page.evaluate(() => window.lightrelay.url) === toWs(subscribeUrl) + PATH + '?format=json&last=1',
+      'the socket URL is same-origin + path, asking for envelopes and the latest retained value');
     check(await page.inputValue('#path') === PATH, 'the path box shows ?path=');
     check((await page.title()).includes(PATH), 'the title names the path');
     await ask(`subscribed ${PATH}`);
@@ -290,12 +294,12 @@ async function main() {
     await prefixed.goto(`${proxy.url}/?path=${PATH}`);
     await waitState(prefixed, 'live');
     check(await prefixed.evaluate(() => typeof uPlot === 'function'), 'uPlot loads under the prefix');
-    check(await prefixed.evaluate(() => window.lightrelay.url) === toWs(proxy.url) + PATH, 'the socket keeps the prefix');
+    check(await prefixed.evaluate(() => window.lightrelay.url) === toWs(proxy.url) + PATH + '?format=json&last=1', 'the socket keeps the prefix');
     const pointed = await context.newPage();
     watchConsole(pointed, 'pointed');
     await pointed.goto(`${subscribeUrl}/?path=${PATH}&ws=${encodeURIComponent(proxy.url + '/')}`);
     await waitState(pointed, 'live');
-    check(await pointed.evaluate(() => window.lightrelay.url) === toWs(proxy.url) + PATH, '?ws= sets the socket base');
+    check(await pointed.evaluate(() => window.lightrelay.url) === toWs(proxy.url) + PATH + '?format=json&last=1', '?ws= sets the socket base');
     check(await post('777') === 1, 'one Redis subscription for every page of the path');
     for (const p of [page, prefixed, pointed]) {
       await waitFor(p, 'the message through the proxy', () => document.querySelector('#rows td.payload')?.textContent === '777');
@@ -379,7 +383,7 @@ async function mainAuth() {
     watchConsole(page, 'page');
     await page.goto(`${subscribeUrl}/?path=${PATH}&token=${encodeURIComponent(token)}`);
     await waitState(page, 'live');
-    check(await page.evaluate(() => window.lightrelay.url) === `${toWs(subscribeUrl)}${PATH}?token=…`, 'the socket URL carries the token, shown hidden');
+    check(await page.evaluate(() => window.lightrelay.url) === `${toWs(subscribeUrl)}${PATH}?format=json&last=1&token=…`, 'the socket URL carries the token, shown hidden');
     await ask(`subscribed ${PATH}`);
     check(await post('417') === 1, 'POST reaches the subscribe server');
     await waitFor(page, 'the message with the token', () => document.querySelector('#rows td.payload')?.textContent === '417');
@@ -406,12 +410,74 @@ async function mainAuth() {
   }
 }
 
+// SPEC §9: both servers keep history. A page opened after values were published shows the
+// latest of them at once (?last=1), before anything new is published; after the subscribe
+// server restarts, what was published while it was away arrives (?since=), once.
+async function mainHistory() {
+  const profile = mkdtempSync(join(tmpdir(), 'lightrelay-chromium-'));
+  let context = null;
+  try {
+    step(`starting ${opt.chromium}`);
+    context = await chromium.launchPersistentContext(profile, {
+      executablePath: opt.chromium,
+      headless: true,
+      args: [
+        '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+        '--disable-sync', '--no-first-run', '--disable-quic',
+      ],
+      viewport: { width: 1200, height: 900 },
+      timeout: WAIT_MS,
+    });
+    context.setDefaultTimeout(WAIT_MS);
+
+    // 1. Published before any page is open: nobody receives them, the stream keeps them.
+    step('publish 41 and 42 with no page open');
+    check(await post('41') === 0, 'no subscriber yet');
+    check(await post('42') === 0, 'no subscriber yet');
+
+    // 2. The page opens with the latest retained value, and only that one.
+    step('open the page');
+    const page = context.pages()[0] ?? await context.newPage();
+    watchConsole(page, 'page');
+    await page.goto(`${subscribeUrl}/?path=${PATH}`);
+    await waitState(page, 'live');
+    await waitFor(page, 'the latest retained value', () => window.lightrelay.rows() >= 1);
+    check(JSON.stringify(await payloads(page)) === '["42"]', `only the latest value: ${JSON.stringify(await payloads(page))}`);
+    await waitFor(page, 'a chart point', () => window.lightrelay.chartPoints() === 1);
+    check((await page.textContent('#latest')).includes('42'), 'the latest value shows 42');
+    check(typeof await page.evaluate(() => window.lightrelay.lastId) === 'string', 'the page knows the message id');
+
+    // 3. Live after the replay.
+    await ask(`subscribed ${PATH}`);
+    check(await post('43') === 1, 'the page subscribes');
+    await waitFor(page, '43 as the newest row', () => document.querySelector('#rows td.payload')?.textContent === '43');
+
+    // 4. The subscribe server restarts; 44 is published while it is away; the page reconnects
+    // with ?since= and shows 44 without anything new being published, and nothing twice.
+    step('restart the subscribe server, publishing meanwhile');
+    await ask('stop-subscribe');
+    await waitState(page, 'reconnecting');
+    check(await post('44') === 0, 'published while the subscribe server is away');
+    await ask('start-subscribe');
+    await waitState(page, 'live', RECONNECT_WAIT_MS);
+    check(/[?&]since=/.test(await page.evaluate(() => window.lightrelay.url)), 'the reconnect asks since=');
+    await waitFor(page, '44 as the newest row', () => document.querySelector('#rows td.payload')?.textContent === '44');
+    check(JSON.stringify(await payloads(page)) === '["44","43","42"]', `each once, in order: ${JSON.stringify(await payloads(page))}`);
+
+    check(pageErrors.length === 0, `no errors in the browser console:\n  ${pageErrors.join('\n  ')}`);
+    process.stdout.write(`PASS live page with history: ${checks} checks\n`);
+  } finally {
+    if (context) await context.close().catch(() => {});
+    rmSync(profile, { recursive: true, force: true });
+  }
+}
+
 const overall = setTimeout(() => {
   process.stderr.write(`live_page.mjs: gave up after ${TOTAL_MS / 1000} s\n`);
   process.exit(1);
 }, TOTAL_MS);
 
-(opt.token ? mainAuth() : main()).then(
+(opt.token ? mainAuth() : opt.history ? mainHistory() : main()).then(
   () => { clearTimeout(overall); process.exit(0); },
   (e) => {
     process.stderr.write(`live_page.mjs: ${e.stack || e}\n`);
