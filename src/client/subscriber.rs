@@ -185,7 +185,13 @@ pub(crate) fn request_url(
             pairs.push(format!("last={n}"));
         }
     }
-    if let Some(id) = resume.filter(|_| json && !first) {
+    // A pattern path (SPEC §9) spans channels, each with its own ids: there is no `since`
+    // for it (the server refuses one), so a reconnect just takes the live messages again.
+    let path = base.split_once("://").map_or(base, |(_, rest)| rest);
+    let pattern = path
+        .split_once('/')
+        .is_some_and(|(_, p)| p.contains(['*', '[']));
+    if let Some(id) = resume.filter(|_| json && !first && !pattern) {
         pairs.retain(|pair| key(pair) != "since");
         pairs.push(format!("since={}", encode(id)));
     }
@@ -311,6 +317,11 @@ mod tests {
         assert_eq!(
             u("ws://h/office", Some(10), None, true),
             ("ws://h/office?format=json&last=10".into(), true)
+        );
+        // A pattern: never `since` (each channel has its own ids).
+        assert_eq!(
+            u("ws://h/office/*", None, Some("5-1"), false).0,
+            "ws://h/office/*?format=json"
         );
         // Reconnecting: never `last` again; `since` once there is an id.
         assert_eq!(
