@@ -391,6 +391,7 @@ async fn after_a_redis_kill_mid_burst_the_stream_and_the_channel_agree() {
         .map(|(_, data)| String::from_utf8_lossy(data).parse().unwrap())
         .collect();
     let prefix: Vec<u64> = (0..numbers.len() as u64).collect();
+    eprintln!("acked {acked}, kept {}, seen {}", numbers.len(), seen.len());
     assert!(numbers == prefix, "not an in-order prefix without holes or duplicates");
     assert!(numbers.len() >= acked, "{acked} acked, {} kept", numbers.len());
     assert!(seen.len() <= numbers.len(), "a subscriber saw what the stream lost");
