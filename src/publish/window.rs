@@ -92,7 +92,7 @@ impl History {
         if self.logged.swap(now, Ordering::Relaxed) != now {
             tracing::info!(
                 channel = &**channel,
-                "redis had lost the history script (NOSCRIPT): loading it again and resending"
+                "the history script was not in redis (first use, or redis restarted or flushed its scripts): loaded it, resending"
             );
         }
     }
