@@ -169,14 +169,21 @@ async fn subscribe_with_ids(port: u16, channel: &str) -> Resp {
 
 /// What a subscriber of both channels saw: (the ids messages' ids, the channel's payloads),
 /// checking that each ids message comes just before as many payloads as it names.
-async fn read_published(sub: &mut Resp, channel: &str, count: usize) -> (Vec<String>, Vec<Vec<u8>>) {
+async fn read_published(
+    sub: &mut Resp,
+    channel: &str,
+    count: usize,
+) -> (Vec<String>, Vec<Vec<u8>>) {
     let (mut ids, mut payloads, mut owed) = (Vec::new(), Vec::new(), 0);
     while payloads.len() < count {
         let push = sub.read().await.expect("redis closed").items();
         assert_eq!(push[0].text(), "message");
         let from = push[1].text();
         if from == format!("{channel} ids") {
-            assert_eq!(owed, 0, "an ids message before the last batch's payloads ended");
+            assert_eq!(
+                owed, 0,
+                "an ids message before the last batch's payloads ended"
+            );
             let batch: Vec<String> = push[2].text().split(' ').map(str::to_string).collect();
             owed = batch.len();
             ids.extend(batch);
@@ -229,23 +236,39 @@ async fn a_burst_is_in_the_stream_and_on_the_channel_in_order_byte_exact() {
     let mut sent = mixed_payloads(0, 300);
     publish_acked(&mut ws, &sent, "1").await;
     let (status, body) = http(publish.addr, "POST", "/burst", &[], b"posted \x00\xff").await;
-    assert_eq!((status, &body[..]), (200, &b"1\n"[..]), "{:?}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        (status, &body[..]),
+        (200, &b"1\n"[..]),
+        "{:?}",
+        String::from_utf8_lossy(&body)
+    );
     sent.push(b"posted \x00\xff".to_vec());
 
     let stream = xrange(redis.port, channel).await;
     let data: Vec<Vec<u8>> = stream.iter().map(|(_, data)| data.clone()).collect();
-    assert_eq!(data, sent, "the stream holds every message, in order, byte-exact");
+    assert_eq!(
+        data, sent,
+        "the stream holds every message, in order, byte-exact"
+    );
     let mut xlen = Resp::connect(redis.port).await;
     assert_eq!(xlen.call(&[b"XLEN", channel.as_bytes()]).await.int(), 301);
     let stream_ids: Vec<String> = stream.iter().map(|(id, _)| id.clone()).collect();
     assert!(
-        stream_ids.windows(2).all(|w| parse_id(&w[0]) < parse_id(&w[1])),
+        stream_ids
+            .windows(2)
+            .all(|w| parse_id(&w[0]) < parse_id(&w[1])),
         "ids increase"
     );
 
     let (ids, payloads) = read_published(&mut sub, channel, sent.len()).await;
-    assert_eq!(payloads, sent, "the channel carries the payloads byte-exact");
-    assert_eq!(ids, stream_ids, "the ids messages name the stream's entries");
+    assert_eq!(
+        payloads, sent,
+        "the channel carries the payloads byte-exact"
+    );
+    assert_eq!(
+        ids, stream_ids,
+        "the ids messages name the stream's entries"
+    );
 }
 
 /// `MAXLEN ~ N` keeps at least N and trims the rest in whole nodes; the TTL is set.
@@ -263,7 +286,10 @@ async fn the_stream_is_trimmed_to_about_n_and_expires() {
     }
     let mut redis_cli = Resp::connect(redis.port).await;
     let xlen = redis_cli.call(&[b"XLEN", b"lightlevel/trim"]).await.int();
-    assert!((100..=300).contains(&xlen), "XLEN {xlen} after 1000 with --history 100");
+    assert!(
+        (100..=300).contains(&xlen),
+        "XLEN {xlen} after 1000 with --history 100"
+    );
     let stream = xrange(redis.port, "lightlevel/trim").await;
     assert_eq!(stream.last().unwrap().1, b"999", "the newest are kept");
     let pttl = redis_cli.call(&[b"PTTL", b"lightlevel/trim"]).await.int();
@@ -288,7 +314,10 @@ async fn acks_count_the_channels_subscribers_as_without_history() {
     publish_acked(&mut ws, &mixed_payloads(20, 120), "2").await;
     let mut redis_cli = Resp::connect(redis.port).await;
     let xlen = redis_cli.call(&[b"XLEN", b"lightlevel/acks"]).await.int();
-    assert!(xlen >= 10, "the batches went through the history script: XLEN {xlen}");
+    assert!(
+        xlen >= 10,
+        "the batches went through the history script: XLEN {xlen}"
+    );
 }
 
 /// A Redis that lost its scripts (SCRIPT FLUSH, as after a restart) in the middle of a burst:
@@ -392,10 +421,24 @@ async fn after_a_redis_kill_mid_burst_the_stream_and_the_channel_agree() {
         .collect();
     let prefix: Vec<u64> = (0..numbers.len() as u64).collect();
     eprintln!("acked {acked}, kept {}, seen {}", numbers.len(), seen.len());
-    assert!(numbers == prefix, "not an in-order prefix without holes or duplicates");
-    assert!(numbers.len() >= acked, "{acked} acked, {} kept", numbers.len());
-    assert!(seen.len() <= numbers.len(), "a subscriber saw what the stream lost");
-    assert_eq!(seen, prefix[..seen.len()], "the subscriber saw the stream's order");
+    assert!(
+        numbers == prefix,
+        "not an in-order prefix without holes or duplicates"
+    );
+    assert!(
+        numbers.len() >= acked,
+        "{acked} acked, {} kept",
+        numbers.len()
+    );
+    assert!(
+        seen.len() <= numbers.len(),
+        "a subscriber saw what the stream lost"
+    );
+    assert_eq!(
+        seen,
+        prefix[..seen.len()],
+        "the subscriber saw the stream's order"
+    );
 }
 
 /// With history off nothing is written and no script runs: the PUBLISHes are today's.

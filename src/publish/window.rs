@@ -315,7 +315,10 @@ impl PublishWindow {
                 args.push(Value::Bytes(ids_channel.clone()));
                 args.extend(payloads.iter().cloned().map(Value::Bytes));
                 let load_queued = !load || {
-                    let load = [Value::from_static_str("LOAD"), history.script.clone().into()];
+                    let load = [
+                        Value::from_static_str("LOAD"),
+                        history.script.clone().into(),
+                    ];
                     queued(pipeline.custom::<Value, _>(script_command(), load.to_vec()))
                 };
                 if load_queued && queued(pipeline.custom::<Value, _>(evalsha_command(), args)) {
@@ -386,8 +389,8 @@ impl PublishWindow {
     fn settle(&mut self, answers: Vec<Answer>) {
         let lone = self.in_flight.is_empty();
         let reloading = self.reloading;
-        let Some(index) = (self.batches.iter())
-            .position(|batch| matches!(batch.state, BatchState::InFlight))
+        let Some(index) =
+            (self.batches.iter()).position(|batch| matches!(batch.state, BatchState::InFlight))
         else {
             return;
         };
