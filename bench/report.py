@@ -31,6 +31,7 @@ SCENARIOS = [
     ("latency", "20 messages/s to 1,000 subscribers, 100 B"),
     ("ingest-plain", "ingest, 50 publisher connections, 100 B"),
     ("ingest-ack", "ingest, 50 publishers, acknowledged"),
+    ("ingest-history", "ingest, 50 publishers, --history 100 (lightrelay only)"),
     ("frames-256k", "256 KiB binary frames to 100 subscribers, max rate"),
 ]
 # SPEC §8 (issue 13), lightrelay only: the peers have no equivalent token check.
@@ -161,6 +162,14 @@ def main(out):
         + (f" ({ceiling * 0.25:,.0f}/s)" if ceiling else ""),
         lambda v, r: None if (ceiling is None or v["lightrelay"] is None)
         else v["lightrelay"] >= 0.25 * ceiling)
+
+    target_row(
+        "ingest with --history 100 (SPEC §9), messages/s reaching Redis",
+        "ingest-history", "per_s", "count",
+        "≥ 60% of lightrelay's plain ingest"
+        + (f" ({ingest_ours * 0.6:,.0f}/s)" if ingest_ours else ""),
+        lambda v, r: None if (ingest_ours is None or v["lightrelay"] is None)
+        else v["lightrelay"] >= 0.6 * ingest_ours)
 
     def cell(value, fmt, scenario=None, peer=None):
         if value is None:

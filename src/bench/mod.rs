@@ -375,17 +375,26 @@ async fn run_lanes(
 }
 
 /// PUBLISH calls Redis has executed (INFO commandstats), including those made by scripts.
+/// With history (SPEC §9) each EVALSHA of the batch script that ran also PUBLISHes the
+/// batch's ids (Redis counts a script's commands in commandstats): those are not messages.
+/// An EVALSHA that met NOSCRIPT (a failed call) ran nothing.
 async fn publish_calls(client: &fred::clients::Client) -> Result<u64, BenchError> {
     let info: String = client
         .info(Some(InfoKind::CommandStats))
         .await
         .map_err(BenchError::Info)?;
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0))
+    let stat = |command: &str, field: &str| -> u64 {
+        let prefix = format!("cmdstat_{command}:");
+        info.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|rest| {
+                (rest.split(',')).find_map(|kv| kv.strip_prefix(field)?.strip_prefix('='))
+            })
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let ids = stat("evalsha", "calls").saturating_sub(stat("evalsha", "failed_calls"));
+    Ok(stat("publish", "calls").saturating_sub(ids))
 }
 
 /// Ingest: publishers as fast as the server takes their messages.

@@ -2,7 +2,8 @@
 //!
 //! Owns: the publish server's [`Role`] (what `lightrelay-publish` does with a connection: a
 //! [`PublishWindow`] on the client's channel, acks through its outbox) and the publish path
-//! itself ([`window`]: the pool of pipelining Redis connections and one client's window).
+//! itself ([`window`]: the pool of pipelining Redis connections and one client's window;
+//! with `--history`, the stream writes of SPEC §9 too).
 //! Must not: drop a message silently, or know who subscribes. The subscribe side uses
 //! [`window`] for `--accept-publish`; nothing here uses the subscribe side.
 
@@ -49,14 +50,16 @@ impl PublishRole {
 }
 
 impl Publisher {
-    /// Connect the PUBLISH pool (in the background) and watch each connection's health.
+    /// Connect the PUBLISH pool (in the background) and watch each connection's health. With
+    /// `--history N`, every batch it publishes is also written to the channel's stream.
     pub(crate) fn start(
         common: &CommonArgs,
         health: &Arc<Health>,
         metrics: &Metrics,
         shutdown: &CancellationToken,
     ) -> Result<Self, Error> {
-        let publisher = Publisher::new(connect_publisher(common)?);
+        let history = window::History::new(common.history, common.history_ttl);
+        let publisher = Publisher::new(connect_publisher(common)?, history);
         for (i, client) in publisher.clients().iter().enumerate() {
             health.watch(
                 format!("publish#{i}"),

@@ -7,25 +7,33 @@
 //! reaches TCP: the session stops reading.
 //! Must not: drop a message silently. A message either gets Redis's receiver count or its
 //! client is closed (1013) and the loss is counted.
-//! Room left: a stream write (SPEC §9 history) goes where `PublishWindow::send` queues each
-//! PUBLISH in the pipeline; an auth check sits before a window is created, in the HTTP layer.
+//! With `--history N` (SPEC §9) a batch is instead ONE `EVALSHA` of [`history::SCRIPT`]
+//! (XADD each message, set the TTL, PUBLISH the ids then the messages), whose array answer
+//! is split into one receiver count per message: acks are the same as without history. A
+//! Redis that lost its script cache (restart, `SCRIPT FLUSH`) answers NOSCRIPT without running
+//! anything: the window waits for what it has in flight, loads the script and sends again,
+//! in order, every batch that met NOSCRIPT and every batch held meanwhile.
+//! An auth check sits before a window is created, in the HTTP layer.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use fred::bytes_utils::Str;
 use fred::clients::{Client, Pool};
-use fred::interfaces::PubsubInterface;
-use fred::types::Value;
+use fred::interfaces::{ClientLike, PubsubInterface};
+use fred::types::{CustomCommand, Value};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use crate::server::channel::ChannelName;
+use crate::server::history;
 use crate::server::metrics::{DropReason, Metrics};
 use crate::server::session::Inbound;
 
@@ -38,15 +46,61 @@ pub(crate) enum PublishError {
     Redis(#[from] fred::error::Error),
 }
 
-/// The process's PUBLISH connections.
+/// The process's PUBLISH connections, and what they write history with (if they do).
 #[derive(Clone)]
 pub(crate) struct Publisher {
     pool: Pool,
+    history: Option<Arc<History>>,
+}
+
+/// What every history batch shares (SPEC §9): the script, the SHA1 that EVALSHA names it
+/// by (computed once), and MAXLEN and the TTL as its arguments.
+pub(crate) struct History {
+    sha: Str,
+    script: Str,
+    maxlen: Value,
+    ttl_ms: Value,
+    /// When a NOSCRIPT reload was last logged (seconds since the Unix epoch): once per
+    /// reload, not once per window that met it.
+    logged: AtomicU64,
+}
+
+impl History {
+    /// `--history N` / `--history-ttl D`; `None` when history is off (N = 0).
+    pub fn new(keep: u32, ttl: Duration) -> Option<Arc<History>> {
+        use sha1::Digest;
+        let sha: String = sha1::Sha1::digest(history::SCRIPT.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        (keep > 0).then(|| {
+            Arc::new(History {
+                sha: Str::from(sha),
+                script: Str::from(history::SCRIPT),
+                maxlen: Value::Integer(i64::from(keep)),
+                ttl_ms: Value::Integer(ttl_ms),
+                logged: AtomicU64::new(0),
+            })
+        })
+    }
+
+    fn log_reload(&self, channel: &Str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.logged.swap(now, Ordering::Relaxed) != now {
+            tracing::info!(
+                channel = &**channel,
+                "the history script was not in redis (first use, or redis restarted or flushed its scripts): loaded it, resending"
+            );
+        }
+    }
 }
 
 impl Publisher {
-    pub fn new(pool: Pool) -> Self {
-        Publisher { pool }
+    pub fn new(pool: Pool, history: Option<Arc<History>>) -> Self {
+        Publisher { pool, history }
     }
 
     /// The connection that carries every PUBLISH on `channel`, from every client of this
@@ -78,12 +132,55 @@ struct Batch {
     started: Instant,
     /// Kept (shared, not copied) so that a batch fred never wrote can be sent again.
     payloads: Vec<Bytes>,
-    /// How many times it was sent again because fred never wrote it.
+    /// How many times it was sent again because fred never wrote it or Redis lacked the
+    /// history script.
     resent: u8,
+    state: BatchState,
 }
 
-/// How many times a batch fred could not route (never written) is sent again.
+enum BatchState {
+    /// With fred or Redis; its future is in `in_flight` (in batch order).
+    InFlight,
+    /// Redis answered; handed out once every older batch has been.
+    Answered(Vec<Answer>),
+    /// Not sent (again) yet: it met NOSCRIPT, or was sent while a reload was pending.
+    Held,
+}
+
+/// How many times a batch fred could not route (never written), or that met NOSCRIPT, is
+/// sent again.
 const MAX_RESENDS: u8 = 8;
+
+fn evalsha_command() -> CustomCommand {
+    CustomCommand::new_static("EVALSHA", None, false)
+}
+
+fn script_command() -> CustomCommand {
+    CustomCommand::new_static("SCRIPT", None, false)
+}
+
+/// Redis's answer to an EVALSHA of a script it does not have: nothing ran.
+fn no_script(answers: &[Answer]) -> bool {
+    matches!(answers, [Err(e)] if e.details().starts_with("NOSCRIPT"))
+}
+
+/// The history script's answer (an array of receiver counts), one [`Answer`] per message;
+/// an error stands alone, as fred answers a pipeline it could not send.
+fn split_counts(answer: Option<Result<Value, fred::error::Error>>) -> Vec<Answer> {
+    match answer {
+        Some(Ok(Value::Array(counts))) => counts
+            .into_iter()
+            .map(|count| {
+                count
+                    .as_i64()
+                    .ok_or_else(|| internal_error("the history script answered a non-integer"))
+            })
+            .collect(),
+        Some(Err(e)) => vec![Err(e)],
+        Some(Ok(_)) => vec![Err(internal_error("the history script answered no array"))],
+        None => vec![Err(internal_error("no answer to the history script"))],
+    }
+}
 
 /// fred's answer to a command it never wrote to Redis: it met a connection being replaced
 /// (fred 10.1.0, `router/commands.rs`). Only such a command is safe to send again.
@@ -103,6 +200,11 @@ pub(crate) struct PublishWindow {
     client: Client,
     /// fred names channels with UTF-8 strings; ours always are (a UTF-8 prefix + ASCII path).
     channel: Str,
+    /// With `--history`: the script, and the channel its ids go out on first.
+    history: Option<(Arc<History>, Bytes)>,
+    /// A batch met NOSCRIPT: new batches are held until what is in flight has answered,
+    /// then the script is loaded and every held batch sent, in order.
+    reloading: bool,
     /// Pushed, not yet sent.
     gathering: Vec<Bytes>,
     gathering_since: Option<Instant>,
@@ -125,9 +227,12 @@ impl PublishWindow {
         timeout: Duration,
         metrics: Metrics,
     ) -> Self {
+        let history = (publisher.history.clone()).map(|h| (h, history::ids_channel(&channel)));
         PublishWindow {
             client: publisher.client_for(&channel),
             channel: Str::from(channel.to_string()),
+            history,
+            reloading: false,
             gathering: Vec::new(),
             gathering_since: None,
             in_flight: FuturesOrdered::new(),
@@ -164,32 +269,71 @@ impl PublishWindow {
         };
         // Taken, not drained: an idle publisher keeps no buffer.
         let payloads = std::mem::take(&mut self.gathering);
-        self.in_flight.push_back(self.dispatch(&payloads));
+        let state = if self.reloading {
+            // It must not overtake a batch that met NOSCRIPT.
+            BatchState::Held
+        } else {
+            self.in_flight.push_back(self.dispatch(&payloads, false));
+            BatchState::InFlight
+        };
         self.batches.push_back(Batch {
             started,
             payloads,
             resent: 0,
+            state,
         });
     }
 
-    /// Hand `payloads` to fred as one pipeline of PUBLISHes, now.
-    fn dispatch(&self, payloads: &[Bytes]) -> BatchFuture {
+    /// Hand `payloads` to fred as one pipeline, now: one PUBLISH each, or with history one
+    /// EVALSHA for the lot (preceded by SCRIPT LOAD when `load`).
+    fn dispatch(&self, payloads: &[Bytes], load: bool) -> BatchFuture {
         let pipeline = self.client.pipeline();
         let channel = &self.channel;
         // A pipeline only queues each command in memory, so each future is ready at once;
         // `unconstrained`: tokio's co-operative budget must not make one wait.
-        let queued = payloads.iter().all(|payload| {
-            let queue = pipeline.publish::<Value, _, _>(channel.clone(), payload.clone());
+        fn queued<T>(queue: impl Future<Output = Result<T, fred::error::Error>>) -> bool {
             matches!(
                 tokio::task::unconstrained(queue).now_or_never(),
                 Some(Ok(_))
             )
-        });
-        let mut sending: BatchFuture = if queued {
-            Box::pin(async move { pipeline.try_all::<i64>().await })
-        } else {
-            let error = internal_error("could not queue a PUBLISH in a pipeline");
-            Box::pin(std::future::ready(vec![Err(error)]))
+        }
+        let mut sending: BatchFuture = match &self.history {
+            None if payloads.iter().all(|payload| {
+                queued(pipeline.publish::<Value, _, _>(channel.clone(), payload.clone()))
+            }) =>
+            {
+                Box::pin(async move { pipeline.try_all::<i64>().await })
+            }
+            Some((history, ids_channel)) => {
+                // fred 10.1.0's pipelines have no EVALSHA method: it goes as written.
+                let mut args = Vec::with_capacity(6 + payloads.len());
+                args.push(Value::String(history.sha.clone()));
+                args.push(Value::Integer(1));
+                args.push(Value::String(channel.clone()));
+                args.push(history.maxlen.clone());
+                args.push(history.ttl_ms.clone());
+                args.push(Value::Bytes(ids_channel.clone()));
+                args.extend(payloads.iter().cloned().map(Value::Bytes));
+                let load_queued = !load || {
+                    let load = [
+                        Value::from_static_str("LOAD"),
+                        history.script.clone().into(),
+                    ];
+                    queued(pipeline.custom::<Value, _>(script_command(), load.to_vec()))
+                };
+                if load_queued && queued(pipeline.custom::<Value, _>(evalsha_command(), args)) {
+                    // The EVALSHA's answer is the last; SCRIPT LOAD's, if any, tells nothing
+                    // the EVALSHA's does not.
+                    Box::pin(async move { split_counts(pipeline.try_all::<Value>().await.pop()) })
+                } else {
+                    let error = internal_error("could not queue an EVALSHA in a pipeline");
+                    Box::pin(std::future::ready(vec![Err(error)]))
+                }
+            }
+            None => {
+                let error = internal_error("could not queue a PUBLISH in a pipeline");
+                Box::pin(std::future::ready(vec![Err(error)]))
+            }
         };
         // Its first poll hands the batch to fred's router: do it now, so batches reach Redis
         // in the order they were sent. The session's own poll registers its waker later.
@@ -204,15 +348,25 @@ impl PublishWindow {
     /// while it is not (or nothing is in flight). `--redis-timeout` is the caller's to watch,
     /// through [`Self::deadline`].
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<i64, PublishError>> {
+        // Bounded: each turn hands out answers, settles a completed future, or sends held
+        // batches (each at most MAX_RESENDS times).
         while self.answered.is_empty() {
-            let Poll::Ready(Some(answers)) = self.in_flight.poll_next_unpin(cx) else {
-                return Poll::Pending;
-            };
-            if self.resend_unwritten(&answers) {
+            if matches!(
+                self.batches.front(),
+                Some(Batch {
+                    state: BatchState::Answered(_),
+                    ..
+                })
+            ) {
+                if let Err(error) = self.take_answers() {
+                    return Poll::Ready(Err(self.fail(error.into())));
+                }
                 continue;
             }
-            if let Err(error) = self.take_answers(answers) {
-                return Poll::Ready(Err(self.fail(error.into())));
+            match self.in_flight.poll_next_unpin(cx) {
+                Poll::Ready(Some(answers)) => self.settle(answers),
+                _ if self.reloading && self.in_flight.is_empty() => self.reload(),
+                _ => return Poll::Pending,
             }
         }
         match self.answered.pop_front() {
@@ -225,34 +379,78 @@ impl PublishWindow {
         }
     }
 
-    /// The oldest batch came back unwritten as a whole (fred met a connection being
-    /// replaced): send it again, if nothing sent after it is in flight (else it would
-    /// overtake it). Returns whether it did.
-    fn resend_unwritten(&mut self, answers: &[Answer]) -> bool {
-        let unwritten = !answers.is_empty() && answers.iter().all(never_written);
-        if !unwritten || !self.in_flight.is_empty() {
-            return false;
-        }
-        let Some(batch) = self.batches.front_mut() else {
-            return false;
+    /// Record the answers of the oldest batch in flight (futures complete in the order they
+    /// were sent, which is batch order).
+    ///
+    /// Two answers mean nothing ran, so the batch is sent again: the oldest batch came back
+    /// unwritten as a whole (fred met a connection being replaced) and nothing sent after it
+    /// is in flight (else it would overtake it); or it met NOSCRIPT: it is held, and so is
+    /// everything sent after it until [`Self::reload`].
+    fn settle(&mut self, answers: Vec<Answer>) {
+        let lone = self.in_flight.is_empty();
+        let reloading = self.reloading;
+        let Some(index) =
+            (self.batches.iter()).position(|batch| matches!(batch.state, BatchState::InFlight))
+        else {
+            return;
         };
-        if batch.resent >= MAX_RESENDS {
-            return false;
+        let held_before = index > 0
+            && (self.batches.iter().take(index)).any(|b| matches!(b.state, BatchState::Held));
+        let batch = &mut self.batches[index];
+        let unwritten = !answers.is_empty() && answers.iter().all(never_written);
+        if batch.resent < MAX_RESENDS && index == 0 && lone && !reloading && unwritten {
+            batch.resent += 1;
+            let payloads = std::mem::take(&mut batch.payloads);
+            let sending = self.dispatch(&payloads, false);
+            self.batches[index].payloads = payloads;
+            self.in_flight.push_back(sending);
+        } else if batch.resent < MAX_RESENDS && self.history.is_some() && no_script(&answers) {
+            batch.resent += 1;
+            batch.state = BatchState::Held;
+            self.reloading = true;
+        } else {
+            if held_before && answers.iter().any(Result::is_ok) {
+                // Something loaded the script between an older batch's NOSCRIPT and this
+                // one (another window): this one ran first. Nothing is lost or doubled.
+                tracing::warn!(
+                    channel = &*self.channel,
+                    "a history batch ran before an older one that met NOSCRIPT"
+                );
+            }
+            batch.state = BatchState::Answered(answers);
         }
-        batch.resent += 1;
-        let payloads = std::mem::take(&mut batch.payloads);
-        let sending = self.dispatch(&payloads);
-        if let Some(batch) = self.batches.front_mut() {
-            batch.payloads = payloads;
-        }
-        self.in_flight.push_back(sending);
-        true
     }
 
-    /// Count what Redis accepted of the oldest batch; keep its answers for `poll_next`.
-    fn take_answers(&mut self, answers: Vec<Answer>) -> Result<(), fred::error::Error> {
+    /// Everything sent before the NOSCRIPT has answered: load the script and send every
+    /// held batch again, in order, in one go.
+    fn reload(&mut self) {
+        self.reloading = false;
+        if let Some((history, _)) = &self.history {
+            history.log_reload(&self.channel);
+        }
+        let mut load = true;
+        for index in 0..self.batches.len() {
+            if !matches!(self.batches[index].state, BatchState::Held) {
+                continue;
+            }
+            let payloads = std::mem::take(&mut self.batches[index].payloads);
+            let sending = self.dispatch(&payloads, load);
+            load = false;
+            let batch = &mut self.batches[index];
+            batch.payloads = payloads;
+            batch.state = BatchState::InFlight;
+            self.in_flight.push_back(sending);
+        }
+    }
+
+    /// Count what Redis accepted of the oldest batch (answered); keep its answers for
+    /// `poll_next`.
+    fn take_answers(&mut self) -> Result<(), fred::error::Error> {
         let batch = self.batches.pop_front();
         let batch = batch.ok_or_else(|| internal_error("an answer to no batch"))?;
+        let BatchState::Answered(answers) = batch.state else {
+            return Err(internal_error("an unanswered batch taken"));
+        };
         if answers.len() != batch.payloads.len() {
             // fred answers a pipeline it could not send with one error.
             let error = answers.into_iter().find_map(Result::err);
@@ -304,6 +502,7 @@ impl PublishWindow {
             .dropped(DropReason::publish_failed, self.len as u64);
         self.gathering.clear();
         self.gathering_since = None;
+        self.reloading = false;
         self.in_flight = FuturesOrdered::new();
         self.batches.clear();
         self.answered.clear();
@@ -366,7 +565,7 @@ mod tests {
         let channel = ChannelName::from_redis(Bytes::from_static(b"lightlevel/unit"));
         let timeout = Duration::from_secs(10);
         PublishWindow::new(
-            &Publisher::new(pool),
+            &Publisher::new(pool, None),
             channel,
             capacity,
             timeout,

@@ -81,6 +81,8 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: PathBuf,
+    /// More redis-server arguments, after (so overriding) the defaults.
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -105,6 +107,7 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -125,7 +128,7 @@ impl Redis {
         }
     }
 
-    /// Start again on the same port, empty.
+    /// Start again on the same port and directory (empty, unless it persists).
     pub async fn restart(&mut self) {
         self.kill();
         self.spawn().await;
@@ -533,6 +536,12 @@ impl Redis {
     /// A private redis-server on a chosen port: for a server that was told where Redis is
     /// before Redis ran there.
     pub async fn start_on(port: u16) -> Redis {
+        Redis::start_with(port, &[]).await
+    }
+
+    /// A private redis-server on `port` with more arguments (e.g. `--appendonly yes`): they
+    /// hold across [`Redis::restart`], which keeps its directory.
+    pub async fn start_with(port: u16, extra: &[&str]) -> Redis {
         let dir = std::env::temp_dir().join(format!(
             "lightrelay-test-redis-{port}-{}",
             std::process::id()
@@ -542,6 +551,7 @@ impl Redis {
             port,
             child: None,
             dir,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         redis.spawn().await;
         redis
