@@ -460,3 +460,324 @@ async fn without_history_no_stream_is_written_and_no_script_runs() {
     assert_eq!(command_calls(redis.port, "evalsha").await, 0);
     assert_eq!(command_calls(redis.port, "publish").await, 50);
 }
+
+// Subscribe side: envelopes, last, since, the gap frame, the seam, resuming a lost
+// subscription.
+
+/// A subscribe and a publish server on `redis` with `--history n`.
+async fn history_pair(redis_url: &str, n: &str) -> (Server, Server) {
+    let publish = Server::start(Kind::Publish, redis_url, &["--history", n]).await;
+    let subscribe = Server::start(Kind::Subscribe, redis_url, &["--history", n]).await;
+    (publish, subscribe)
+}
+
+/// Publish `texts` through a plain WebSocket publisher, then wait until `watch` (a client of
+/// the channel) has them: they are in the stream.
+async fn publish_all(publish: &Server, path: &str, texts: &[String]) {
+    let mut ws = connect_ack(&publish.ws(path)).await;
+    for text in texts {
+        ws.send(Message::text(text.as_str())).await.unwrap();
+    }
+    for _ in texts {
+        let ack = next_data(&mut ws).await;
+        assert!(ack.is_text(), "{ack:?}");
+    }
+}
+
+fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| i.to_string()).collect()
+}
+
+fn json_of(frame: Message) -> serde_json::Value {
+    match frame {
+        Message::Text(text) => serde_json::from_str(text.as_str()).expect("json"),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn last_n_gives_the_newest_retained_oldest_first_then_the_live_ones() {
+    let redis = Redis::start().await;
+    let (publish, subscribe) = history_pair(&redis.url(), "100").await;
+    publish_all(&publish, "/last", &numbered(0..10)).await;
+    let mut raw = connect(&subscribe.ws("/last?last=3")).await;
+    let mut json = connect(&subscribe.ws("/last?last=3&format=json")).await;
+    let mut all = connect(&subscribe.ws("/last?last=1000&format=json")).await;
+    publish_all(&publish, "/last", &numbered(10..12)).await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(next_data_text(&mut raw).await);
+    }
+    assert_eq!(got, ["7", "8", "9", "10", "11"]);
+    let mut ids = Vec::new();
+    for want in ["7", "8", "9", "10", "11"] {
+        let envelope = json_of(next_data(&mut json).await);
+        assert_eq!(envelope["channel"], "lightlevel/last");
+        assert_eq!(envelope["data"], want);
+        ids.push(envelope["id"].as_str().expect("an id").to_string());
+    }
+    let stream: Vec<String> = xrange(redis.port, "lightlevel/last")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, stream[7..12], "the ids are the stream's");
+    for want in 0..12 {
+        assert_eq!(json_of(next_data(&mut all).await)["data"], want.to_string());
+    }
+    for ws in [&mut raw, &mut json, &mut all] {
+        assert!(sync(ws).await.is_empty(), "nothing twice");
+    }
+}
+
+#[tokio::test]
+async fn since_gives_what_followed_the_id_and_an_id_no_longer_retained_starts_with_a_gap() {
+    let redis = Redis::start().await;
+    // Exact trimming needs MAXLEN without ~; with ~ Redis keeps at least 5: trim a lot.
+    let (publish, subscribe) = history_pair(&redis.url(), "5").await;
+    publish_all(&publish, "/since", &numbered(0..3)).await;
+    let first = xrange(redis.port, "lightlevel/since").await;
+    let mut ws = connect(&subscribe.ws(&format!("/since?format=json&since={}", first[0].0))).await;
+    assert_eq!(json_of(next_data(&mut ws).await)["data"], "1");
+    assert_eq!(json_of(next_data(&mut ws).await)["data"], "2");
+    assert!(sync(&mut ws).await.is_empty());
+    drop(ws);
+
+    publish_all(&publish, "/since", &numbered(3..400)).await;
+    let retained = xrange(redis.port, "lightlevel/since").await;
+    assert!(retained.len() < 300, "trimmed: {}", retained.len());
+    let mut ws = connect(&subscribe.ws(&format!("/since?format=json&since={}", first[2].0))).await;
+    let gap = json_of(next_data(&mut ws).await);
+    assert_eq!(
+        gap,
+        serde_json::json!({"gap":{"after": first[2].0, "oldest": retained[0].0}})
+    );
+    let oldest: usize = String::from_utf8(retained[0].1.clone())
+        .unwrap()
+        .parse()
+        .unwrap();
+    for want in oldest..400 {
+        assert_eq!(json_of(next_data(&mut ws).await)["data"], want.to_string());
+    }
+    assert!(sync(&mut ws).await.is_empty());
+}
+
+#[tokio::test]
+async fn since_needs_json_and_without_history_is_a_gap_with_no_oldest() {
+    let redis = Redis::start().await;
+    let subscribe = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let (status, body) = upgrade_status(subscribe.addr, "/x?since=1-0").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("format=json"), "{body}");
+    let (status, body) = upgrade_status(subscribe.addr, "/x?format=json&since=yesterday").await;
+    assert_eq!(status, 400, "{body}");
+    let mut ws = connect(&subscribe.ws("/x?format=json&since=5-0")).await;
+    assert_eq!(
+        json_of(next_data(&mut ws).await),
+        serde_json::json!({"gap":{"after":"5-0","oldest":null}})
+    );
+    // And `last` without history: nothing retained, the live ones.
+    let mut last = connect(&subscribe.ws("/x?last=5")).await;
+    redis.publish("lightlevel/x", "live").await;
+    assert_eq!(next_data_text(&mut last).await, "live");
+}
+
+#[tokio::test]
+async fn a_plain_redis_publish_reaches_every_subscriber_and_has_a_null_id() {
+    let redis = Redis::start().await;
+    let (publish, subscribe) = history_pair(&redis.url(), "10").await;
+    let mut raw = connect(&subscribe.ws("/mixed")).await;
+    let mut json = connect(&subscribe.ws("/mixed?format=json")).await;
+    publish_all(&publish, "/mixed", &["via relay".to_string()]).await;
+    // One receiver: the subscribe server's one subscription, whatever its clients.
+    assert_eq!(redis.publish("lightlevel/mixed", "via redis-cli").await, 1);
+    let mut bytes = connect_ack(&publish.ws("/mixed")).await;
+    bytes
+        .send(Message::binary(vec![0u8, 159, 146, 150]))
+        .await
+        .unwrap();
+    assert!(next_data(&mut bytes).await.is_text());
+    assert_eq!(next_data_text(&mut raw).await, "via relay");
+    assert_eq!(next_data_text(&mut raw).await, "via redis-cli");
+    assert_eq!(
+        next_data(&mut raw).await,
+        Message::binary(vec![0u8, 159, 146, 150])
+    );
+    let a = json_of(next_data(&mut json).await);
+    assert_eq!(a["data"], "via relay");
+    assert!(a["id"].is_string(), "{a}");
+    let b = json_of(next_data(&mut json).await);
+    assert_eq!(
+        b,
+        serde_json::json!({"channel":"lightlevel/mixed","id":null,"data":"via redis-cli"})
+    );
+    let c = json_of(next_data(&mut json).await);
+    assert_eq!(
+        (c["data"].as_str(), c["encoding"].as_str()),
+        (Some("AJ+Slg=="), Some("base64"))
+    );
+    assert!(c["id"].as_str().unwrap() > a["id"].as_str().unwrap());
+}
+
+/// The seam under load: a publisher sends a numbered sequence at a steady rate while
+/// clients connect with `last`, read a while, and come back with `since` the last id they
+/// saw. Each client's whole run, across its reconnects, is contiguous: no gap, no duplicate.
+#[tokio::test]
+async fn clients_joining_and_resuming_under_load_see_a_contiguous_run() {
+    const CLIENTS: usize = 12;
+    const CYCLES: usize = 4;
+    let redis = Redis::start().await;
+    let (publish, subscribe) = history_pair(&redis.url(), "100000").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = tokio::spawn({
+        let (url, stop) = (publish.ws("/seam"), stop.clone());
+        async move {
+            let mut ws = connect(&url).await;
+            let mut n = 0u64;
+            // Bounded: at most 30 s and 120,000 messages, ~4,000 a second.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst)
+                && n < 120_000
+                && tokio::time::Instant::now() < deadline
+            {
+                for _ in 0..20 {
+                    ws.send(Message::text(n.to_string())).await.unwrap();
+                    n += 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            n
+        }
+    });
+    // Let the stream fill a little first.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let url = subscribe.ws("/seam");
+        clients.push(tokio::spawn(async move {
+            let mut seen: Vec<u64> = Vec::new();
+            let mut last_id: Option<String> = None;
+            for cycle in 0..CYCLES {
+                let query = match &last_id {
+                    None => "?format=json&last=5".to_string(),
+                    Some(id) => format!("?format=json&since={id}"),
+                };
+                let mut ws = connect(&format!("{url}{query}")).await;
+                for _ in 0..(50 + 37 * ((c + cycle) % 5)) {
+                    let envelope = json_of(next_data(&mut ws).await);
+                    assert!(envelope.get("gap").is_none(), "client {c}: {envelope}");
+                    seen.push(envelope["data"].as_str().unwrap().parse().unwrap());
+                    last_id = Some(envelope["id"].as_str().unwrap().to_string());
+                }
+            }
+            seen
+        }));
+    }
+    for (c, client) in clients.into_iter().enumerate() {
+        let seen = client.await.unwrap();
+        let first = seen[0];
+        let want: Vec<u64> = (first..first + seen.len() as u64).collect();
+        assert_eq!(seen, want, "client {c}: not one contiguous run");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(publisher.await.unwrap() > 0);
+}
+
+/// The restart gap: Redis is killed under an acknowledged publisher, restarted, and the
+/// publish relay gets there first and flushes its held backlog before the subscribe relay
+/// has subscribed again. With history, the subscribe relay resumes the channel from the last
+/// id it delivered: the backlog arrives, once and in order, without the clients
+/// reconnecting; a JSON client is told first that what came before the restart is not
+/// retained (the restarted Redis has no persistence).
+#[tokio::test]
+async fn a_redis_restart_loses_no_acknowledged_backlog_with_history() {
+    let mut redis = Redis::start().await;
+    let pub_gate = Gate::start(redis.port).await;
+    let sub_gate = Gate::start(redis.port).await;
+    let common = [
+        "--history",
+        "10000",
+        "--ping-interval",
+        "1s",
+        "--redis-timeout",
+        "30s",
+    ];
+    let publish = Server::start(Kind::Publish, &pub_gate.url(), &common).await;
+    let subscribe = Server::start(Kind::Subscribe, &sub_gate.url(), &common).await;
+    let mut raw = connect(&subscribe.ws("/backlog")).await;
+    let mut json = connect(&subscribe.ws("/backlog?format=json")).await;
+    let mut publisher = connect_ack(&publish.ws("/backlog")).await;
+    for i in 0..10 {
+        publisher.send(Message::text(i.to_string())).await.unwrap();
+    }
+    for _ in 0..10 {
+        assert_eq!(next_data_text(&mut publisher).await, "1");
+    }
+    for i in 0..10 {
+        assert_eq!(next_data_text(&mut raw).await, i.to_string());
+        assert_eq!(json_of(next_data(&mut json).await)["data"], i.to_string());
+    }
+
+    pub_gate.set_open(false);
+    sub_gate.set_open(false);
+    redis.kill();
+    // Sent once the relay knows Redis is gone, they are held, not written into a dying
+    // connection (whose outcome would be unknown: a 1013, see tests/redis_outage.rs).
+    publish.wait_health(503).await;
+    for i in 10..300 {
+        publisher.send(Message::text(i.to_string())).await.unwrap();
+    }
+    redis.restart().await;
+    // The publish relay reaches Redis first and flushes what it held: all acknowledged,
+    // and no subscriber was there to receive them live.
+    pub_gate.set_open(true);
+    for _ in 10..300 {
+        assert_eq!(next_data_text(&mut publisher).await, "0");
+    }
+    sub_gate.set_open(true);
+    redis.wait_numsub("lightlevel/backlog", 1).await;
+    publisher.send(Message::text("after")).await.unwrap();
+
+    let want: Vec<String> = (10..300)
+        .map(|i| i.to_string())
+        .chain(["after".into()])
+        .collect();
+    let mut got = Vec::new();
+    for _ in &want {
+        got.push(next_data_text(&mut raw).await);
+    }
+    assert_eq!(got, want, "the raw client");
+    let gap = json_of(next_data(&mut json).await);
+    assert!(gap["gap"]["after"].is_string(), "{gap}");
+    let mut got = Vec::new();
+    for _ in &want {
+        got.push(
+            json_of(next_data(&mut json).await)["data"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(got, want, "the JSON client");
+    assert!(subscribe.metric("lightrelay_resumed_total").await >= 290.0);
+    for ws in [&mut raw, &mut json] {
+        assert!(sync(ws).await.is_empty(), "nothing twice");
+    }
+}
+
+/// A window's batch sent with nothing of its own in flight loads the script in the same
+/// pipeline, so no batch ever meets NOSCRIPT in the normal course (first use, a restarted
+/// Redis): another client's reload can then never let a later batch of a window run before
+/// an earlier one that met NOSCRIPT.
+#[tokio::test]
+async fn batches_never_meet_noscript_on_a_fresh_redis() {
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &["--history", "100"]).await;
+    for path in ["/a", "/b", "/c"] {
+        publish_all(&publish, path, &numbered(0..50)).await;
+    }
+    let mut resp = Resp::connect(redis.port).await;
+    let errors = resp.call(&[b"INFO", b"errorstats"]).await.text();
+    assert!(!errors.contains("NOSCRIPT"), "{errors}");
+    assert!(command_calls(redis.port, "evalsha").await > 0);
+}

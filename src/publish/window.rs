@@ -10,9 +10,15 @@
 //! With `--history N` (SPEC §9) a batch is instead ONE `EVALSHA` of [`history::SCRIPT`]
 //! (XADD each message, set the TTL, PUBLISH the ids then the messages), whose array answer
 //! is split into one receiver count per message: acks are the same as without history. A
-//! Redis that lost its script cache (restart, `SCRIPT FLUSH`) answers NOSCRIPT without running
-//! anything: the window waits for what it has in flight, loads the script and sends again,
-//! in order, every batch that met NOSCRIPT and every batch held meanwhile.
+//! A batch sent while nothing else of the window is in flight goes with a `SCRIPT LOAD` in
+//! front, in the same pipeline; a batch sent behind others relies on them (same connection,
+//! run in order) having loaded it. So the script is never missing for a batch, and no other
+//! client's reload can let a later batch of this window run before an earlier one that met
+//! NOSCRIPT — unless the script cache is flushed (`SCRIPT FLUSH`, a failover to a replica)
+//! between two batches in flight. Then Redis answers NOSCRIPT without running anything: the
+//! window waits for what it has in flight, loads the script and sends again, in order, every
+//! batch that met NOSCRIPT and every batch held meanwhile (a later batch that did run first
+//! is logged).
 //! An auth check sits before a window is created, in the HTTP layer.
 
 use std::collections::VecDeque;
@@ -273,7 +279,9 @@ impl PublishWindow {
             // It must not overtake a batch that met NOSCRIPT.
             BatchState::Held
         } else {
-            self.in_flight.push_back(self.dispatch(&payloads, false));
+            // Alone, the batch loads the script itself (see the module's doc).
+            let load = self.history.is_some() && self.in_flight.is_empty();
+            self.in_flight.push_back(self.dispatch(&payloads, load));
             BatchState::InFlight
         };
         self.batches.push_back(Batch {
