@@ -617,6 +617,27 @@ mod tests {
         );
     }
 
+    /// The script's array answer becomes one receiver count per message; NOSCRIPT (nothing
+    /// ran) is told apart from other errors.
+    #[test]
+    fn a_history_answer_splits_into_one_count_per_message() {
+        use fred::error::{Error, ErrorKind};
+        let counts = Value::Array(vec![Value::Integer(2), Value::Integer(0)]);
+        let split = split_counts(Some(Ok(counts)));
+        assert_eq!(
+            split
+                .iter()
+                .map(|a| *a.as_ref().unwrap())
+                .collect::<Vec<_>>(),
+            [2, 0]
+        );
+        let missing = Error::new(ErrorKind::Unknown, "NOSCRIPT No matching script.");
+        assert!(no_script(&split_counts(Some(Err(missing)))));
+        let other = Error::new(ErrorKind::Unknown, "OOM command not allowed");
+        assert!(!no_script(&split_counts(Some(Err(other)))));
+        assert!(split_counts(Some(Ok(Value::Integer(1))))[0].is_err());
+    }
+
     /// Only fred's "never written" answer is safe to send again.
     #[test]
     fn only_an_unrouted_command_counts_as_never_written() {
