@@ -598,11 +598,13 @@ impl Hub {
                 Request::Activated(topics) => activated.extend(topics),
             }
         }
-        if !activated.is_empty() {
-            self.resume(activated).await;
-        }
+        // Replays first: a channel whose replay was read knows where its stream stands and
+        // needs no read of its own to note it (one XREVRANGE per channel per batch).
         if !replays.is_empty() {
             self.place_replays(replays).await;
+        }
+        if !activated.is_empty() {
+            self.resume(activated).await;
         }
     }
 
@@ -709,10 +711,27 @@ impl Hub {
             }
             let mut state = self.lock();
             if let Some(entry) = state.topics.get_mut(&topic) {
-                match newest {
-                    Some(newest) => entry.floors.insert(seat, Floor::UpTo(newest)),
-                    None => entry.floors.remove(&seat),
+                // Only if the client is still there: a seat left meanwhile may have been
+                // taken by another client, waiting for its own replay.
+                let slab = match seat.format {
+                    Format::Raw => &entry.raw,
+                    Format::Json => &entry.json,
                 };
+                if slab
+                    .get(seat.key)
+                    .is_some_and(|there| Arc::ptr_eq(there, &outbox))
+                {
+                    match newest {
+                        Some(newest) => entry.floors.insert(seat, Floor::UpTo(newest)),
+                        None => entry.floors.remove(&seat),
+                    };
+                }
+                // What the stream held when it was read was published before any message
+                // the reader passes from now on: the topic may resume from there, unless it
+                // is resuming already (from its own, older, last id).
+                if entry.resume.is_none() && newest > entry.last_id {
+                    entry.last_id = newest;
+                }
             }
             drop(state);
             let _ = done.send(());
