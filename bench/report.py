@@ -41,6 +41,13 @@ AUTH_SCENARIOS = [
     ("storm-es256", "connection storm, --auth all, ES256 tokens"),
     ("idle-auth", "idle connections (100 channels), --auth all, HS256 token"),
 ]
+# SPEC §9 (issue 14), lightrelay only: the peers have no envelopes or history.
+HISTORY_SCENARIOS = [
+    ("fanout-json-base", "fan-out 1 × 1,000, raw, --history 100, in through the publish server"),
+    ("fanout-json", "fan-out 1 × 1,000, format=json envelopes, --history 100"),
+    ("storm-last-base", "connection storm on 10 channels, history on, no replay"),
+    ("storm-last", "connection storm on 10 channels, ?last=1"),
+]
 
 
 def load(out):
@@ -264,13 +271,57 @@ def main(out):
                 add(f"| {title} | server CPU per connection ÷ auth off | {fmt_ratio(cpu_ratio)} | "
                     f"{goal} | { {True: 'yes', False: '**no**', None: '—'}[met]} |")
 
+    # ---- history (issue 14) --------------------------------------------------------------------
+    history_runs = [(sc, t) for sc, t in HISTORY_SCENARIOS
+                    if run(sc, "lightrelay") is not None or (sc, "lightrelay") in errors]
+    if history_runs:
+        yes_no = {True: "yes", False: "**no**", None: "—"}
+        add("")
+        add("## History (issue 14, lightrelay only: the peers have no envelopes or history)")
+        add("")
+        add("| run | figure | value | target | met |")
+        add("| --- | --- | --- | --- | --- |")
+        raw = figure("fanout-1k", "lightrelay", "per_server_cpu_s")
+        same = figure("fanout-json-base", "lightrelay", "per_server_cpu_s")
+        off = figure("storm-off", "lightrelay", "per_server_cpu_s")
+        base = figure("storm-last-base", "lightrelay", "per_server_cpu_s")
+        for sc, title in history_runs:
+            value = figure(sc, "lightrelay", "per_server_cpu_s")
+            if sc == "fanout-json":
+                add(f"| {title} | deliveries per server CPU-second | "
+                    f"{cell(value, 'count', sc, 'lightrelay')} | | |")
+                r = ratio(value, same)
+                add(f"| {title} | ÷ raw, same path and history ({num(same)}) | {fmt_ratio(r)} | ≥ 0.70× | "
+                    f"{yes_no[None if r is None else r >= 0.7]} |")
+                add(f"| {title} | ÷ fan-out 1 × 1,000 (raw, PUBLISH to Redis, no history: {num(raw)}) | "
+                    f"{fmt_ratio(ratio(value, raw))} | | |")
+                continue
+            if sc == "fanout-json-base":
+                add(f"| {title} | deliveries per server CPU-second | "
+                    f"{cell(value, 'count', sc, 'lightrelay')} | | |")
+                continue
+            r = run(sc, "lightrelay")
+            add(f"| {title} | connections per server CPU-second | "
+                f"{cell(value, 'count', sc, 'lightrelay')} | | |")
+            if sc != "storm-last":
+                continue
+            for label, other in (("÷ the same storm without ?last=1", base),
+                                 ("÷ connection storm, auth off (a channel per client)", off)):
+                add(f"| {title} | {label} | {fmt_ratio(ratio(value, other))} | | |")
+            if counted(r) and r["storm"].get("redis_calls") is not None:
+                x = r["storm"]["redis_calls"].get("xrevrange", 0)
+                clients, channels = r["storm"]["clients"], r["channels"]
+                add(f"| {title} | XREVRANGE calls for {clients:,} clients on {channels} channels | "
+                    f"{x:,} ({x / max(channels, 1):.1f} per channel, {x / max(clients, 1):.3f} per client) | "
+                    f"one per channel per batch of arrivals | — |")
+
     # ---- every run ------------------------------------------------------------------------------
     add("")
     add("## Every run")
     add("")
     add("| scenario | server | delivered/s | lost | p50 | p99 | p99.9 | max | server CPU-s | per server CPU-s | server RSS peak | note |")
     add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for scenario, title in SCENARIOS + AUTH_SCENARIOS:
+    for scenario, title in SCENARIOS + AUTH_SCENARIOS + HISTORY_SCENARIOS:
         for peer in PEERS:
             r = run(scenario, peer)
             if r is None:

@@ -134,6 +134,51 @@ async fn latency_at_a_fixed_rate_through_the_websocket_publisher() {
     assert!(u(latency, "p99_us") < 1_000_000, "{latency}");
 }
 
+/// Issue 14's fan-out with `format=json` (the `fanout-json` row): subscribers ask for
+/// envelopes, both servers keep history, messages go in through the publish server as in
+/// production; the bench sends text and reads each message's number and send time out of
+/// the envelope's data, so every delivery counts and none is malformed.
+#[tokio::test]
+async fn fanout_with_json_envelopes_reads_the_data_field() {
+    let redis = Redis::start().await;
+    let history = ["--history", "100"];
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &history).await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &history).await;
+    let (output, report) = bench(strings(&[
+        "fanout",
+        "--subscribe",
+        &sub.ws("/json/{i}?format=json"),
+        "--publish",
+        &publish.ws("/json/{i}"),
+        "--channels",
+        "2",
+        "--subscribers",
+        "4",
+        "--duration",
+        "1",
+        "--pid",
+        &sub.pid().to_string(),
+    ]))
+    .await;
+    assert_counts(&report, &output, sub.pid());
+    assert_delivered_all(&report);
+    assert_eq!(report["envelope"], true, "{report}");
+    assert_eq!(u(&report["latency"], "count"), u(&report, "delivered"));
+    // Text needs 32 bytes for the header: a smaller size is refused up front (exit 1).
+    let small = Command::new(env!("CARGO_BIN_EXE_lightrelay"))
+        .args(["bench", "fanout", "--subscribe"])
+        .arg(sub.ws("/json/{i}?format=json"))
+        .args(["--publish", &publish.ws("/json/{i}"), "--size", "20"])
+        .output()
+        .unwrap();
+    assert_eq!(small.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&small.stderr);
+    assert!(
+        stderr.contains("format=json") && stderr.contains("32"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn fanout_through_pipelined_http_posts() {
     let redis = Redis::start().await;
@@ -355,6 +400,61 @@ async fn storm_connects_every_client_and_closes_them() {
     assert_eq!(report["token"], false);
     sub.wait_metric("lightrelay_connections", |n| n == 0.0)
         .await;
+}
+
+/// Issue 14's storm with `?last=1` (the `storm-last` row): the query reaches the server as
+/// it is (each client gets the retained message: its replay is read from the stream), over
+/// a few channels, and `--redis` reports the XREVRANGE calls the storm caused: at least one
+/// per channel, at most one per client.
+#[tokio::test]
+async fn storm_with_last_counts_the_history_reads() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &["--history", "100"]).await;
+    let client = redis.client().await;
+    for c in 0..4 {
+        let _: fred::types::Value = fred::interfaces::ClientLike::custom(
+            &client,
+            fred::cmd!("XADD"),
+            vec![
+                format!("lightlevel/last/{c}"),
+                "*".into(),
+                "data".into(),
+                "v".into(),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let (output, report) = bench(strings(&[
+        "storm",
+        "--url",
+        &sub.ws("/last/{i}?last=1"),
+        "--channels",
+        "4",
+        "--clients",
+        "100",
+        "--concurrency",
+        "16",
+        "--settle",
+        "0.2",
+        "--redis",
+        &redis.url(),
+        "--pid",
+        &sub.pid().to_string(),
+    ]))
+    .await;
+    assert_counts(&report, &output, sub.pid());
+    let storm = &report["storm"];
+    assert_eq!(u(storm, "connected"), 100, "{report}");
+    assert_eq!(u(storm, "failed"), 0);
+    assert!(report["subscribe"].as_str().unwrap().ends_with("?last=1"));
+    let calls = &storm["redis_calls"];
+    let xrevrange = u(calls, "xrevrange");
+    assert!((4..=100).contains(&xrevrange), "{calls}");
+    // One SUBSCRIBE per channel at most (the hub's one subscription per channel), plus the
+    // history's ids channels.
+    assert!(u(calls, "subscribe") >= 1, "{calls}");
+    assert_eq!(u(calls, "xrange"), 0, "{calls}");
 }
 
 /// A refusal is counted by its status and not retried: past `--max-connections` the server

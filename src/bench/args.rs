@@ -17,10 +17,14 @@ Examples (servers on loopback; the bench refuses any other address):
   lightrelay bench idle --subscribe 'ws://127.0.0.1:8767/idle/{i}' --connections 10000 --pid 4242
   lightrelay bench storm --url 'ws://127.0.0.1:8767/storm/{i}' --clients 10000 --concurrency 200 \
       --token \"$(lightrelay token --secret-file hs.secret --sub '*')\" --pid 4242
+  lightrelay bench storm --url 'ws://127.0.0.1:8767/storm/{i}?last=1' --channels 10 \
+      --clients 10000 --redis redis://127.0.0.1:6379 --pid 4242
 
 `{i}` in a URL is replaced by the channel (or publisher, or storm client) number, from 0. A redis:// URL's path
 is the channel name, not a database number. Messages are binary: an 8-byte sequence number,
-an 8-byte send time, then padding to --size. With --json, one JSON object on stdout.
+an 8-byte send time, then padding to --size; with `format=json` in the --subscribe URL
+(envelopes), text: both as 16 hex digits, then padding, read from each envelope's \"data\".
+With --json, one JSON object on stdout.
 Exit codes: 0 the run counts; 3 it ran but lost messages or a connection ended (figures do
 not count; the report says why); 1 it could not run; 2 bad usage.";
 
@@ -77,7 +81,9 @@ pub struct Measure {
 
 #[derive(Args, Debug, Clone)]
 pub struct FanoutArgs {
-    /// The subscribe URL: ws://HOST:PORT/PATH, `{i}` standing for the channel number.
+    /// The subscribe URL: ws://HOST:PORT/PATH, `{i}` standing for the channel number; a
+    /// query (`?format=json`, `?last=N`) goes to the server as it is, and `format=json` makes
+    /// the bench send text and read each envelope's data.
     #[arg(long, value_name = "URL")]
     pub subscribe: String,
     /// Where messages go in: redis://HOST:PORT/CHANNEL (PUBLISH, pipelined), ws://HOST:PORT/PATH
@@ -173,6 +179,10 @@ pub struct StormArgs {
     /// A token sent on every handshake as `Authorization: Bearer TOKEN`.
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
+    /// The server's Redis: count the commands the storm made it run (INFO commandstats
+    /// before and after: XREVRANGE, XRANGE, SUBSCRIBE), e.g. the history reads of `?last=1`.
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
     /// After the last handshake, how long the server's CPU is still counted (it finishes
     /// what the storm asked of it: Redis subscriptions) before the connections are closed.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]

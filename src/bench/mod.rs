@@ -1,7 +1,8 @@
 //! `lightrelay bench`: the load generator behind `bin/bench` (issue 6).
 //!
 //! Owns: each scenario's sequence — open subscribers, connect publishers, wait until every
-//! subscriber receives a probe (subscribed end to end), measure (CPU and RSS of each `--pid`
+//! subscriber receives a probe (subscribed end to end; a subscribe URL with `format=json`
+//! makes the messages text and reads them out of the envelope), measure (CPU and RSS of each `--pid`
 //! from the first message to the last delivery), drain, report — and the exit code.
 //! The parts: [`args`] (flags), [`wire`] (hand-written WebSocket and HTTP/1.1 framing),
 //! [`subscribers`] (receiving connections), [`publishers`] (redis/ws/http lanes), [`storm`]
@@ -35,7 +36,7 @@ use args::{BenchArgs, BenchCommand, FanoutArgs, IdleArgs, IngestArgs, Measure};
 use procstat::{ProcError, ProcessReport, Watch};
 use publishers::{Lane, Pace, PublishError, Setup};
 use report::Report;
-use stats::{ConnectionFailure, Shared};
+use stats::{ConnectionFailure, Layout, Shared};
 use wire::WireError;
 
 /// Exit code of a run that finished but does not count (loss, a connection ended).
@@ -59,6 +60,11 @@ pub enum BenchError {
     Connection(#[from] ConnectionFailure),
     #[error("{url}: with {what} > 1 the URL needs {{i}}")]
     NeedsPlaceholder { url: String, what: &'static str },
+    #[error(
+        "--size {size}: a format=json subscriber's messages are text, at least {min} bytes \
+         (sequence number and timestamp in hex)"
+    )]
+    TooSmallForEnvelope { size: usize, min: usize },
     #[error("--rate must be 0 or more")]
     BadRate,
     #[error("{0}: --subscribe takes a ws:// URL")]
@@ -210,6 +216,15 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
     if sub.scheme != "ws" {
         return Err(BenchError::NotWs(a.subscribe.clone()));
     }
+    // `format=json` subscribers get envelopes: messages are then written as text, read from
+    // the envelope's data field.
+    let layout = Layout::for_subscribe_url(&a.subscribe);
+    if a.size < layout.min_size() {
+        return Err(BenchError::TooSmallForEnvelope {
+            size: a.size,
+            min: layout.min_size(),
+        });
+    }
     let publish = wire::target(&a.publish).await?;
     let lanes_wanted = a.publish_connections as usize;
     let shared = Arc::new(Shared::new(channels, lanes_wanted.min(channels)));
@@ -225,6 +240,7 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
             buffer: if a.size > 4096 { 64 * 1024 } else { 16 * 1024 },
             until,
             token: None,
+            layout,
         },
         &shared,
     )
@@ -242,7 +258,7 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
         &shared,
     )
     .await?;
-    wait_ready(&mut lanes, &shared, subscribers.len(), a.size).await?;
+    wait_ready(&mut lanes, &shared, subscribers.len(), a.size, layout).await?;
     shared.reset_latency();
 
     let meter = Meter::start(m)?;
@@ -253,6 +269,7 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
         subscribers: per_channel as u64,
         window,
         size: a.size,
+        layout,
         stop,
         count: a.count.unwrap_or(u64::MAX),
         until: stop + m.drain,
@@ -277,6 +294,7 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
         size: a.size,
         rate,
         window: (rate == 0.0).then_some(window),
+        envelope: Some(layout == Layout::Envelope),
         ..Report::default()
     };
     meter.finish(&mut report)?;
@@ -322,11 +340,12 @@ async fn wait_ready(
     shared: &Shared,
     total: usize,
     size: usize,
+    layout: Layout,
 ) -> Result<(), BenchError> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut interval = Duration::from_millis(200);
     while Instant::now() < deadline {
-        publishers::probe(lanes, size).await?;
+        publishers::probe(lanes, size, layout).await?;
         let next = (Instant::now() + interval).min(deadline);
         while Instant::now() < next {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -445,6 +464,7 @@ async fn ingest(a: IngestArgs) -> Result<Report, BenchError> {
         subscribers: 0,
         window: a.pipeline as u64,
         size: a.size,
+        layout: Layout::Binary,
         stop,
         count: a.count.unwrap_or(u64::MAX),
         until: stop + m.drain,
@@ -555,6 +575,7 @@ async fn idle(a: IdleArgs) -> Result<Report, BenchError> {
             buffer: 512,
             until: Instant::now() + SETUP_ALLOWANCE + m.duration + m.drain,
             token: a.token.as_deref(),
+            layout: Layout::Binary,
         },
         &shared,
     )

@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::stats::{now_ns, stamp, Shared, PROBE};
+use super::stats::{now_ns, Layout, Shared, PROBE};
 use super::wire::{self, Event, FrameReader, ResponseReader, Target, WireError};
 
 /// Why publishing failed: connecting, a refusal, a broken connection or missing answers.
@@ -600,6 +600,8 @@ pub struct Pace {
     /// Messages per channel not yet delivered to all its subscribers.
     pub window: u64,
     pub size: usize,
+    /// How each message carries its sequence number and send time.
+    pub layout: Layout,
     /// Stop sending at this instant, or after `count` messages in all lanes.
     pub stop: Instant,
     pub count: u64,
@@ -608,9 +610,9 @@ pub struct Pace {
 }
 
 /// Send probes (sequence number [`PROBE`]) on every channel of every lane.
-pub async fn probe(lanes: &mut [Lane], size: usize) -> Result<(), PublishError> {
+pub async fn probe(lanes: &mut [Lane], size: usize, layout: Layout) -> Result<(), PublishError> {
     let mut payload = vec![b'p'; size];
-    stamp(&mut payload, PROBE);
+    layout.stamp(&mut payload, PROBE);
     for lane in lanes.iter_mut() {
         for i in 0..lane.channels.len() {
             let c = lane.channels[i];
@@ -676,7 +678,8 @@ pub async fn run(
             }
         };
         let counter = &shared.channels[channel].sent;
-        stamp(&mut payload, counter.load(Ordering::Relaxed));
+        pace.layout
+            .stamp(&mut payload, counter.load(Ordering::Relaxed));
         lane.send(channel, &payload).await?;
         counter.fetch_add(1, Ordering::Relaxed);
         sent += 1;

@@ -36,6 +36,10 @@ pub struct Report {
     pub rate: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<u64>,
+    /// Fan-out, latency: the subscribers asked for `format=json` envelopes (messages are then
+    /// text: the sequence number and send time in hex, then padding).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<bool>,
     /// From the first message to the last delivery (or ack); idle: how long the connections were held.
     pub elapsed_s: f64,
     pub sent: u64,
@@ -109,6 +113,11 @@ pub struct Storm {
     pub connections_per_s: f64,
     /// Connections that ended with the server's close frame or end of stream after ours.
     pub closed: u64,
+    /// With `--redis`: calls of each counted Redis command from the first connect to the
+    /// end of `--settle` (INFO commandstats, lower-case names: `xrevrange`, `xrange`,
+    /// `subscribe`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_calls: Option<BTreeMap<String, u64>>,
 }
 
 impl Report {

@@ -1,7 +1,9 @@
 //! What arrived, and when: per-channel counts, loss, reordering and latency.
 //!
 //! Owns: the message layout (8-byte sequence number, 8-byte send time in ns since the start
-//! of this process, both little-endian, then padding), the [`Shared`] counters every
+//! of this process, both little-endian, then padding; or, for `format=json` subscribers,
+//! the text layout: both as 16 hex digits, then ASCII padding, read from the envelope's
+//! `"data":"…"`), the [`Shared`] counters every
 //! connection adds to (per channel, cache-line padded), per-connection order tracking, and
 //! the latency histograms (hdrhistogram, µs, sharded so connections rarely contend; one lock
 //! per read, not per message).
@@ -32,6 +34,75 @@ pub enum ConnectionFailure {
 pub const PROBE: u64 = u64::MAX;
 /// The smallest message: sequence number and timestamp.
 pub const MIN_SIZE: usize = 16;
+/// The smallest message in the text layout: both as 16 hex digits.
+pub const MIN_TEXT_SIZE: usize = 32;
+/// How a message's sequence number and send time are written, and where a subscriber finds
+/// them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// Binary, little-endian; subscribers receive the payload as it is.
+    #[default]
+    Binary,
+    /// ASCII text (16 + 16 hex digits, then padding), so a `format=json` subscriber receives
+    /// it as the envelope's plain `"data"` string (the common JSON case), not base64.
+    Envelope,
+}
+
+impl Layout {
+    /// The envelope layout when the subscribe URL asks for `format=json`.
+    pub fn for_subscribe_url(url: &str) -> Layout {
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        if query.split('&').any(|pair| pair == "format=json") {
+            Layout::Envelope
+        } else {
+            Layout::Binary
+        }
+    }
+
+    pub fn min_size(self) -> usize {
+        match self {
+            Layout::Binary => MIN_SIZE,
+            Layout::Envelope => MIN_TEXT_SIZE,
+        }
+    }
+
+    /// Write a message's header into `out` (at least [`Layout::min_size`] bytes).
+    pub fn stamp(self, out: &mut [u8], seq: u64) {
+        match self {
+            Layout::Binary => stamp(out, seq),
+            Layout::Envelope => {
+                hex16(&mut out[..16], seq);
+                hex16(&mut out[16..32], now_ns());
+            }
+        }
+    }
+
+    /// A received message's sequence number and send time, from its first bytes.
+    pub fn parse(self, prefix: &[u8]) -> Option<(u64, u64)> {
+        match self {
+            Layout::Binary => parse(prefix),
+            Layout::Envelope => {
+                const DATA: &[u8] = b"\"data\":\"";
+                let at = prefix.windows(DATA.len()).position(|w| w == DATA)? + DATA.len();
+                let text = prefix.get(at..at + MIN_TEXT_SIZE)?;
+                Some((unhex16(&text[..16])?, unhex16(&text[16..])?))
+            }
+        }
+    }
+}
+
+fn hex16(out: &mut [u8], v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
+    }
+}
+
+fn unhex16(text: &[u8]) -> Option<u64> {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|t| u64::from_str_radix(t, 16).ok())
+}
 /// Histogram shards; connection `i` records into shard `i % SHARDS`.
 const SHARDS: usize = 16;
 /// The largest latency recorded exactly: 10 minutes, in µs.
@@ -252,6 +323,7 @@ impl LocalLatency {
 pub struct Order {
     pub channel: usize,
     pub shard: usize,
+    layout: Layout,
     ready: bool,
     /// One past the highest sequence number seen.
     next: u64,
@@ -276,9 +348,14 @@ impl Default for Batch {
 
 impl Order {
     pub fn new(channel: usize, shard: usize) -> Order {
+        Order::with_layout(channel, shard, Layout::Binary)
+    }
+
+    pub fn with_layout(channel: usize, shard: usize, layout: Layout) -> Order {
         Order {
             channel,
             shard,
+            layout,
             ready: false,
             next: 0,
         }
@@ -286,7 +363,7 @@ impl Order {
 
     /// Account one message that arrived at `now` (ns).
     pub fn on_message(&mut self, prefix: &[u8], now: u64, batch: &mut Batch, shared: &Shared) {
-        let Some((seq, sent)) = parse(prefix) else {
+        let Some((seq, sent)) = self.layout.parse(prefix) else {
             shared.malformed.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -361,6 +438,38 @@ mod tests {
         let latency = shared.latency();
         assert_eq!(latency.count, 4);
         assert!((9_990..=10_000).contains(&latency.p50_us), "{latency:?}");
+    }
+
+    #[test]
+    fn the_envelope_layout_is_read_from_the_json_data_field() {
+        assert_eq!(
+            Layout::for_subscribe_url("ws://127.0.0.1:1/b/{i}?last=1&format=json"),
+            Layout::Envelope
+        );
+        assert_eq!(
+            Layout::for_subscribe_url("ws://127.0.0.1:1/format=json"),
+            Layout::Binary
+        );
+        let mut payload = vec![b'x'; 40];
+        Layout::Envelope.stamp(&mut payload, 0x1234_5678_9abc);
+        assert!(payload.is_ascii());
+        assert_eq!(&payload[..16], b"0000123456789abc");
+        let frame = format!(
+            r#"{{"channel":"lightlevel/bench/0","id":"1700000000000-3","data":"{}"}}"#,
+            std::str::from_utf8(&payload).unwrap()
+        );
+        let (seq, sent) = Layout::Envelope.parse(frame.as_bytes()).unwrap();
+        assert_eq!(seq, 0x1234_5678_9abc);
+        assert!(sent <= now_ns());
+        // Cut short before the header ends, or no data field: malformed, not a panic.
+        assert_eq!(Layout::Envelope.parse(&frame.as_bytes()[..80]), None);
+        assert_eq!(Layout::Envelope.parse(br#"{"gap":{"after":"1-0"}}"#), None);
+        assert_eq!(
+            Layout::Binary
+                .parse(frame.as_bytes())
+                .map(|p| p.0 == 0x1234_5678_9abc),
+            Some(false)
+        );
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! time until every client is connected; run with and without `--token` it prices the
 //! server's token check.
 //!
-//! Owns: the storm's sequence — raise the open-file limit, start the meter, open every
+//! Owns: the storm's sequence — raise the open-file limit, start the meter (and, with
+//! `--redis`, read the Redis command counts a history replay or a subscription costs), open every
 //! connection (a 101 counts as connected; any other status is a refusal, counted by status
 //! and never retried; a broken or timed-out handshake is a failure), hold them for
-//! `--settle` while the server finishes what the storm asked of it, take the readings, then
+//! `--settle` while the server finishes what the storm asked of it, take the readings (the
+//! Redis counts again: the difference is what the storm made the server ask), then
 //! close every connection (our close frame, then the server's close or end of stream).
 //! Must not: read or send data frames, or retry; every loop ends by count (`--clients`) and
 //! by time (`--timeout`).
@@ -22,7 +24,10 @@ use tokio::time::Instant;
 use super::args::StormArgs;
 use super::report::{Report, Storm};
 use super::wire::{self, Ask, WireError};
-use super::{open_file_room, BenchError, Meter};
+use super::{open_file_room, publishers, BenchError, Meter};
+
+/// The Redis commands a storm's count covers (`cmdstat_NAME` in INFO commandstats).
+const COUNTED: [&str; 3] = ["xrevrange", "xrange", "subscribe"];
 
 /// How long closing every connection may take in all, after the storm.
 const CLOSE_ALLOWANCE: Duration = Duration::from_secs(30);
@@ -51,6 +56,14 @@ pub async fn run(a: StormArgs) -> Result<Report, BenchError> {
         token: a.token.as_deref(),
     };
 
+    let redis = match &a.redis {
+        Some(url) => Some(publishers::redis_client(&wire::target(url).await?).await?),
+        None => None,
+    };
+    let calls_before = match &redis {
+        Some(client) => Some(command_calls(client).await?),
+        None => None,
+    };
     let meter = Meter::start_for(&a.pids, a.redis_pid)?;
     let start = meter.start;
     let deadline = start + a.timeout;
@@ -107,6 +120,18 @@ pub async fn run(a: StormArgs) -> Result<Report, BenchError> {
     let settle_start = Instant::now();
     tokio::time::sleep(a.settle).await;
     figures.settle_s = settle_start.elapsed().as_secs_f64();
+    if let (Some(client), Some(before)) = (&redis, calls_before) {
+        let after = command_calls(client).await?;
+        figures.redis_calls = Some(
+            after
+                .into_iter()
+                .map(|(name, n)| {
+                    let was = before.get(&name).copied().unwrap_or(0);
+                    (name, n.saturating_sub(was))
+                })
+                .collect(),
+        );
+    }
 
     let mut report = Report {
         scenario: "storm",
@@ -159,4 +184,29 @@ async fn close_all(open: Vec<TcpStream>, concurrency: usize) -> u64 {
         .buffer_unordered(concurrency)
         .fold(0u64, |n, closed| async move { n + u64::from(closed) })
         .await
+}
+
+/// The calls of each [`COUNTED`] command Redis has executed (INFO commandstats); a command
+/// never called is 0.
+async fn command_calls(
+    client: &fred::clients::Client,
+) -> Result<BTreeMap<String, u64>, BenchError> {
+    use fred::interfaces::ClientLike;
+    let info: String = client
+        .info(Some(fred::types::InfoKind::CommandStats))
+        .await
+        .map_err(BenchError::Info)?;
+    Ok(COUNTED
+        .iter()
+        .map(|name| {
+            let prefix = format!("cmdstat_{name}:calls=");
+            let calls = info
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+            (name.to_string(), calls)
+        })
+        .collect())
 }

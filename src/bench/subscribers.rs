@@ -2,7 +2,8 @@
 //!
 //! Owns: opening `N` subscriber connections in batches of bounded concurrency (connection `i`
 //! listens to channel `i % channels`), and each connection's receive loop: one reusable read
-//! buffer, the streaming [`FrameReader`], pongs for pings, and one flush of counts and
+//! buffer, the streaming [`FrameReader`] (keeping a `format=json` envelope's head when the
+//! plan's layout is [`Layout::Envelope`]), pongs for pings, and one flush of counts and
 //! latencies per read into [`Shared`]. No allocation per message.
 //! Must not: publish, or decide when a run ends (the run aborts these tasks).
 
@@ -14,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::stats::{now_ns, Batch, ConnectionFailure, Order, Shared};
+use super::stats::{now_ns, Batch, ConnectionFailure, Layout, Order, Shared};
 use super::wire::{self, Event, FrameReader, Target, WireError, WsConn};
 
 /// Why a subscriber connection ended before the run did.
@@ -67,6 +68,8 @@ pub struct Plan<'a> {
     pub until: Instant,
     /// Sent as `Authorization: Bearer` on every handshake.
     pub token: Option<&'a str>,
+    /// Where each message's sequence number and send time are found.
+    pub layout: Layout,
 }
 
 /// Open every connection, `concurrency` at a time; the first failure fails the run.
@@ -89,24 +92,29 @@ pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, W
         .buffer_unordered(plan.concurrency.max(1));
     while let Some((i, connected)) = opening.next().await {
         let conn = connected?;
-        let order = Order::new(i % plan.channels, i);
+        let order = Order::with_layout(i % plan.channels, i, plan.layout);
         let shared = Arc::clone(shared);
         let (buffer, until) = (plan.buffer, plan.until);
+        let keep = match plan.layout {
+            Layout::Binary => wire::PREFIX,
+            Layout::Envelope => wire::ENVELOPE_PREFIX,
+        };
         subscribers.tasks.push(tokio::spawn(async move {
-            let _ = tokio::time::timeout_at(until, receive(conn, order, buffer, &shared)).await;
+            let _ =
+                tokio::time::timeout_at(until, receive(conn, order, keep, buffer, &shared)).await;
         }));
     }
     Ok(subscribers)
 }
 
 /// One connection's receive loop, until the server closes it or the run aborts it.
-async fn receive(conn: WsConn, mut order: Order, buffer: usize, shared: &Shared) {
+async fn receive(conn: WsConn, mut order: Order, keep: usize, buffer: usize, shared: &Shared) {
     let WsConn {
         mut stream,
         leftover,
         ..
     } = conn;
-    let mut reader = FrameReader::default();
+    let mut reader = FrameReader::keeping(keep);
     let mut batch = Batch::default();
     let mut buf = vec![0u8; buffer.max(64)];
     let mut reply = Vec::new();

@@ -241,14 +241,17 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// How many leading bytes of each message the reader keeps: the sequence number and the
-/// send timestamp.
+/// How many leading bytes of each message the reader keeps by default: the sequence number
+/// and the send timestamp.
 pub const PREFIX: usize = 16;
+/// How many it keeps of a `format=json` envelope: `{"channel":"…","id":"…","data":"` then the
+/// 32-character text header (channel names here are short; an id is at most 41 bytes).
+pub const ENVELOPE_PREFIX: usize = 256;
 
 /// What the reader found in the bytes fed to it.
 pub enum Event<'a> {
     /// A whole data message (text or binary; in `lightrelay.ack` mode a text one is an ack);
-    /// `prefix` holds its first bytes (up to 16).
+    /// `prefix` holds its first bytes (up to [`PREFIX`], or what [`FrameReader::keeping`] asked).
     Message {
         prefix: &'a [u8],
         len: u64,
@@ -259,7 +262,7 @@ pub enum Event<'a> {
 }
 
 /// A streaming reader of server-to-client frames. It never buffers a payload: it keeps the
-/// first 16 bytes of each message and control-frame payloads (at most 125 bytes), and skips
+/// first 16 bytes (or up to [`ENVELOPE_PREFIX`]) of each message and control-frame payloads (at most 125 bytes), and skips
 /// the rest as it arrives.
 pub struct FrameReader {
     header: [u8; 14],
@@ -268,8 +271,10 @@ pub struct FrameReader {
     opcode: u8,
     fin: bool,
     remaining: u64,
-    prefix: [u8; PREFIX],
+    prefix: [u8; ENVELOPE_PREFIX],
     prefix_len: usize,
+    /// How many leading bytes of each message to keep (at most [`ENVELOPE_PREFIX`]).
+    keep: usize,
     message_len: u64,
     control: [u8; 125],
     control_len: usize,
@@ -284,8 +289,9 @@ impl Default for FrameReader {
             opcode: 0,
             fin: false,
             remaining: 0,
-            prefix: [0; PREFIX],
+            prefix: [0; ENVELOPE_PREFIX],
             prefix_len: 0,
+            keep: PREFIX,
             message_len: 0,
             control: [0; 125],
             control_len: 0,
@@ -294,6 +300,14 @@ impl Default for FrameReader {
 }
 
 impl FrameReader {
+    /// A reader that keeps the first `keep` bytes of each message (at most [`ENVELOPE_PREFIX`]).
+    pub fn keeping(keep: usize) -> FrameReader {
+        FrameReader {
+            keep: keep.min(ENVELOPE_PREFIX),
+            ..FrameReader::default()
+        }
+    }
+
     /// Consume `data`, calling `on` for each complete message or control frame. An error is
     /// a protocol violation (a masked or oversized control frame).
     pub fn feed(
@@ -334,7 +348,7 @@ impl FrameReader {
                 self.control[self.control_len..self.control_len + take].copy_from_slice(chunk);
                 self.control_len += take;
             } else {
-                let keep = (PREFIX - self.prefix_len).min(take);
+                let keep = (self.keep - self.prefix_len).min(take);
                 self.prefix[self.prefix_len..self.prefix_len + keep]
                     .copy_from_slice(&chunk[..keep]);
                 self.prefix_len += keep;
@@ -585,6 +599,24 @@ mod tests {
         for step in [1, 2, 3, 7, 100, 4096, stream.len()] {
             assert_eq!(read_all(&stream, step), expected, "step {step}");
         }
+    }
+
+    #[test]
+    fn a_reader_keeping_more_sees_the_envelope_header() {
+        let text = [b'a'; 300];
+        let stream = server_frame(1, true, &text);
+        let mut reader = FrameReader::keeping(ENVELOPE_PREFIX);
+        let mut kept = Vec::new();
+        for chunk in stream.chunks(7) {
+            reader
+                .feed(chunk, &mut |event| {
+                    if let Event::Message { prefix, len } = event {
+                        kept.push((prefix.len(), len));
+                    }
+                })
+                .unwrap();
+        }
+        assert_eq!(kept, vec![(ENVELOPE_PREFIX, 300)]);
     }
 
     #[test]
