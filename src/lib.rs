@@ -29,6 +29,9 @@ mod auth;
 pub mod bench;
 pub mod client;
 pub mod docs;
+mod hub;
+#[allow(dead_code)] // wired by the heartbeat, /presence, /status and POST /down next
+mod presence;
 pub mod publish;
 mod redis;
 pub mod server;

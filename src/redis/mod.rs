@@ -24,7 +24,7 @@
 //!   and a 1.6 s one ~390 in 3 of 6; now 0 of 4 and ~420 in 2 of 6). Publishers retrying only
 //!   every second made it 0 in 16 runs, but put a second's stall into acknowledged publishing
 //!   (`bin/bench --only ingest`: ack p99 1.1 s instead of 0.2 s), so they do not.
-//! - Subscriptions are the hub's (`subscribe::hub`): fred's `manage_subscriptions` is not used
+//! - Subscriptions are the hub's (`hub`): fred's `manage_subscriptions` is not used
 //!   (in 10.1.0 it sends an empty PSUBSCRIBE after every reconnect, whose error lands on the
 //!   next command, our health PING).
 //!

@@ -98,6 +98,19 @@ pub struct CommonArgs {
           value_parser = history_ttl)]
     pub history_ttl: Duration,
 
+    /// How often this instance writes its heartbeat and what changed in its presence (SPEC
+    /// §10); an instance is gone three intervals after its last heartbeat. 1s to 1h; 0: no
+    /// presence (nothing written, `/presence` answers 404).
+    #[arg(long, env = "LIGHTRELAY_PRESENCE_INTERVAL", default_value = "10s", value_name = "D",
+          value_parser = presence_interval)]
+    pub presence_interval: Duration,
+
+    /// What follows a channel's name in the name of its downlink channel (SPEC §10): a message
+    /// published on PREFIX + PATH + this reaches the publishers connected on PATH.
+    #[arg(long, env = "LIGHTRELAY_DOWNLINK_SUFFIX", default_value = ":down", value_name = "SUFFIX",
+          value_parser = downlink_suffix)]
+    pub downlink_suffix: String,
+
     /// Token checks (SPEC §8); their flags are defined with them, in `auth`.
     #[command(flatten)]
     pub auth: crate::auth::AuthArgs,
@@ -421,6 +434,31 @@ fn log_summary_interval(s: &str) -> Result<Duration, String> {
         Duration::ZERO => Ok(Duration::ZERO),
         _ => duration_in(s, LOG_SUMMARY_INTERVAL).map_err(|e| format!("{e} (or 0: none)")),
     }
+}
+
+fn presence_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Ok(Duration::ZERO),
+        d if (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d) => Ok(d),
+        _ => Err(format!("'{s}' is out of range (1s to 1h, or 0: off)")),
+    }
+}
+
+/// `--downlink-suffix`: 1 to 64 printable ASCII bytes, none of them a glob character (the
+/// publish server subscribes to the downlink channel by name).
+fn downlink_suffix(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err("must be 1 to 64 bytes".into());
+    }
+    if let Some(b) = s
+        .bytes()
+        .find(|b| !(0x21..=0x7E).contains(b) || matches!(b, b'*' | b'?' | b'['))
+    {
+        return Err(format!(
+            "holds byte 0x{b:02X}: only printable ASCII without * ? [ is allowed"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// `--history-ttl`: 0 (forever) or 1 s to 10 years.

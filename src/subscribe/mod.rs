@@ -1,16 +1,14 @@
 //! The subscribe side (SPEC §4, §7): Redis SUBSCRIBE in, WebSocket frames out.
 //!
-//! Owns: the subscribe server's [`Role`] (a connection joins the [`hub`] on its channel with
-//! its outbox; with `--accept-publish` it also publishes through the publish side's window),
-//! the [`hub`] (one Redis subscription per channel per process, fan-out of one shared frame)
+//! Owns: the subscribe server's [`Role`] (a connection's query — `format`, `last`, `since`, a
+//! pattern path — read into what it asks the [`hub`]; the connection joins the hub on its
+//! channel or pattern with its outbox before its 101; with `--accept-publish` it also
+//! publishes through the publish side's window), the process's hub and its history reader,
 //! and the live page's files ([`page`]).
 //! Must not: write to a client's socket outside the outbox's rules (`server::outbox`), or
 //! block the hub on a client.
 
-pub(crate) mod envelope;
-pub(crate) mod hub;
 pub(crate) mod page;
-pub(crate) mod retained;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,6 +17,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
+use crate::hub::{self, Format, Hub, Membership, Replay, Topic};
 use crate::publish::{self, Publisher};
 use crate::redis::{connect_reader, connect_subscriber, Health, OnDeaf};
 use crate::server::channel::ChannelName;
@@ -28,9 +27,8 @@ use crate::server::http::Reply;
 use crate::server::metrics::Metrics;
 use crate::server::session::{self, Ending};
 use crate::server::write::outbox::{Limits, Outbox};
-use crate::server::{shutdown, Relay, Role, Upgraded};
+use crate::server::{Relay, Role, Upgraded};
 use crate::Error;
-use hub::{Format, Hub, Membership, Replay, Topic};
 
 /// Run `lightrelay-subscribe` until SIGTERM/SIGINT. This is all its binary calls.
 pub fn main(args: SubscribeArgs) -> ExitCode {
@@ -110,7 +108,7 @@ impl SubscribeRole {
             })
             .transpose()?;
         let hub = Hub::new(metrics.clone(), history);
-        spawn_hub(hub.clone(), subscriber, shutdown.clone())?;
+        hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         Ok(SubscribeRole {
             hub,
             limits,
@@ -314,57 +312,9 @@ impl Asked {
     }
 }
 
-/// Run the hub on a thread of its own. On the shared runtime it waited in the run queue
-/// behind the connection tasks it had just woken (10,000 of them per message at worst), and
-/// fred's message buffer overflowed meanwhile: in a 1,000 channels × 10 subscribers run at
-/// full rate, 15,904 messages were lost to `redis_lagged` in the first burst.
-/// With more than one core, the connections' runtime helps with large direct fan-outs.
-fn spawn_hub(
-    hub: Arc<Hub>,
-    subscriber: fred::clients::SubscriberClient,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let helper = (cores > 1)
-        .then(tokio::runtime::Handle::try_current)
-        .and_then(Result::ok);
-    supervise("lightrelay-hub", shutdown.clone(), move || {
-        runtime.block_on(hub.run(subscriber, shutdown, helper));
-    })?;
-    Ok(())
-}
-
-/// Run `body` on a thread named `name`; if it ends (returns or panics) before `shutdown`,
-/// the process stops with exit code 1 (`shutdown::fatal`): without its hub, a subscribe
-/// server would accept clients and deliver nothing.
-fn supervise(
-    name: &str,
-    shutdown: CancellationToken,
-    body: impl FnOnce() + Send + 'static,
-) -> std::io::Result<()> {
-    let thread = name.to_string();
-    std::thread::Builder::new()
-        .name(thread.clone())
-        .spawn(move || {
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
-            if !shutdown.is_cancelled() {
-                let why = match outcome {
-                    Ok(()) => format!("{thread} stopped (Redis's message stream closed)"),
-                    Err(_) => format!("{thread} panicked"),
-                };
-                shutdown::fatal(&shutdown, why);
-            }
-        })?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn a_query_asks_for_a_format_and_a_replay_or_gets_a_reason() {
@@ -394,39 +344,5 @@ mod tests {
             let e = Asked::parse(Some(q), pattern).unwrap_err();
             assert!(e.contains(why), "{q}: {e}");
         }
-    }
-
-    /// A hub thread that panics, or returns, stops the process (exit 1), not silently.
-    #[test]
-    fn a_hub_that_stops_stops_the_process() {
-        for (name, body) in [
-            (
-                "panicking",
-                Box::new(|| panic!("a bug")) as Box<dyn FnOnce() + Send>,
-            ),
-            ("returning", Box::new(|| {})),
-        ] {
-            let token = CancellationToken::new();
-            supervise(name, token.clone(), body).unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !token.is_cancelled() {
-                assert!(std::time::Instant::now() < deadline, "{name}: not stopped");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let why = shutdown::failure().expect("a failure reason");
-            assert!(why.contains("panicking panicked"), "{why}");
-        }
-    }
-
-    /// At shutdown the hub's end is expected: nothing is reported.
-    #[test]
-    fn a_hub_that_ends_at_shutdown_is_not_a_failure() {
-        let token = CancellationToken::new();
-        token.cancel();
-        let (done, ended) = std::sync::mpsc::channel();
-        supervise("at-shutdown", token, move || done.send(()).unwrap()).unwrap();
-        ended.recv().unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(shutdown::failure().is_none_or(|why| !why.contains("at-shutdown")));
     }
 }

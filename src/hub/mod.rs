@@ -65,8 +65,10 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::envelope;
-use super::retained;
+pub(crate) mod envelope;
+pub(crate) mod retained;
+pub(crate) mod thread;
+
 use crate::auth::glob;
 use crate::server::channel::ChannelName;
 use crate::server::history::{self, StreamId};
