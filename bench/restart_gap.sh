@@ -5,17 +5,19 @@
 #
 #   OUTAGE=2.7 bench/restart_gap.sh target/release 8     # binaries' directory, runs
 #   KEEP=1 ...                                            # print both servers' logs after a loss
+#   HISTORY=1000 ...                                      # both servers with --history 1000
 #
 # Bounded: 2,000 messages and a 60 s timeout per run; only the processes started here are
 # stopped, by PID. Ports are random in 20000-30002 on 127.0.0.1.
 set -u
 BIN=${1:?usage: bench/restart_gap.sh BIN_DIR RUNS}; RUNS=${2:-5}
+HIST=(); [ -n "${HISTORY:-}" ] && HIST=(--history "$HISTORY")
 for run in $(seq 1 "$RUNS"); do
   d=$(mktemp -d); RP=$((20000 + RANDOM % 10000)); SP=$((RP+1)); PP=$((RP+2))
   redis-server --port $RP --bind 127.0.0.1 --save '' --appendonly no --dir $d >/dev/null 2>&1 & R=$!
   sleep 0.3
-  $BIN/lightrelay-subscribe --listen 127.0.0.1:$SP --redis-url redis://127.0.0.1:$RP 2>$d/sub.err & S=$!
-  $BIN/lightrelay-publish --listen 127.0.0.1:$PP --redis-url redis://127.0.0.1:$RP 2>$d/pub.err & P=$!
+  $BIN/lightrelay-subscribe --listen 127.0.0.1:$SP --redis-url redis://127.0.0.1:$RP "${HIST[@]}" 2>$d/sub.err & S=$!
+  $BIN/lightrelay-publish --listen 127.0.0.1:$PP --redis-url redis://127.0.0.1:$RP "${HIST[@]}" 2>$d/pub.err & P=$!
   sleep 0.5
   $BIN/lightrelay sub ws://127.0.0.1:$SP/gap > $d/got.txt 2>/dev/null & C=$!
   sleep 0.5
