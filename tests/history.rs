@@ -781,3 +781,54 @@ async fn batches_never_meet_noscript_on_a_fresh_redis() {
     assert!(!errors.contains("NOSCRIPT"), "{errors}");
     assert!(command_calls(redis.port, "evalsha").await > 0);
 }
+
+/// `CLIENT KILL TYPE pubsub` under a steady numbered stream: each kill costs the subscribe
+/// server its subscription, and with history it resumes every time from the last id it
+/// delivered, so the client (which never reconnects) sees one contiguous run.
+#[tokio::test]
+async fn a_killed_subscription_resumes_under_load_with_nothing_missed_or_doubled() {
+    let redis = Redis::start().await;
+    let (publish, subscribe) = history_pair(&redis.url(), "100000").await;
+    let mut raw = connect(&subscribe.ws("/killed")).await;
+    let mut publisher = connect_ack(&publish.ws("/killed")).await;
+    let killer = redis.client().await;
+    let kill = || {
+        let killer = killer.clone();
+        async move {
+            let command = fred::types::CustomCommand::new_static("CLIENT", None, false);
+            let killed: i64 = fred::interfaces::ClientLike::custom(
+                &killer,
+                command,
+                vec!["KILL", "TYPE", "pubsub"],
+            )
+            .await
+            .unwrap();
+            killed
+        }
+    };
+    const TOTAL: usize = 3_000;
+    let mut kills = 0;
+    for i in 0..TOTAL {
+        publisher.send(Message::text(i.to_string())).await.unwrap();
+        if i % 20 == 19 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        if i % 1_000 == 500 {
+            kills += kill().await;
+        }
+    }
+    assert_eq!(
+        kills, 3,
+        "the subscribe server's subscription was killed three times"
+    );
+    for i in 0..TOTAL {
+        assert_eq!(
+            next_data_text(&mut raw).await,
+            i.to_string(),
+            "in order, none missed"
+        );
+    }
+    assert!(sync(&mut raw).await.is_empty(), "nothing twice");
+    assert!(subscribe.metric("lightrelay_resubscribed_total").await >= 3.0);
+    drop(publisher);
+}
