@@ -186,23 +186,29 @@ async function waitFor(page, what, fn, arg) {
 }
 const payloads = (page) => page.$$eval('#rows tr:not(.empty) td.payload', (tds) => tds.map((td) => td.textContent));
 
+// Debian's Chromium, headless, in a fresh profile; every wait bounded by WAIT_MS.
+async function launch(profile) {
+  step(`starting ${opt.chromium}`);
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: opt.chromium,
+    headless: true,
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+      '--disable-sync', '--no-first-run', '--disable-quic',
+    ],
+    viewport: { width: 1200, height: 900 },
+    timeout: WAIT_MS,
+  });
+  context.setDefaultTimeout(WAIT_MS);
+  return context;
+}
+
 async function main() {
   const profile = mkdtempSync(join(tmpdir(), 'lightrelay-chromium-'));
   let context = null;
   let proxy = null;
   try {
-    step(`starting ${opt.chromium}`);
-    context = await chromium.launchPersistentContext(profile, {
-      executablePath: opt.chromium,
-      headless: true,
-      args: [
-        '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-        '--disable-sync', '--no-first-run', '--disable-quic',
-      ],
-      viewport: { width: 1200, height: 900 },
-      timeout: WAIT_MS,
-    });
-    context.setDefaultTimeout(WAIT_MS);
+    context = await launch(profile);
     const page = context.pages()[0] ?? await context.newPage();
     watchConsole(page, 'page');
 
@@ -352,18 +358,7 @@ async function mainAuth() {
   const profile = mkdtempSync(join(tmpdir(), 'lightrelay-chromium-'));
   let context = null;
   try {
-    step(`starting ${opt.chromium}`);
-    context = await chromium.launchPersistentContext(profile, {
-      executablePath: opt.chromium,
-      headless: true,
-      args: [
-        '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-        '--disable-sync', '--no-first-run', '--disable-quic',
-      ],
-      viewport: { width: 1200, height: 900 },
-      timeout: WAIT_MS,
-    });
-    context.setDefaultTimeout(WAIT_MS);
+    context = await launch(profile);
     const token = opt.token;
 
     // 1. No token: refused before the upgrade, which a page sees as 1006; it says so.
@@ -417,18 +412,7 @@ async function mainHistory() {
   const profile = mkdtempSync(join(tmpdir(), 'lightrelay-chromium-'));
   let context = null;
   try {
-    step(`starting ${opt.chromium}`);
-    context = await chromium.launchPersistentContext(profile, {
-      executablePath: opt.chromium,
-      headless: true,
-      args: [
-        '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-        '--disable-sync', '--no-first-run', '--disable-quic',
-      ],
-      viewport: { width: 1200, height: 900 },
-      timeout: WAIT_MS,
-    });
-    context.setDefaultTimeout(WAIT_MS);
+    context = await launch(profile);
 
     // 1. Published before any page is open: nobody receives them, the stream keeps them.
     step('publish 41 and 42 with no page open');
