@@ -36,7 +36,9 @@
 //!   resumptions between two messages. A client with a replay joins *waiting* (no live
 //!   message reaches it; those the reader passes meanwhile are already in the stream), the
 //!   reader reads the stream and queues the replay, and the client then takes every live
-//!   message newer than the replay's last id: no gap, no duplicate. A channel whose
+//!   message newer than the replay's last id: no gap, no duplicate. Each read is bounded
+//!   (`--redis-timeout`, at most 2 s): a read that fails or times out starts the client live
+//!   (with a gap frame for `since`), it never stalls fan-out for long. A channel whose
 //!   subscription was lost waits the same way until the reader has delivered what its stream
 //!   holds after the channel's last delivered id.
 //! - Patterns: one PUBLISH reaches the connection once per matching pattern; the first copy
@@ -114,6 +116,8 @@ pub enum Replay {
 pub(crate) struct History {
     pub reader: Client,
     pub limit: usize,
+    /// How long one read may take (the hub waits for it between two messages).
+    pub patience: Duration,
 }
 
 pub struct Hub {
@@ -631,17 +635,17 @@ impl Hub {
         }
         let (last_reads, since_reads) = match &self.history {
             Some(history) => {
-                let limit = history.limit;
+                let (limit, patience) = (history.limit, history.patience);
                 let reader = &history.reader;
                 let lasts = futures_util::future::join_all(lasts.into_iter().map(
                     |(channel, n)| async move {
-                        let read = retained::last(reader, &channel, n.min(limit)).await;
+                        let read = retained::last(reader, &channel, n.min(limit), patience).await;
                         (channel, read)
                     },
                 ));
                 let sinces = futures_util::future::join_all(sinces.into_iter().map(
                     |(channel, id)| async move {
-                        let read = retained::after(reader, &channel, id, limit).await;
+                        let read = retained::after(reader, &channel, id, limit, patience).await;
                         ((channel, id), read)
                     },
                 ));
@@ -764,16 +768,18 @@ impl Hub {
                 .collect()
         };
         let reader = &history.reader;
-        let limit = history.limit;
+        let (limit, patience) = (history.limit, history.patience);
         let reads = futures_util::future::join_all(work.into_iter().map(
             |(topic, last_id, resuming)| async move {
                 let channel = topic.name().clone();
                 let read = match (resuming, last_id) {
-                    (true, Some(after)) => retained::after(reader, &channel, after, limit)
-                        .await
-                        .map(Resumed::After),
+                    (true, Some(after)) => {
+                        retained::after(reader, &channel, after, limit, patience)
+                            .await
+                            .map(Resumed::After)
+                    }
                     (true, None) => Ok(Resumed::NothingToResume),
-                    (false, _) => retained::last(reader, &channel, 1)
+                    (false, _) => retained::last(reader, &channel, 1, patience)
                         .await
                         .map(Resumed::Anchor),
                 };

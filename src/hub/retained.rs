@@ -7,6 +7,8 @@
 //! from the same answer.
 //! Must not: push to clients or decide the seam; the hub does, with what these return.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use fred::clients::Client;
 use fred::interfaces::StreamsInterface;
@@ -28,18 +30,37 @@ pub(crate) struct After {
     pub gap: Option<Option<StreamId>>,
 }
 
+/// A read that takes longer than `patience` fails: the hub waits for it between two
+/// messages, and must not stall every channel's fan-out on one slow read.
+async fn bounded(
+    patience: Duration,
+    read: impl std::future::Future<Output = Result<Value, fred::error::Error>>,
+) -> Result<Value, fred::error::Error> {
+    tokio::time::timeout(patience, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(fred::error::Error::new(
+                fred::error::ErrorKind::Timeout,
+                format!("no answer within {patience:?}"),
+            ))
+        })
+}
+
 /// The last `n` entries of `channel`'s stream, oldest first.
 pub(crate) async fn last(
     reader: &Client,
     channel: &ChannelName,
     n: usize,
+    patience: Duration,
 ) -> Result<Vec<Entry>, fred::error::Error> {
     if n == 0 {
         return Ok(Vec::new());
     }
-    let value: Value = reader
-        .xrevrange(channel.to_bytes(), "+", "-", Some(n as u64))
-        .await?;
+    let value = bounded(
+        patience,
+        reader.xrevrange(channel.to_bytes(), "+", "-", Some(n as u64)),
+    )
+    .await?;
     let mut entries = entries_of(value);
     entries.reverse();
     Ok(entries)
@@ -52,15 +73,18 @@ pub(crate) async fn after(
     channel: &ChannelName,
     after: StreamId,
     limit: usize,
+    patience: Duration,
 ) -> Result<After, fred::error::Error> {
-    let value: Value = reader
-        .xrevrange(
+    let value = bounded(
+        patience,
+        reader.xrevrange(
             channel.to_bytes(),
             "+",
             after.to_string(),
             Some(limit as u64 + 1),
-        )
-        .await?;
+        ),
+    )
+    .await?;
     Ok(split_after(entries_of(value), after, limit))
 }
 

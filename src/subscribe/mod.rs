@@ -104,6 +104,9 @@ impl SubscribeRole {
                 Ok(hub::History {
                     reader,
                     limit: limits.messages,
+                    // Loopback answers in well under a millisecond; a read this slow means
+                    // the connection is being replaced, and the hub must not wait on it.
+                    patience: common.redis_timeout.min(std::time::Duration::from_secs(2)),
                 })
             })
             .transpose()?;
