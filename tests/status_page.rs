@@ -85,7 +85,10 @@ async fn status_json_shows_the_instance_redis_and_the_channels_rates() {
         assert!(connections.iter().all(|c| c["up"] == true), "{status}");
         let entry = channel(&status, PATH).unwrap();
         assert_eq!(entry["channel"], format!("lightlevel{PATH}"));
-        assert_eq!(entry["clients"], 1, "one publisher, one subscriber: {status}");
+        assert_eq!(
+            entry["clients"], 1,
+            "one publisher, one subscriber: {status}"
+        );
         assert!(entry["messages"].as_u64().unwrap() > 0);
         assert!(status["messages"]["in_per_s"].as_f64().unwrap() > 0.0);
         assert!(status["messages"]["out_per_s"].as_f64().unwrap() > 0.0);
@@ -174,7 +177,12 @@ async fn status_page_in_headless_chromium() {
     let base = |s: &Server| format!("http://{}", s.addr);
     let node = Command::new("node")
         .arg(root().join("tests/browser/status_page.mjs"))
-        .args(["--subscribe", &base(&subscribe), "--publish", &base(&publish)])
+        .args([
+            "--subscribe",
+            &base(&subscribe),
+            "--publish",
+            &base(&publish),
+        ])
         .args(["--path", PATH, "--instances", &fleet, "--screenshot"])
         .arg(&screenshot)
         .stdout(Stdio::piped())

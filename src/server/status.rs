@@ -439,7 +439,13 @@ mod tests {
 
     #[test]
     fn the_page_is_self_contained_and_relative() {
-        for elsewhere in ["src=\"http", "href=\"http", "//cdn", "fetch('/", "fetch(\"/"] {
+        for elsewhere in [
+            "src=\"http",
+            "href=\"http",
+            "//cdn",
+            "fetch('/",
+            "fetch(\"/",
+        ] {
             assert!(!PAGE.contains(elsewhere), "{elsewhere}");
         }
         assert!(PAGE.contains("'status.json'"));

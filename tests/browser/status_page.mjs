@@ -77,7 +77,7 @@ function shown(page, path) {
       redis: document.getElementById('redis-state').textContent,
       rate: row ? Number(row.querySelector('td.rate').textContent) : null,
       link: row?.querySelector('a')?.href ?? null,
-      fleet: Object.fromEntries([...document.querySelectorAll('#fleet tr')].map((tr) =>
+      fleet: Object.fromEntries([...document.querySelectorAll('#fleet tr[data-instance]')].map((tr) =>
         [tr.dataset.instance, tr.querySelector('td.heartbeat').textContent])),
     };
   }, path);
