@@ -12,7 +12,7 @@
 //! ```
 //!
 //! The parts, lowest first (a part only imports the ones above it in this list):
-//! - [`server`]: what both servers share (flags, listener, HTTP, the abuse limits, a
+//! - [`server`]: what both servers share (flags, listener, HTTP, the status page, the abuse limits, a
 //!   WebSocket's session, the client write path, metrics, shutdown); it knows a server only as
 //!   a `Role`.
 //! - `redis`: connections to Redis, their health and how they reconnect.
