@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use fred::interfaces::{HashesInterface, KeysInterface, SortedSetsInterface};
 use serde_json::Value;
 
 /// The path the steady publisher sends on.
@@ -166,14 +167,43 @@ async fn status_page_in_headless_chromium() {
     let screenshot = root().join("target/status-page.png");
     let _ = std::fs::remove_file(&screenshot);
 
-    // The fleet's instances as presence lists them (none until a heartbeat writes them).
-    let fleet = status(publish.addr).await["fleet"]["instances"]
+    // Another relay instance's heartbeat, written as it would be (src/presence/mod.rs's
+    // layout), with a device on /pi.
+    let other = redis.client().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let id = "relay-elsewhere:8765";
+    let _: () = other
+        .zadd("lightlevel instances", None, None, false, false, (now as f64, id))
+        .await
+        .unwrap();
+    let instance = format!(
+        r#"{{"id":"{id}","role":"publish","version":"9.9.9","listen":"10.0.0.2:8765","started":{now}}}"#
+    );
+    let _: () = other
+        .set(format!("lightlevel instance {id}"), instance, None, None, false)
+        .await
+        .unwrap();
+    let entry = format!(r#"{{"since":{now},"connections":1}}"#);
+    let _: () = other
+        .hset(format!("lightlevel presence {id}"), ("/pi", entry))
+        .await
+        .unwrap();
+
+    // The fleet's instances as presence lists them: the other one, and these two once their
+    // heartbeats write them.
+    let fleet = status(publish.addr).await["fleet"].clone();
+    let ids: Vec<&str> = fleet["instances"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| i["id"].as_str().unwrap().to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&id), "{fleet}");
+    assert_eq!(fleet["devices"][0]["path"], "/pi", "{fleet}");
+    let fleet = ids.join(",");
     let base = |s: &Server| format!("http://{}", s.addr);
     let node = Command::new("node")
         .arg(root().join("tests/browser/status_page.mjs"))
