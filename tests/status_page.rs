@@ -176,14 +176,27 @@ async fn status_page_in_headless_chromium() {
         .as_millis() as u64;
     let id = "relay-elsewhere:8765";
     let _: () = other
-        .zadd("lightlevel instances", None, None, false, false, (now as f64, id))
+        .zadd(
+            "lightlevel instances",
+            None,
+            None,
+            false,
+            false,
+            (now as f64, id),
+        )
         .await
         .unwrap();
     let instance = format!(
         r#"{{"id":"{id}","role":"publish","version":"9.9.9","listen":"10.0.0.2:8765","started":{now}}}"#
     );
     let _: () = other
-        .set(format!("lightlevel instance {id}"), instance, None, None, false)
+        .set(
+            format!("lightlevel instance {id}"),
+            instance,
+            None,
+            None,
+            false,
+        )
         .await
         .unwrap();
     let entry = format!(r#"{{"since":{now},"connections":1}}"#);
