@@ -12,9 +12,9 @@
 //! ```
 //!
 //! The parts, lowest first (a part only imports the ones above it in this list):
-//! - [`server`]: what both servers share (flags, listener, HTTP, the abuse limits, a
-//!   WebSocket's session, the client write path, metrics, shutdown); it knows a server only as
-//!   a `Role`.
+//! - [`server`]: what both servers share (flags, listener, HTTP, the status page, the abuse
+//!   limits, a WebSocket's session, the client write path, metrics, shutdown); it knows a
+//!   server only as a `Role`.
 //! - `redis`: connections to Redis, their health and how they reconnect.
 //! - `auth`: signed tokens (SPEC §8): keys, verification, what a token grants.
 //! - [`publish`]: the publish server's role and the pipelined PUBLISH window.

@@ -75,6 +75,7 @@ use crate::auth::glob;
 use crate::server::channel::ChannelName;
 use crate::server::history::{self, StreamId};
 use crate::server::metrics::{DropReason, Metrics};
+use crate::server::status::ChannelCount;
 use crate::server::write::outbox::{Outbox, Pushed};
 use crate::server::write::socket::EncodedFrame;
 
@@ -181,6 +182,9 @@ struct Entry {
     last_id: Option<StreamId>,
     /// Set while the topic resumes after a lost subscription (history on).
     resume: Option<Floor>,
+    /// Messages that arrived for the topic since it was first joined (`/status.json`'s
+    /// rates; counted under the lock `deliver` takes anyway).
+    messages: u64,
 }
 
 impl Entry {
@@ -332,6 +336,21 @@ impl Hub {
         (state.topics.len(), messages, bytes)
     }
 
+    /// Every topic with its clients and the messages it carried, for `/status.json`.
+    pub(crate) fn channels(&self) -> Vec<ChannelCount> {
+        let state = self.lock();
+        state
+            .topics
+            .iter()
+            .map(|(topic, entry)| ChannelCount {
+                channel: topic.name().clone(),
+                pattern: matches!(topic, Topic::Pattern(_)),
+                clients: entry.raw.len() + entry.json.len(),
+                messages: entry.messages,
+            })
+            .collect()
+    }
+
     /// Run the hub against Redis until shutdown: the reconciler and the message reader.
     /// `helper` is the runtime that may take half of a large direct fan-out (the connections'
     /// runtime, idle at the light rates where the hub writes directly).
@@ -473,6 +492,7 @@ impl Hub {
                 return 0;
             };
             if !replayed {
+                entry.messages += 1;
                 match entry.resume {
                     Some(floor) if floor.holds_back(id) => return 0,
                     Some(_) if id.is_some() => entry.resume = None,

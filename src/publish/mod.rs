@@ -1,7 +1,8 @@
 //! The publish side (SPEC §3): WebSocket frames and `POST` bodies in, Redis PUBLISH out.
 //!
 //! Owns: the publish server's [`Role`] (what `lightrelay-publish` does with a connection: a
-//! [`PublishWindow`] on the client's channel, acks through its outbox) and the publish path
+//! [`PublishWindow`] on the client's channel, acks through its outbox, a seat in its
+//! channel's tally for `/status.json`) and the publish path
 //! itself ([`window`]: the pool of pipelining Redis connections and one client's window;
 //! with `--history`, the stream writes of SPEC §9 too).
 //! Must not: drop a message silently, or know who subscribes. The subscribe side uses
@@ -21,6 +22,7 @@ use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, PublishArgs, SlowConsumer};
 use crate::server::metrics::Metrics;
 use crate::server::session::{self, Ending, SessionSettings};
+use crate::server::status::{Channels, RoleStatus};
 use crate::server::write::outbox::{Limits, Outbox};
 use crate::server::{Relay, Role, Upgraded};
 use crate::Error;
@@ -35,6 +37,8 @@ pub fn main(args: PublishArgs) -> ExitCode {
 pub(crate) struct PublishRole {
     publisher: Publisher,
     health: Arc<Health>,
+    /// The channels with a publisher connected, with their messages (`/status.json`).
+    channels: Arc<Channels>,
 }
 
 impl PublishRole {
@@ -45,7 +49,11 @@ impl PublishRole {
     ) -> Result<Self, Error> {
         let health = Arc::new(Health::new(common.redis_url.display.clone()));
         let publisher = Publisher::start(common, &health, metrics, shutdown)?;
-        Ok(PublishRole { publisher, health })
+        Ok(PublishRole {
+            publisher,
+            health,
+            channels: Arc::default(),
+        })
     }
 }
 
@@ -126,6 +134,15 @@ impl Role for PublishRole {
         self.health.status()
     }
 
+    fn status(&self) -> RoleStatus {
+        RoleStatus {
+            channels: self.channels.counts(),
+            redis: self.health.connections(),
+            // A fleet read is a few commands, only while someone watches the page.
+            reader: self.publisher.clients().first().cloned(),
+        }
+    }
+
     type Prepared = ();
 
     async fn prepare(
@@ -146,7 +163,8 @@ impl Role for PublishRole {
         // that never reads them is closed like any slow consumer.
         let size = relay.common.publish_window as usize * 4;
         let outbox = Arc::new(Outbox::new(Limits::messages(size), SlowConsumer::Close));
-        let window = window_for(&relay, &relay.role.publisher, &connection.channel);
+        let mut window = window_for(&relay, &relay.role.publisher, &connection.channel);
+        window.count_on(relay.role.channels.open(&connection.channel));
         session::run(
             connection.ws,
             outbox,

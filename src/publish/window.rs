@@ -42,6 +42,7 @@ use crate::server::channel::ChannelName;
 use crate::server::history;
 use crate::server::metrics::{DropReason, Metrics};
 use crate::server::session::Inbound;
+use crate::server::status::Seat;
 
 /// Why publishing failed; the text is the reason of the 1013 close or the 503 body.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +224,9 @@ pub(crate) struct PublishWindow {
     capacity: usize,
     timeout: Duration,
     metrics: Metrics,
+    /// The publisher's seat in its channel's tally (`/status.json`'s rates), counted once per
+    /// batch sent; the publish server's connections have one.
+    tally: Option<Seat>,
 }
 
 impl PublishWindow {
@@ -248,7 +252,13 @@ impl PublishWindow {
             capacity,
             timeout,
             metrics,
+            tally: None,
         }
+    }
+
+    /// Count what this window publishes on `seat`'s channel, for as long as it lives.
+    pub fn count_on(&mut self, seat: Seat) {
+        self.tally = Some(seat);
     }
 
     pub fn is_full(&self) -> bool {
@@ -275,6 +285,9 @@ impl PublishWindow {
         };
         // Taken, not drained: an idle publisher keeps no buffer.
         let payloads = std::mem::take(&mut self.gathering);
+        if let Some(tally) = &self.tally {
+            tally.count(payloads.len());
+        }
         let state = if self.reloading {
             // It must not overtake a batch that met NOSCRIPT.
             BatchState::Held

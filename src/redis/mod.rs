@@ -287,6 +287,22 @@ impl Health {
         Ok(())
     }
 
+    /// Each connection's state, for `/status.json`: its name, whether it answered its last
+    /// PING and, when not, why.
+    pub(crate) fn connections(&self) -> Vec<crate::server::status::RedisConnection> {
+        lock(&self.checks)
+            .iter()
+            .map(|check| {
+                let up = check.up.load(Ordering::Relaxed);
+                crate::server::status::RedisConnection {
+                    name: check.name.clone(),
+                    up,
+                    reason: (!up).then(|| lock(&check.reason).clone()),
+                }
+            })
+            .collect()
+    }
+
     /// Watch `client`: PING it every `interval` (every 500 ms while it fails) until shutdown,
     /// and report its connection errors and reconnects.
     pub(crate) fn watch<C>(

@@ -1,7 +1,7 @@
 //! The HTTP face of both servers: every request that arrives, upgraded or not (SPEC §2, §5).
 //!
-//! Owns: routing (`/healthz`, `/metrics`, `POST /PATH`, the live page's files on the subscribe
-//! server, WebSocket upgrades, 426 for the rest),
+//! Owns: routing (`/healthz`, `/metrics`, `/status` and `/status.json` on both servers,
+//! `POST /PATH`, the live page's files on the subscribe server, WebSocket upgrades, 426 for the rest),
 //! the refusals that happen before an upgrade (400 bad path, bad key or HTTP/1.0; 413, 408,
 //! 503 when the POST body budget is spent), each with a one-line reason and
 //! `Connection: close` so the connection ends with the answer; the raw answers written
@@ -45,6 +45,7 @@ use super::channel::ChannelName;
 use super::frames::Watched;
 use super::metrics::{Exposition, Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
+use super::status;
 use super::write::socket::Socket;
 use crate::auth::{self, AuthRefusal, Grant};
 use crate::{ACK_PROTOCOL, ROLE_HEADER};
@@ -99,6 +100,12 @@ pub(crate) async fn handle<R: Role>(
     // The live page (SPEC §7) belongs to the subscribe server; the publish server's `GET /`
     // stays a 426 like any other plain request there.
     if matches!(*req.method(), Method::GET | Method::HEAD) {
+        // The status page (SPEC §10), on both servers.
+        match path {
+            "/status" => return Ok(status::page()),
+            "/status.json" => return Ok(status::json(&relay).await),
+            _ => {}
+        }
         if let Some(page) = relay.role.page(path) {
             return Ok(page);
         }
@@ -133,7 +140,7 @@ pub(crate) async fn handle<R: Role>(
         _ => {
             let mut response = refusal(
                 StatusCode::UPGRADE_REQUIRED,
-                "this is a WebSocket endpoint: connect with ws:// (GET /healthz and /metrics answer plain HTTP)\n",
+                "this is a WebSocket endpoint: connect with ws:// (GET /healthz, /metrics and /status answer plain HTTP)\n",
             );
             response
                 .headers_mut()

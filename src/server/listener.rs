@@ -86,7 +86,7 @@ where
                 return ExitCode::FAILURE;
             }
         };
-        let relay = Relay::new(role, common, auth, metrics, shutdown);
+        let relay = Relay::new(role, common, auth, metrics, shutdown, listen);
         match run(relay, listener).await {
             // A part the server cannot live without stopped: exit 1, so systemd restarts it.
             Ok(()) if shutdown::failure().is_some() => ExitCode::FAILURE,

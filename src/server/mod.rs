@@ -2,7 +2,7 @@
 //!
 //! Owns: the accept loop and the process's life from bind to exit ([`listener`]), the
 //! per-process state every connection shares and the [`Role`] each server plugs in
-//! ([`relay`]), plain HTTP and the upgrade with its refusals ([`http`]), the abuse limits (client address,
+//! ([`relay`]), plain HTTP and the upgrade with its refusals ([`http`]), the status page ([`status`]), the abuse limits (client address,
 //! connections per address, publish rates, origins: [`limits`]), one WebSocket's
 //! session with its phases and timers ([`session`]) and what its client's frames say as they
 //! are read ([`frames`]), the client write path (the bounded
@@ -25,6 +25,7 @@ pub(crate) mod metrics;
 pub(crate) mod relay;
 pub(crate) mod session;
 pub(crate) mod shutdown;
+pub(crate) mod status;
 pub mod telemetry;
 pub(crate) mod write;
 

@@ -6,11 +6,12 @@
 //! [`Limits`]) and the
 //! [`Role`] trait: the few things the two servers do differently (what a connection does once
 //! upgraded, whether `POST` publishes, which Redis connections `/healthz` covers, the live
-//! page). A [`ConnectionSlot`] is taken per accepted TCP connection (by `listener`) and lives
+//! page, what `/status.json` shows of it) and the status page's samples ([`Status`]). A [`ConnectionSlot`] is taken per accepted TCP connection (by `listener`) and lives
 //! as long as the connection, its WebSocket session included.
 //! Must not: know what a role does with Redis; the role owns its connections.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ use super::http::Reply;
 use super::limits::Limits;
 use super::metrics::{Exposition, Metrics};
 use super::session::Ending;
+use super::status::{RoleStatus, Status};
 use super::write::socket::Socket;
 use crate::auth::{Auth, Grant};
 
@@ -59,6 +61,10 @@ pub(crate) trait Role: Send + Sync + Sized + 'static {
 
     /// Fill the gauges that are computed at scrape time.
     fn before_scrape(&self, _metrics: &Metrics) {}
+
+    /// What `/status.json` shows of this role: its channels with their message counts, its
+    /// Redis connections, and a connection the fleet can be read on.
+    fn status(&self) -> RoleStatus;
 
     /// What a connection on a channel needs before its 101 (see [`Role::prepare`]).
     type Prepared: Send + 'static;
@@ -109,6 +115,8 @@ pub(crate) struct Relay<R> {
     pub post_budget: Semaphore,
     /// SPEC §8's abuse limits: origins, connections per address, publish rates.
     pub limits: Limits,
+    /// The status page's side: start time, listen address, the rates' samples.
+    pub status: Status,
     connections: AtomicUsize,
 }
 
@@ -136,6 +144,7 @@ impl<R: Role> Relay<R> {
         auth: Auth,
         metrics: Metrics,
         shutdown: CancellationToken,
+        listen: SocketAddr,
     ) -> Arc<Self> {
         let common_max_message_bytes = common.max_message_bytes;
         let limits = Limits::new(&common.limits, metrics.clone());
@@ -151,6 +160,7 @@ impl<R: Role> Relay<R> {
             shutdown,
             post_budget: Semaphore::new(post_body_budget(common_max_message_bytes)),
             limits,
+            status: Status::new(listen),
             connections: AtomicUsize::new(0),
         })
     }
@@ -164,6 +174,11 @@ impl<R: Role> Relay<R> {
             })
             .ok()?;
         Some(ConnectionSlot(self.clone()))
+    }
+
+    /// TCP connections open now (WebSocket sessions and plain requests alike).
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
     }
 
     pub fn render_metrics(&self, format: Exposition) -> String {

@@ -4,7 +4,8 @@
 //! pattern path — read into what it asks the [`hub`]; the connection joins the hub on its
 //! channel or pattern with its outbox before its 101; with `--accept-publish` it also
 //! publishes through the publish side's window), the process's hub and its history reader,
-//! and the live page's files ([`page`]).
+//! and the live page's files ([`page`]); what `/status.json` shows of it (the hub's topics,
+//! the Redis connections, the connection the fleet is read on).
 //! Must not: write to a client's socket outside the outbox's rules (`server::outbox`), or
 //! block the hub on a client.
 
@@ -26,6 +27,7 @@ use crate::server::history::StreamId;
 use crate::server::http::Reply;
 use crate::server::metrics::Metrics;
 use crate::server::session::{self, Ending};
+use crate::server::status::RoleStatus;
 use crate::server::write::outbox::{Limits, Outbox};
 use crate::server::{Relay, Role, Upgraded};
 use crate::Error;
@@ -66,6 +68,9 @@ pub(crate) struct SubscribeRole {
     /// `--accept-publish`: the PUBLISH pool subscribers' frames go through.
     publisher: Option<Publisher>,
     health: Arc<Health>,
+    /// Where `/status.json` reads the fleet: the history reader, or a connection of its own
+    /// when presence is on without history.
+    reader: Option<fred::clients::Client>,
 }
 
 impl SubscribeRole {
@@ -110,6 +115,11 @@ impl SubscribeRole {
                 })
             })
             .transpose()?;
+        let reader = match &history {
+            Some(history) => Some(history.reader.clone()),
+            None if !common.presence_interval.is_zero() => Some(connect_reader(common)?),
+            None => None,
+        };
         let hub = Hub::new(metrics.clone(), history);
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         Ok(SubscribeRole {
@@ -118,6 +128,7 @@ impl SubscribeRole {
             slow_consumer,
             publisher,
             health,
+            reader,
         })
     }
 }
@@ -156,6 +167,14 @@ impl Role for SubscribeRole {
         let (_, messages, bytes) = self.hub.stats();
         metrics.queued_messages.set(messages as i64);
         metrics.queued_bytes.set(bytes as i64);
+    }
+
+    fn status(&self) -> RoleStatus {
+        RoleStatus {
+            channels: self.hub.channels(),
+            redis: self.health.connections(),
+            reader: self.reader.clone(),
+        }
     }
 
     /// The client's outbox, in the hub from before its 101.
