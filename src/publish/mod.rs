@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
-use crate::redis::{connect_publisher, Health, OnDeaf};
+use crate::redis::{connect_publisher, connect_reader, Health, OnDeaf};
 use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, PublishArgs, SlowConsumer};
 use crate::server::metrics::Metrics;
@@ -35,6 +35,8 @@ pub fn main(args: PublishArgs) -> ExitCode {
 pub(crate) struct PublishRole {
     publisher: Publisher,
     health: Arc<Health>,
+    /// Presence's own connection (SPEC §10), unless `--presence-interval 0`.
+    presence: Option<fred::clients::Client>,
 }
 
 impl PublishRole {
@@ -45,7 +47,12 @@ impl PublishRole {
     ) -> Result<Self, Error> {
         let health = Arc::new(Health::new(common.redis_url.display.clone()));
         let publisher = Publisher::start(common, &health, metrics, shutdown)?;
-        Ok(PublishRole { publisher, health })
+        let presence = presence_client(common)?;
+        Ok(PublishRole {
+            publisher,
+            health,
+            presence,
+        })
     }
 }
 
@@ -72,6 +79,15 @@ impl Publisher {
         }
         Ok(publisher)
     }
+}
+
+/// The connection presence is written and read on (SPEC §10), connecting in the
+/// background; `None` with `--presence-interval 0` (then nothing of presence reaches Redis).
+pub(crate) fn presence_client(common: &CommonArgs) -> Result<Option<fred::clients::Client>, Error> {
+    if common.presence_interval.is_zero() {
+        return Ok(None);
+    }
+    Ok(Some(connect_reader(common)?))
 }
 
 /// A client's publish window on `channel`, boxed (a subscriber without `--accept-publish`
@@ -126,6 +142,10 @@ impl Role for PublishRole {
         self.health.status()
     }
 
+    fn presence_client(&self) -> Option<fred::clients::Client> {
+        self.presence.clone()
+    }
+
     type Prepared = ();
 
     async fn prepare(
@@ -147,7 +167,14 @@ impl Role for PublishRole {
         let size = relay.common.publish_window as usize * 4;
         let outbox = Arc::new(Outbox::new(Limits::messages(size), SlowConsumer::Close));
         let window = window_for(&relay, &relay.role.publisher, &connection.channel);
-        session::run(
+        // Presence (SPEC §10): the path is marked open now and closed when the session ends;
+        // the heartbeat writes what changed, nothing here touches Redis.
+        let marked = relay.presence.as_ref().map(|presence| {
+            let channel = connection.channel.to_bytes();
+            let prefix = relay.common.channel_prefix.len();
+            presence.open(&String::from_utf8_lossy(&channel[prefix.min(channel.len())..]))
+        });
+        let session = session::run(
             connection.ws,
             outbox,
             window,
@@ -155,6 +182,12 @@ impl Role for PublishRole {
             settings,
             relay.shutdown.clone(),
             relay.metrics.clone(),
-        )
+        );
+        // A combinator, not an async block (see `Relay::serve`); with presence off nothing
+        // is carried but the `None`.
+        futures_util::FutureExt::map(session, move |ending| {
+            drop(marked);
+            ending
+        })
     }
 }

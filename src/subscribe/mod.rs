@@ -66,6 +66,8 @@ pub(crate) struct SubscribeRole {
     /// `--accept-publish`: the PUBLISH pool subscribers' frames go through.
     publisher: Option<Publisher>,
     health: Arc<Health>,
+    /// Presence's own connection (SPEC §10): this instance is in the fleet with no paths.
+    presence: Option<fred::clients::Client>,
 }
 
 impl SubscribeRole {
@@ -109,7 +111,9 @@ impl SubscribeRole {
             .transpose()?;
         let hub = Hub::new(metrics.clone(), history);
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
+        let presence = publish::presence_client(common)?;
         Ok(SubscribeRole {
+            presence,
             hub,
             limits,
             slow_consumer,
@@ -147,6 +151,10 @@ impl Role for SubscribeRole {
 
     fn health(&self) -> Result<(), String> {
         self.health.status()
+    }
+
+    fn presence_client(&self) -> Option<fred::clients::Client> {
+        self.presence.clone()
     }
 
     fn before_scrape(&self, metrics: &Metrics) {
