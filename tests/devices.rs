@@ -192,12 +192,29 @@ async fn a_restarted_instance_does_not_show_its_previous_paths() {
     let a = Server::start(Kind::Publish, &redis.url(), &args).await;
     let old = connect(&a.ws("/old")).await;
     wait_devices(a.addr, &[("/old", "pub-a")]).await;
+    let started = |fleet: &Json| {
+        fleet["instances"]
+            .as_array()
+            .and_then(|all| all.iter().find(|i| i["id"] == "pub-a"))
+            .and_then(|i| i["started"].as_u64())
+    };
+    let (_, fleet) = get_json(a.addr, "/presence").await;
+    let first_life = started(&fleet).unwrap();
     a.signal("KILL");
     drop(old);
     drop(a);
     let a = Server::start(Kind::Publish, &redis.url(), &args).await;
-    // The new life's first heartbeat (at start) is what drops the old paths.
-    wait_devices(a.addr, &[]).await;
+    // The new life's first heartbeat (at start) writes the instance and drops the old paths
+    // in one command: as soon as the new life is listed, /old is not.
+    let fleet = eventually(|| async {
+        let (_, fleet) = get_json(a.addr, "/presence").await;
+        match started(&fleet) {
+            Some(started) if started != first_life => Ok(fleet),
+            _ => Err(format!("the new life of pub-a is not listed yet: {fleet}")),
+        }
+    })
+    .await;
+    assert_eq!(fleet["devices"], Json::Array(vec![]), "{fleet}");
     let client = redis.client().await;
     let fields: Vec<String> = client.hkeys("lightlevel presence pub-a").await.unwrap();
     assert!(fields.is_empty(), "{fields:?}");
