@@ -173,7 +173,25 @@ async fn presence_of_a_killed_instance_vanishes_within_three_heartbeats() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, fleet) = get_json(b.addr, "/presence").await;
+    // The survivor keeps beating: its heartbeat moves past the kill and its device stays.
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - killed.elapsed().as_millis() as u64;
+    let fleet = eventually(|| async {
+        let (_, fleet) = get_json(b.addr, "/presence").await;
+        let beat = fleet["instances"]
+            .as_array()
+            .and_then(|all| all.iter().find(|i| i["id"] == "pub-b"))
+            .and_then(|i| i["heartbeat"].as_u64());
+        match beat {
+            Some(beat) if beat > killed_at + 3000 => Ok(fleet),
+            _ => Err(format!("pub-b's heartbeat did not move on: {fleet}")),
+        }
+    })
+    .await;
+    assert_eq!(fleet["devices"].as_array().unwrap().len(), 1, "{fleet}");
     assert!(
         !fleet["instances"]
             .as_array()
