@@ -64,7 +64,9 @@ async fn wait_devices(addr: SocketAddr, want: &[(&str, &str)]) {
             if seen == want {
                 Ok(())
             } else {
-                Err(format!("/presence on {addr} listed {seen:?}, expected {want:?}"))
+                Err(format!(
+                    "/presence on {addr} listed {seen:?}, expected {want:?}"
+                ))
             }
         }
     })
@@ -87,7 +89,12 @@ async fn presence_lists_every_device_from_either_server() {
     let redis = Redis::start().await;
     let a = publish_instance(&redis, "pub-a").await;
     let b = publish_instance(&redis, "pub-b").await;
-    let sub = Server::start(Kind::Subscribe, &redis.url(), &["--presence-interval", BEAT]).await;
+    let sub = Server::start(
+        Kind::Subscribe,
+        &redis.url(),
+        &["--presence-interval", BEAT],
+    )
+    .await;
     let _cam = connect(&a.ws("/cam/1")).await;
     let _pi = connect(&b.ws("/pi/7")).await;
     let want = [("/cam/1", "pub-a"), ("/pi/7", "pub-b")];
@@ -103,9 +110,13 @@ async fn presence_lists_every_device_from_either_server() {
         .collect();
     assert!(roles.contains(&("pub-a", "publish")), "{fleet}");
     assert!(roles.contains(&("pub-b", "publish")), "{fleet}");
-    assert!(roles.iter().any(|(_, role)| *role == "subscribe"), "{fleet}");
-    assert!(instances.iter().all(|i| i["version"].is_string()
-        && i["heartbeat"].as_u64().is_some_and(|h| h > 0)));
+    assert!(
+        roles.iter().any(|(_, role)| *role == "subscribe"),
+        "{fleet}"
+    );
+    assert!(instances
+        .iter()
+        .all(|i| i["version"].is_string() && i["heartbeat"].as_u64().is_some_and(|h| h > 0)));
     // One path: its entries, from either server.
     for server in [&sub, &b] {
         let (status, entries) = get_json(server.addr, "/presence/cam/1").await;
@@ -246,7 +257,12 @@ async fn presence_off_writes_nothing_to_redis() {
     let sub = Server::start(Kind::Subscribe, &redis.url(), &off).await;
     // A control instance with presence on proves a heartbeat would have been written by now.
     let control = Redis::start().await;
-    let on = Server::start(Kind::Publish, &control.url(), &["--presence-interval", BEAT]).await;
+    let on = Server::start(
+        Kind::Publish,
+        &control.url(),
+        &["--presence-interval", BEAT],
+    )
+    .await;
     let mut device = connect_ack(&publish.ws("/cam/1")).await;
     send_text(&mut device, "42").await;
     assert_eq!(next_text(&mut device).await, "0");
@@ -262,7 +278,10 @@ async fn presence_off_writes_nothing_to_redis() {
         let (status, body) = http(server.addr, "GET", "/presence", &[], b"").await;
         assert_eq!(status, 404);
         let body = String::from_utf8_lossy(&body).to_string();
-        assert!(body.contains("--presence-interval 0") && body.lines().count() == 1, "{body}");
+        assert!(
+            body.contains("--presence-interval 0") && body.lines().count() == 1,
+            "{body}"
+        );
     }
     let client = redis.client().await;
     let size: i64 = client.dbsize().await.unwrap();

@@ -268,11 +268,17 @@ impl Beat {
                     .collect::<HashSet<_>>()
                     .into_iter()
                     .collect();
-                let entries = paths.iter().map(|p| tracker.paths.get(p).cloned()).collect();
+                let entries = paths
+                    .iter()
+                    .map(|p| tracker.paths.get(p).cloned())
+                    .collect();
                 (paths, entries)
             } else {
                 let paths: Vec<Box<str>> = tracker.changed.drain().collect();
-                let entries = paths.iter().map(|p| tracker.paths.get(p).cloned()).collect();
+                let entries = paths
+                    .iter()
+                    .map(|p| tracker.paths.get(p).cloned())
+                    .collect();
                 (paths, entries)
             }
         };
@@ -306,7 +312,8 @@ impl Beat {
                 _ => {}
             }
         }
-        let mut args: Vec<Value> = Vec::with_capacity(12 + sets.len() * 2 + dels.len() + events.len());
+        let mut args: Vec<Value> =
+            Vec::with_capacity(12 + sets.len() * 2 + dels.len() + events.len());
         args.push(self.sha.clone().into());
         args.push(3.into());
         args.push(instances_key(&presence.prefix).into());
@@ -315,7 +322,11 @@ impl Beat {
         args.push(presence.id.clone().into());
         args.push((now as i64).into());
         args.push((ttl as i64).into());
-        args.push(serde_json::to_string(&presence.instance).unwrap_or_default().into());
+        args.push(
+            serde_json::to_string(&presence.instance)
+                .unwrap_or_default()
+                .into(),
+        );
         args.push(format!("{}{EVENTS_PATH}", presence.prefix).into());
         args.push(if self.full { "1" } else { "0" }.into());
         args.push((sets.len() as i64).into());

@@ -172,7 +172,9 @@ impl Role for PublishRole {
         let marked = relay.presence.as_ref().map(|presence| {
             let channel = connection.channel.to_bytes();
             let prefix = relay.common.channel_prefix.len();
-            presence.open(&String::from_utf8_lossy(&channel[prefix.min(channel.len())..]))
+            presence.open(&String::from_utf8_lossy(
+                &channel[prefix.min(channel.len())..],
+            ))
         });
         let session = session::run(
             connection.ws,

@@ -89,7 +89,14 @@ where
             }
         };
         let presence = start_presence::<R>(&role, &common, listener.local_addr().ok(), listen);
-        let relay = Relay::new(role, common, auth, metrics, shutdown.clone(), presence.clone());
+        let relay = Relay::new(
+            role,
+            common,
+            auth,
+            metrics,
+            shutdown.clone(),
+            presence.clone(),
+        );
         if let Some(presence) = &presence {
             presence.spawn(shutdown);
         }
