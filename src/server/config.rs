@@ -107,6 +107,7 @@ pub struct CommonArgs {
 
     /// This instance's name in the fleet's presence (SPEC §10); default HOSTNAME:PORT of
     /// --listen. 1 to 128 printable ASCII bytes. Two live instances must not share one.
+    /// (An empty value, as an environment file may hold, means the default.)
     #[arg(long, env = "LIGHTRELAY_INSTANCE_ID", value_name = "ID", value_parser = instance_id)]
     pub instance_id: Option<String>,
 
@@ -449,9 +450,10 @@ fn presence_interval(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// `--instance-id`: 1 to 128 printable ASCII bytes (it is part of Redis key names).
+/// `--instance-id`: 1 to 128 printable ASCII bytes (it is part of Redis key names); empty
+/// means the default.
 fn instance_id(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 128 {
+    if s.len() > 128 {
         return Err("must be 1 to 128 bytes".into());
     }
     if let Some(b) = s.bytes().find(|b| !(0x21..=0x7E).contains(b)) {

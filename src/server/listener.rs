@@ -172,6 +172,7 @@ fn start_presence<R: Role>(
     let id = common
         .instance_id
         .clone()
+        .filter(|id| !id.is_empty())
         .unwrap_or_else(|| heartbeat::default_id(bound.port()));
     Some(Presence::new(
         client,
