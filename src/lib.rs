@@ -30,7 +30,7 @@ pub mod bench;
 pub mod client;
 pub mod docs;
 mod hub;
-#[allow(dead_code)] // wired by the heartbeat, /presence, /status and POST /down next
+#[allow(dead_code)] // wired by /status and POST /down next
 mod presence;
 pub mod publish;
 mod redis;

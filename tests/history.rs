@@ -445,7 +445,8 @@ async fn after_a_redis_kill_mid_burst_the_stream_and_the_channel_agree() {
 #[tokio::test]
 async fn without_history_no_stream_is_written_and_no_script_runs() {
     let redis = Redis::start().await;
-    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    // Presence off: its heartbeat is a key and a script of its own (SPEC §10).
+    let publish = Server::start(Kind::Publish, &redis.url(), &["--presence-interval", "0"]).await;
     let mut ws = connect_ack(&publish.ws("/plain")).await;
     let mut plain = Resp::connect(redis.port).await;
     plain.send(&[b"SUBSCRIBE", b"lightlevel/plain"]).await;

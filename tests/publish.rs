@@ -211,7 +211,13 @@ async fn publishes_are_pipelined_many_in_flight_on_one_redis_connection() {
     let redis = Redis::start().await;
     let proxy = HoldingProxy::start(redis.port, 50).await;
     let via_proxy = format!("redis://127.0.0.1:{}", proxy.port);
-    let publish = Server::start(Kind::Publish, &via_proxy, &["--redis-connections", "1"]).await;
+    // Presence off: its own connection would pass through the proxy too.
+    let publish = Server::start(
+        Kind::Publish,
+        &via_proxy,
+        &["--redis-connections", "1", "--presence-interval", "0"],
+    )
+    .await;
     let mut watcher = redis.subscribe("lightlevel/pipe").await;
     let mut ws = connect_ack(&publish.ws("/pipe")).await;
     for i in 0..50 {
@@ -237,7 +243,13 @@ async fn batches_in_flight_together_reach_redis_in_the_order_they_were_read() {
     let redis = Redis::start().await;
     let proxy = HoldingProxy::start(redis.port, 200).await;
     let via_proxy = format!("redis://127.0.0.1:{}", proxy.port);
-    let publish = Server::start(Kind::Publish, &via_proxy, &["--redis-connections", "1"]).await;
+    // Presence off: its own connection would pass through the proxy too.
+    let publish = Server::start(
+        Kind::Publish,
+        &via_proxy,
+        &["--redis-connections", "1", "--presence-interval", "0"],
+    )
+    .await;
     let mut watcher = redis.subscribe("lightlevel/order").await;
     let mut ws = connect_ack(&publish.ws("/order")).await;
     for batch in 0..20 {

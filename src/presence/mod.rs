@@ -2,7 +2,8 @@
 //! which relay instances are alive. What every instance writes and reads in Redis.
 //!
 //! Owns: the Redis layout (below), the shapes of `GET /presence` and of the join/leave
-//! events, and reading the fleet ([`fleet`]). The heartbeat that writes it is `heartbeat`.
+//! events, and reading the fleet ([`fleet`]). The heartbeat that writes it, and the tracker connections mark,
+//! are [`heartbeat`].
 //!
 //! Layout (PREFIX is `--channel-prefix`; a space in a key name keeps it apart from every
 //! stream key, which is a channel name, and no path holds a space):
@@ -18,6 +19,8 @@
 //!
 //! Must not: write presence on the hot path (a connection only marks its path in memory; the
 //! heartbeat writes what changed, once per interval, in one command).
+
+pub(crate) mod heartbeat;
 
 use std::time::Duration;
 

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
-use crate::redis::{connect_publisher, Health, OnDeaf};
+use crate::redis::{connect_publisher, connect_reader, Health, OnDeaf};
 use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, PublishArgs, SlowConsumer};
 use crate::server::metrics::Metrics;
@@ -39,6 +39,8 @@ pub(crate) struct PublishRole {
     health: Arc<Health>,
     /// The channels with a publisher connected, with their messages (`/status.json`).
     channels: Arc<Channels>,
+    /// Presence's own connection (SPEC §10), unless `--presence-interval 0`.
+    presence: Option<fred::clients::Client>,
 }
 
 impl PublishRole {
@@ -49,10 +51,12 @@ impl PublishRole {
     ) -> Result<Self, Error> {
         let health = Arc::new(Health::new(common.redis_url.display.clone()));
         let publisher = Publisher::start(common, &health, metrics, shutdown)?;
+        let presence = presence_client(common)?;
         Ok(PublishRole {
             publisher,
             health,
             channels: Arc::default(),
+            presence,
         })
     }
 }
@@ -80,6 +84,15 @@ impl Publisher {
         }
         Ok(publisher)
     }
+}
+
+/// The connection presence is written and read on (SPEC §10), connecting in the
+/// background; `None` with `--presence-interval 0` (then nothing of presence reaches Redis).
+pub(crate) fn presence_client(common: &CommonArgs) -> Result<Option<fred::clients::Client>, Error> {
+    if common.presence_interval.is_zero() {
+        return Ok(None);
+    }
+    Ok(Some(connect_reader(common)?))
 }
 
 /// A client's publish window on `channel`, boxed (a subscriber without `--accept-publish`
@@ -138,9 +151,13 @@ impl Role for PublishRole {
         RoleStatus {
             channels: self.channels.counts(),
             redis: self.health.connections(),
-            // A fleet read is a few commands, only while someone watches the page.
-            reader: self.publisher.clients().first().cloned(),
+            // The fleet is read on presence's connection (none with presence off: no fleet).
+            reader: self.presence.clone(),
         }
+    }
+
+    fn presence_client(&self) -> Option<fred::clients::Client> {
+        self.presence.clone()
     }
 
     type Prepared = ();
@@ -165,7 +182,16 @@ impl Role for PublishRole {
         let outbox = Arc::new(Outbox::new(Limits::messages(size), SlowConsumer::Close));
         let mut window = window_for(&relay, &relay.role.publisher, &connection.channel);
         window.count_on(relay.role.channels.open(&connection.channel));
-        session::run(
+        // Presence (SPEC §10): the path is marked open now and closed when the session ends;
+        // the heartbeat writes what changed, nothing here touches Redis.
+        let marked = relay.presence.as_ref().map(|presence| {
+            let channel = connection.channel.to_bytes();
+            let prefix = relay.common.channel_prefix.len();
+            presence.open(&String::from_utf8_lossy(
+                &channel[prefix.min(channel.len())..],
+            ))
+        });
+        let session = session::run(
             connection.ws,
             outbox,
             window,
@@ -173,6 +199,12 @@ impl Role for PublishRole {
             settings,
             relay.shutdown.clone(),
             relay.metrics.clone(),
-        )
+        );
+        // A combinator, not an async block (see `Relay::serve`); with presence off nothing
+        // is carried but the `None`.
+        futures_util::FutureExt::map(session, move |ending| {
+            drop(marked);
+            ending
+        })
     }
 }

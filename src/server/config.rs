@@ -105,6 +105,12 @@ pub struct CommonArgs {
           value_parser = presence_interval)]
     pub presence_interval: Duration,
 
+    /// This instance's name in the fleet's presence (SPEC §10); default HOSTNAME:PORT of
+    /// --listen. 1 to 128 printable ASCII bytes. Two live instances must not share one.
+    /// (An empty value, as an environment file may hold, means the default.)
+    #[arg(long, env = "LIGHTRELAY_INSTANCE_ID", value_name = "ID", value_parser = instance_id)]
+    pub instance_id: Option<String>,
+
     /// What follows a channel's name in the name of its downlink channel (SPEC §10): a message
     /// published on PREFIX + PATH + this reaches the publishers connected on PATH.
     #[arg(long, env = "LIGHTRELAY_DOWNLINK_SUFFIX", default_value = ":down", value_name = "SUFFIX",
@@ -442,6 +448,20 @@ fn presence_interval(s: &str) -> Result<Duration, String> {
         d if (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d) => Ok(d),
         _ => Err(format!("'{s}' is out of range (1s to 1h, or 0: off)")),
     }
+}
+
+/// `--instance-id`: 1 to 128 printable ASCII bytes (it is part of Redis key names); empty
+/// means the default.
+fn instance_id(s: &str) -> Result<String, String> {
+    if s.len() > 128 {
+        return Err("must be 1 to 128 bytes".into());
+    }
+    if let Some(b) = s.bytes().find(|b| !(0x21..=0x7E).contains(b)) {
+        return Err(format!(
+            "holds byte 0x{b:02X}: only printable ASCII (0x21-0x7E) is allowed"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// `--downlink-suffix`: 1 to 64 printable ASCII bytes, none of them a glob character (the

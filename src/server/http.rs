@@ -1,7 +1,8 @@
 //! The HTTP face of both servers: every request that arrives, upgraded or not (SPEC §2, §5).
 //!
-//! Owns: routing (`/healthz`, `/metrics`, `/status` and `/status.json` on both servers,
-//! `POST /PATH`, the live page's files on the subscribe server, WebSocket upgrades, 426 for the rest),
+//! Owns: routing (`/healthz`, `/metrics`, `/status` and `/status.json`, `/presence` and
+//! `/presence/PATH` (SPEC §10) on both servers, `POST /PATH`, the live page's files on the
+//! subscribe server, WebSocket upgrades, 426 for the rest),
 //! the refusals that happen before an upgrade (400 bad path, bad key or HTTP/1.0; 413, 408,
 //! 503 when the POST body budget is spent), each with a one-line reason and
 //! `Connection: close` so the connection ends with the answer; the raw answers written
@@ -115,6 +116,10 @@ pub(crate) async fn handle<R: Role>(
             Ok(()) => reply(StatusCode::OK, "ok\n"),
             Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
+        (&Method::GET, "/presence") => presence(&relay, None).await,
+        (&Method::GET, p) if p.starts_with("/presence/") => {
+            presence(&relay, Some(&p["/presence".len()..])).await
+        }
         (&Method::GET, "/metrics") => {
             let format = Exposition::asked_by(req.headers().get_all(header::ACCEPT));
             let mut response = reply(StatusCode::OK, relay.render_metrics(format));
@@ -140,7 +145,7 @@ pub(crate) async fn handle<R: Role>(
         _ => {
             let mut response = refusal(
                 StatusCode::UPGRADE_REQUIRED,
-                "this is a WebSocket endpoint: connect with ws:// (GET /healthz, /metrics and /status answer plain HTTP)\n",
+                "this is a WebSocket endpoint: connect with ws:// (GET /healthz, /metrics, /status and /presence answer plain HTTP)\n",
             );
             response
                 .headers_mut()
@@ -149,6 +154,40 @@ pub(crate) async fn handle<R: Role>(
         }
     };
     Ok(answer)
+}
+
+/// `GET /presence` (the fleet, JSON) and `GET /presence/PATH` (that path's entries, or 404):
+/// SPEC §10. 404 with presence off, 503 when Redis does not answer.
+async fn presence<R: Role>(relay: &Relay<R>, path: Option<&str>) -> Reply {
+    let Some(presence) = &relay.presence else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "presence is off on this server (--presence-interval 0)\n",
+        );
+    };
+    let fleet = match presence.fleet().await {
+        Ok(fleet) => fleet,
+        Err(why) => return reply(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    };
+    let json = match path {
+        None => serde_json::to_string(&fleet),
+        Some(path) => {
+            let devices = fleet.on(path);
+            if devices.is_empty() {
+                return reply(
+                    StatusCode::NOT_FOUND,
+                    format!("no publisher is connected on {path}\n"),
+                );
+            }
+            serde_json::to_string(&devices)
+        }
+    };
+    let mut response = reply(StatusCode::OK, json.unwrap_or_default());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {

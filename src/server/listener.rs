@@ -7,7 +7,8 @@
 //! with the handshake timeout and a bounded request head, the key files read at start (auth
 //! on without a readable key: exit 2) and re-read on SIGHUP, and the graceful stop: stop
 //! accepting, let every session close with 1001 after its in-flight publishes, exit within
-//! `--shutdown-timeout`.
+//! `--shutdown-timeout`; and this instance's presence and heartbeat (SPEC §10) started
+//! once bound (its default id needs the port).
 //! Must not: route requests (`http` does) or know a role's Redis connections.
 
 use std::future::Future;
@@ -31,6 +32,7 @@ use super::metrics::{Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role};
 use super::{http, shutdown, telemetry};
 use crate::auth::Auth;
+use crate::presence::heartbeat::{self, Presence};
 use crate::Error;
 
 /// Run a server until SIGTERM/SIGINT: bind `listen`, build the role with `start` (which
@@ -86,7 +88,19 @@ where
                 return ExitCode::FAILURE;
             }
         };
-        let relay = Relay::new(role, common, auth, metrics, shutdown, listen);
+        let presence = start_presence::<R>(&role, &common, listener.local_addr().ok(), listen);
+        let relay = Relay::new(
+            role,
+            common,
+            auth,
+            metrics,
+            shutdown.clone(),
+            listen,
+            presence.clone(),
+        );
+        if let Some(presence) = &presence {
+            presence.spawn(shutdown);
+        }
         match run(relay, listener).await {
             // A part the server cannot live without stopped: exit 1, so systemd restarts it.
             Ok(()) if shutdown::failure().is_some() => ExitCode::FAILURE,
@@ -146,6 +160,32 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 const LINGERING_REFUSALS: usize = 64;
 
 /// Serve on `listener` until the relay's shutdown token is cancelled, then stop gracefully.
+/// This instance's presence (SPEC §10), when `--presence-interval` is not 0: its id is
+/// `--instance-id`, or this host's name and the port it listens on.
+fn start_presence<R: Role>(
+    role: &R,
+    common: &CommonArgs,
+    bound: Option<SocketAddr>,
+    listen: SocketAddr,
+) -> Option<Arc<Presence>> {
+    let client = role.presence_client()?;
+    let bound = bound.unwrap_or(listen);
+    let id = common
+        .instance_id
+        .clone()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| heartbeat::default_id(bound.port()));
+    Some(Presence::new(
+        client,
+        common.channel_prefix.clone(),
+        common.presence_interval,
+        common.redis_timeout,
+        id,
+        R::NAME,
+        bound.to_string(),
+    ))
+}
+
 pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) -> Result<(), Error> {
     let addr = listener.local_addr()?;
     let redis = relay.common.redis_url.display.clone();

@@ -2,8 +2,8 @@
 //! publish or a subscribe server.
 //!
 //! Owns: [`Relay`] (the role, the shared flags, metrics, the task tracker, the shutdown token,
-//! the `--max-connections` count, the budget of POST body bytes held at once and the abuse
-//! [`Limits`]) and the
+//! the `--max-connections` count, the budget of POST body bytes held at once, the abuse
+//! [`Limits`] and the instance's presence handle) and the
 //! [`Role`] trait: the few things the two servers do differently (what a connection does once
 //! upgraded, whether `POST` publishes, which Redis connections `/healthz` covers, the live
 //! page, what `/status.json` shows of it) and the status page's samples ([`Status`]). A [`ConnectionSlot`] is taken per accepted TCP connection (by `listener`) and lives
@@ -31,6 +31,7 @@ use super::session::Ending;
 use super::status::{RoleStatus, Status};
 use super::write::socket::Socket;
 use crate::auth::{Auth, Grant};
+use crate::presence::heartbeat::Presence;
 
 /// What one of the two servers does differently from the other.
 pub(crate) trait Role: Send + Sync + Sized + 'static {
@@ -58,6 +59,10 @@ pub(crate) trait Role: Send + Sync + Sized + 'static {
 
     /// `Ok` while every Redis connection this role depends on answers, else why not.
     fn health(&self) -> Result<(), String>;
+
+    /// The connection presence (SPEC §10) is written and read on, when `--presence-interval`
+    /// is not 0.
+    fn presence_client(&self) -> Option<fred::clients::Client>;
 
     /// Fill the gauges that are computed at scrape time.
     fn before_scrape(&self, _metrics: &Metrics) {}
@@ -117,6 +122,9 @@ pub(crate) struct Relay<R> {
     pub limits: Limits,
     /// The status page's side: start time, listen address, the rates' samples.
     pub status: Status,
+    /// This instance's presence (SPEC §10): the tracker publish connections mark, and the
+    /// handle `GET /presence` reads with. `None` with `--presence-interval 0`.
+    pub presence: Option<Arc<Presence>>,
     connections: AtomicUsize,
 }
 
@@ -145,6 +153,7 @@ impl<R: Role> Relay<R> {
         metrics: Metrics,
         shutdown: CancellationToken,
         listen: SocketAddr,
+        presence: Option<Arc<Presence>>,
     ) -> Arc<Self> {
         let common_max_message_bytes = common.max_message_bytes;
         let limits = Limits::new(&common.limits, metrics.clone());
@@ -161,6 +170,7 @@ impl<R: Role> Relay<R> {
             post_budget: Semaphore::new(post_body_budget(common_max_message_bytes)),
             limits,
             status: Status::new(listen),
+            presence,
             connections: AtomicUsize::new(0),
         })
     }

@@ -68,9 +68,8 @@ pub(crate) struct SubscribeRole {
     /// `--accept-publish`: the PUBLISH pool subscribers' frames go through.
     publisher: Option<Publisher>,
     health: Arc<Health>,
-    /// Where `/status.json` reads the fleet: the history reader, or a connection of its own
-    /// when presence is on without history.
-    reader: Option<fred::clients::Client>,
+    /// Presence's own connection (SPEC §10): this instance is in the fleet with no paths.
+    presence: Option<fred::clients::Client>,
 }
 
 impl SubscribeRole {
@@ -115,20 +114,16 @@ impl SubscribeRole {
                 })
             })
             .transpose()?;
-        let reader = match &history {
-            Some(history) => Some(history.reader.clone()),
-            None if !common.presence_interval.is_zero() => Some(connect_reader(common)?),
-            None => None,
-        };
         let hub = Hub::new(metrics.clone(), history);
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
+        let presence = publish::presence_client(common)?;
         Ok(SubscribeRole {
+            presence,
             hub,
             limits,
             slow_consumer,
             publisher,
             health,
-            reader,
         })
     }
 }
@@ -163,6 +158,10 @@ impl Role for SubscribeRole {
         self.health.status()
     }
 
+    fn presence_client(&self) -> Option<fred::clients::Client> {
+        self.presence.clone()
+    }
+
     fn before_scrape(&self, metrics: &Metrics) {
         let (_, messages, bytes) = self.hub.stats();
         metrics.queued_messages.set(messages as i64);
@@ -173,7 +172,8 @@ impl Role for SubscribeRole {
         RoleStatus {
             channels: self.hub.channels(),
             redis: self.health.connections(),
-            reader: self.reader.clone(),
+            // The fleet is read on presence's connection (none with presence off: no fleet).
+            reader: self.presence.clone(),
         }
     }
 

@@ -1,0 +1,424 @@
+//! The heartbeat (SPEC §10): what this instance writes of the fleet's presence.
+//!
+//! Owns: [`Presence`], one per process (both servers: the subscribe server's has no paths),
+//! with its in-memory tracker (path → since, connections) that a publish connection marks
+//! when it opens and closes ([`Presence::open`], a guard whose drop is the close), and the
+//! heartbeat task ([`Presence::spawn`]) that writes, every `--presence-interval`, the
+//! instance and what changed since the last heartbeat in ONE Redis command: an EVALSHA of
+//! [`SCRIPT`] (preceded by `SCRIPT LOAD` in the same pipeline when Redis may not have it:
+//! the first heartbeat, and the one after a NOSCRIPT).
+//!
+//! Batching: a connection only touches the tracker's mutex when it opens and when it closes
+//! (never per message), and notes its path as changed. The heartbeat compares each changed
+//! path with what it last wrote: a path that gained its first publisher is a join (HSET and
+//! one event), a path that lost its last one a leave (HDEL and one event), a path whose count
+//! changed is rewritten without an event. A publisher that opens and closes within one
+//! interval therefore produces nothing at all.
+//!
+//! Repair: the script answers the hash's length after the writes; when it is not what the
+//! heartbeat believes (Redis restarted or flushed, or a heartbeat failed halfway), the next
+//! heartbeat rewrites the whole hash. The first heartbeat of a process always does: that is
+//! how a restarted instance drops its previous life's paths (each of them gets its leave).
+//!
+//! Must not: hold the tracker's lock across an await, or write to Redis from a connection.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fred::clients::Client;
+use fred::interfaces::ClientLike;
+use fred::types::{CustomCommand, Value};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    instance_key, instances_key, now_ms, presence_key, Entry, Fleet, Instance, ALIVE_INTERVALS,
+    EVENTS_PATH,
+};
+use crate::lock;
+
+/// The heartbeat script. KEYS: the instances set, the instance's key, its presence hash.
+/// ARGV: 1 id, 2 now (ms), 3 TTL (ms, three intervals), 4 the instance's JSON, 5 the events
+/// channel, 6 `1` to rewrite the whole hash, 7 how many paths to set, 8 how many to delete,
+/// 9 how many events, then the (path, entry JSON) pairs, the paths to delete, the events.
+/// Answers the hash's length after the writes.
+pub(crate) const SCRIPT: &str = r#"#!lua
+local id, now, ttl, channel = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
+redis.call('ZADD', KEYS[1], now, id)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - ttl))
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ttl)
+local nset, ndel, nev = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local first = 10
+if ARGV[6] == '1' then
+  local keep = {}
+  for i = first, first + 2 * nset - 1, 2 do keep[ARGV[i]] = true end
+  for i = first + 2 * nset, first + 2 * nset + ndel - 1 do keep[ARGV[i]] = true end
+  for _, path in ipairs(redis.call('HKEYS', KEYS[3])) do
+    if not keep[path] then
+      redis.call('PUBLISH', channel, '{"event":"leave","path":' .. cjson.encode(path) ..
+        ',"instance":' .. cjson.encode(id) .. ',"at":' .. ARGV[2] .. '}')
+    end
+  end
+  redis.call('DEL', KEYS[3])
+end
+local i = first
+while i < first + 2 * nset do
+  local last = math.min(i + 2 * 500, first + 2 * nset) - 1
+  redis.call('HSET', KEYS[3], unpack(ARGV, i, last))
+  i = last + 1
+end
+while i < first + 2 * nset + ndel do
+  local last = math.min(i + 500, first + 2 * nset + ndel) - 1
+  redis.call('HDEL', KEYS[3], unpack(ARGV, i, last))
+  i = last + 1
+end
+for j = i, i + nev - 1 do redis.call('PUBLISH', channel, ARGV[j]) end
+redis.call('PEXPIRE', KEYS[3], ttl)
+return redis.call('HLEN', KEYS[3])
+"#;
+
+/// A join or leave, as published on the events channel.
+#[derive(Serialize)]
+struct Event<'a> {
+    event: &'static str,
+    path: &'a str,
+    instance: &'a str,
+    at: u64,
+}
+
+/// What connections mark: the paths with a publisher now, and which changed since the last
+/// heartbeat took them.
+#[derive(Default)]
+struct Tracker {
+    paths: HashMap<Box<str>, Entry>,
+    changed: HashSet<Box<str>>,
+}
+
+/// This instance's presence: the tracker, and what the heartbeat and `GET /presence` use.
+pub(crate) struct Presence {
+    pub client: Client,
+    pub prefix: String,
+    pub interval: Duration,
+    /// How long a `GET /presence` may wait for Redis (`--redis-timeout`).
+    pub timeout: Duration,
+    pub id: String,
+    instance: Instance,
+    tracker: Mutex<Tracker>,
+}
+
+/// A publish connection's mark on its path; dropping it is the connection's close.
+pub(crate) struct Marked {
+    presence: Arc<Presence>,
+    path: Box<str>,
+}
+
+impl Drop for Marked {
+    fn drop(&mut self) {
+        let mut tracker = lock(&self.presence.tracker);
+        let gone = match tracker.paths.get_mut(&self.path) {
+            Some(entry) => {
+                entry.connections = entry.connections.saturating_sub(1);
+                entry.connections == 0
+            }
+            None => false,
+        };
+        if gone {
+            tracker.paths.remove(&self.path);
+        }
+        let path = std::mem::take(&mut self.path);
+        tracker.changed.insert(path);
+    }
+}
+
+impl Presence {
+    /// The presence of an instance `id` of `role` listening on `listen`, with `client` (its
+    /// own connection, connecting in the background).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        prefix: String,
+        interval: Duration,
+        timeout: Duration,
+        id: String,
+        role: &str,
+        listen: String,
+    ) -> Arc<Self> {
+        let instance = Instance {
+            id: id.clone(),
+            role: role.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            listen,
+            started: now_ms(),
+            heartbeat: 0,
+        };
+        Arc::new(Presence {
+            client,
+            prefix,
+            interval,
+            timeout,
+            id,
+            instance,
+            tracker: Mutex::new(Tracker::default()),
+        })
+    }
+
+    /// Mark a publisher connection on `path` as open, until the guard is dropped.
+    pub fn open(self: &Arc<Self>, path: &str) -> Marked {
+        let path: Box<str> = path.into();
+        let mut tracker = lock(&self.tracker);
+        let entry = tracker.paths.entry(path.clone()).or_insert(Entry {
+            since: now_ms(),
+            connections: 0,
+        });
+        entry.connections += 1;
+        tracker.changed.insert(path.clone());
+        drop(tracker);
+        Marked {
+            presence: self.clone(),
+            path,
+        }
+    }
+
+    /// Read the fleet, within `--redis-timeout`.
+    pub async fn fleet(&self) -> Result<Fleet, String> {
+        match tokio::time::timeout(
+            self.timeout,
+            super::fleet(&self.client, &self.prefix, self.interval),
+        )
+        .await
+        {
+            Ok(Ok(fleet)) => Ok(fleet),
+            Ok(Err(e)) => Err(format!("redis: {}", e.details())),
+            Err(_) => Err(format!(
+                "redis did not answer within {:?} (--redis-timeout)",
+                self.timeout
+            )),
+        }
+    }
+
+    /// Run the heartbeat until `shutdown`: at once, then every interval.
+    pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) {
+        let presence = self.clone();
+        tokio::spawn(async move {
+            let mut beat = Beat::new(&presence);
+            let mut ticks = tokio::time::interval(presence.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = shutdown.cancelled() => break,
+                }
+                // Bounded: a heartbeat that Redis does not answer within an interval is given up
+                // (and its changes sent again by the next).
+                let sent = tokio::time::timeout(presence.interval, beat.run(&presence)).await;
+                if sent.is_err() {
+                    beat.failed(&presence, "no answer within one interval".into());
+                }
+            }
+        });
+    }
+}
+
+/// What the heartbeat task keeps between heartbeats.
+struct Beat {
+    sha: String,
+    /// What the presence hash holds, as far as this instance wrote it.
+    written: HashMap<Box<str>, Entry>,
+    /// Rewrite the whole hash at the next heartbeat (the first one, or after a mismatch).
+    full: bool,
+    /// Send SCRIPT LOAD with the next heartbeat.
+    load: bool,
+    /// The changed paths the heartbeat in progress took from the tracker.
+    taking: Vec<Box<str>>,
+    /// Whether the last failure was logged (once per outage).
+    logged: bool,
+}
+
+impl Beat {
+    fn new(_presence: &Presence) -> Self {
+        use sha1::Digest;
+        Beat {
+            sha: sha1::Sha1::digest(SCRIPT.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            written: HashMap::new(),
+            full: true,
+            load: true,
+            taking: Vec::new(),
+            logged: false,
+        }
+    }
+
+    /// One heartbeat: take what changed, send it with the instance, note what Redis now holds.
+    async fn run(&mut self, presence: &Presence) {
+        let now = now_ms();
+        let ttl = presence.interval.as_millis() as u64 * u64::from(ALIVE_INTERVALS);
+        // What changed, under the lock, and nothing more.
+        let (changed, current): (Vec<Box<str>>, Vec<Option<Entry>>) = {
+            let mut tracker = lock(&presence.tracker);
+            if self.full {
+                tracker.changed.clear();
+                let paths: Vec<Box<str>> = tracker
+                    .paths
+                    .keys()
+                    .cloned()
+                    .chain(self.written.keys().cloned())
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .collect();
+                let entries = paths
+                    .iter()
+                    .map(|p| tracker.paths.get(p).cloned())
+                    .collect();
+                (paths, entries)
+            } else {
+                let paths: Vec<Box<str>> = tracker.changed.drain().collect();
+                let entries = paths
+                    .iter()
+                    .map(|p| tracker.paths.get(p).cloned())
+                    .collect();
+                (paths, entries)
+            }
+        };
+        self.taking = changed;
+        let mut sets: Vec<(&str, Entry)> = Vec::new();
+        let mut dels: Vec<&str> = Vec::new();
+        let mut events: Vec<String> = Vec::new();
+        let event = |kind: &'static str, path: &str| {
+            serde_json::to_string(&Event {
+                event: kind,
+                path,
+                instance: &presence.id,
+                at: now,
+            })
+            .unwrap_or_default()
+        };
+        for (path, entry) in self.taking.iter().zip(&current) {
+            let before = self.written.get(path);
+            match (before, entry) {
+                (None, Some(entry)) => {
+                    events.push(event("join", path));
+                    sets.push((path, entry.clone()));
+                }
+                (Some(_), None) => {
+                    events.push(event("leave", path));
+                    dels.push(path);
+                }
+                (Some(before), Some(entry)) if before != entry || self.full => {
+                    sets.push((path, entry.clone()));
+                }
+                _ => {}
+            }
+        }
+        let mut args: Vec<Value> =
+            Vec::with_capacity(12 + sets.len() * 2 + dels.len() + events.len());
+        args.push(self.sha.clone().into());
+        args.push(3.into());
+        args.push(instances_key(&presence.prefix).into());
+        args.push(instance_key(&presence.prefix, &presence.id).into());
+        args.push(presence_key(&presence.prefix, &presence.id).into());
+        args.push(presence.id.clone().into());
+        args.push((now as i64).into());
+        args.push((ttl as i64).into());
+        args.push(
+            serde_json::to_string(&presence.instance)
+                .unwrap_or_default()
+                .into(),
+        );
+        args.push(format!("{}{EVENTS_PATH}", presence.prefix).into());
+        args.push(if self.full { "1" } else { "0" }.into());
+        args.push((sets.len() as i64).into());
+        args.push((dels.len() as i64).into());
+        args.push((events.len() as i64).into());
+        for (path, entry) in &sets {
+            args.push((*path).into());
+            args.push(serde_json::to_string(entry).unwrap_or_default().into());
+        }
+        for path in &dels {
+            args.push((*path).into());
+        }
+        for event in events {
+            args.push(event.into());
+        }
+        let answer = self.send(presence, args).await;
+        match answer {
+            Ok(length) => {
+                for (path, entry) in self.taking.drain(..).zip(current) {
+                    match entry {
+                        Some(entry) => self.written.insert(path, entry),
+                        None => self.written.remove(&path),
+                    };
+                }
+                // Not what this instance wrote: Redis lost (or someone changed) the hash.
+                self.full = length != self.written.len() as i64;
+                if self.logged {
+                    tracing::info!("presence heartbeat written again");
+                    self.logged = false;
+                }
+            }
+            Err(why) => self.failed(presence, why),
+        }
+    }
+
+    /// One EVALSHA (with SCRIPT LOAD before it when needed, in the same pipeline); again with
+    /// the load if Redis answered NOSCRIPT. The hash's length.
+    async fn send(&mut self, presence: &Presence, args: Vec<Value>) -> Result<i64, String> {
+        for _ in 0..2 {
+            let pipeline = presence.client.pipeline();
+            if self.load {
+                let load = vec![Value::from_static_str("LOAD"), SCRIPT.into()];
+                let _: Result<Value, _> = pipeline.custom(script_command(), load).await;
+            }
+            let _: Result<Value, _> = pipeline.custom(evalsha_command(), args.clone()).await;
+            let mut answers = pipeline.try_all::<Value>().await;
+            match answers.pop() {
+                Some(Ok(value)) => {
+                    self.load = false;
+                    return value
+                        .as_i64()
+                        .ok_or_else(|| "the presence script answered no integer".into());
+                }
+                Some(Err(e)) if e.details().starts_with("NOSCRIPT") && !self.load => {
+                    self.load = true;
+                }
+                Some(Err(e)) => return Err(e.details().to_string()),
+                None => return Err("no answer".into()),
+            }
+        }
+        Err("the presence script could not be loaded".into())
+    }
+
+    /// A heartbeat that did not go through: what it took is marked changed again, and the
+    /// next heartbeat rewrites the whole hash (this one may have run in part).
+    fn failed(&mut self, presence: &Presence, why: String) {
+        let mut tracker = lock(&presence.tracker);
+        tracker.changed.extend(self.taking.drain(..));
+        drop(tracker);
+        self.full = true;
+        if !self.logged {
+            tracing::warn!(error = %why, "presence heartbeat not written; retrying every interval");
+            self.logged = true;
+        }
+    }
+}
+
+fn evalsha_command() -> CustomCommand {
+    CustomCommand::new_static("EVALSHA", None, false)
+}
+
+fn script_command() -> CustomCommand {
+    CustomCommand::new_static("SCRIPT", None, false)
+}
+
+/// The default instance id: this host's name and the port it listens on.
+pub(crate) fn default_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{port}")
+}
