@@ -50,3 +50,48 @@ async fn a_downlink_published_in_redis_reaches_the_device_on_whichever_instance(
     drop(plain);
     redis.wait_numsub(&down("/dev/a"), 1).await;
 }
+
+#[tokio::test]
+async fn post_down_on_the_subscribe_server_answers_the_counts_or_404_and_on_the_publish_server_is_a_publish(
+) {
+    let redis = Redis::start().await;
+    let one = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let two = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let relay = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let mut a = connect(&one.ws("/sensors/pi1")).await;
+    let mut b = connect(&two.ws("/sensors/pi1")).await;
+    redis.wait_numsub(&down("/sensors/pi1"), 2).await;
+
+    let (status, body) = http(
+        relay.addr,
+        "POST",
+        "/down/sensors/pi1",
+        &[],
+        b"{\"interval\":5}",
+    )
+    .await;
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(counts["relays"], 2, "{body}");
+    assert!(counts.get("devices").is_some(), "{body}");
+    assert_eq!(next_data(&mut a).await, Message::text("{\"interval\":5}"));
+    assert_eq!(next_data(&mut b).await, Message::text("{\"interval\":5}"));
+
+    // No device on the path: nothing got it.
+    let (status, body) = http(relay.addr, "POST", "/down/sensors/pi2", &[], b"x").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        "no device is connected on /sensors/pi2\n"
+    );
+    // Any other POST is still refused there (no --accept-publish).
+    let (status, _) = http(relay.addr, "POST", "/sensors/pi1", &[], b"x").await;
+    assert_eq!(status, 426);
+
+    // On the publish server, /down/x is a channel like any other.
+    let mut watcher = redis.subscribe("lightlevel/down/x").await;
+    let (status, body) = http(one.addr, "POST", "/down/x", &[], b"plain").await;
+    assert_eq!((status, &body[..]), (200, &b"1\n"[..]));
+    assert_eq!(&watcher.next().await[..], b"plain");
+}
