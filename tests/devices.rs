@@ -95,3 +95,50 @@ async fn post_down_on_the_subscribe_server_answers_the_counts_or_404_and_on_the_
     assert_eq!((status, &body[..]), (200, &b"1\n"[..]));
     assert_eq!(&watcher.next().await[..], b"plain");
 }
+
+#[tokio::test]
+async fn pub_downlink_prints_what_the_device_is_sent_while_publishing_stdin() {
+    use std::io::{BufRead, Write};
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let mut watcher = redis.subscribe("lightlevel/dev/p").await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lightrelay"))
+        .args(["pub", "--downlink", &publish.ws("/dev/p")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines, mut printed) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    writeln!(stdin, "first").unwrap();
+    assert_eq!(&watcher.next().await[..], b"first");
+    redis.wait_numsub(&down("/dev/p"), 1).await;
+    // It publishes with acks on: the downlink comes as binary frames, UTF-8 printed as is.
+    assert_eq!(redis.publish(&down("/dev/p"), "{\"interval\":5}").await, 1);
+    assert_eq!(redis.publish(&down("/dev/p"), vec![0u8, 0xff]).await, 1);
+    for expected in ["{\"interval\":5}", "AP8="] {
+        let line = tokio::time::timeout(PATIENCE, printed.recv())
+            .await
+            .expect("no downlink printed")
+            .unwrap();
+        assert_eq!(line, expected);
+    }
+    writeln!(stdin, "second").unwrap();
+    assert_eq!(&watcher.next().await[..], b"second");
+    drop(stdin);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
