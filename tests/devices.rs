@@ -142,3 +142,49 @@ async fn pub_downlink_prints_what_the_device_is_sent_while_publishing_stdin() {
         .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn with_auth_post_down_needs_a_down_grant_on_the_device_path() {
+    use common::auth::{hs256, server_with_auth, unix_now, SECRET};
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let (relay, dir) =
+        server_with_auth(Kind::Subscribe, &redis.url(), "publish", "down-auth").await;
+    let mut device = connect(&publish.ws("/sensors/pi1")).await;
+    redis.wait_numsub(&down("/sensors/pi1"), 1).await;
+    let token = |claims: serde_json::Value| {
+        let claims = serde_json::json!({"lightrelay": claims, "exp": unix_now() + 3600});
+        format!("Bearer {}", hs256(SECRET.as_bytes(), None, &claims))
+    };
+    let target = "/down/sensors/pi1";
+    let (status, _) = http(relay.addr, "POST", target, &[], b"x").await;
+    assert_eq!(status, 401);
+    // A pub grant on the path, or a down grant elsewhere (on /down/… itself too), is not one.
+    for claims in [
+        serde_json::json!({"pub": ["/sensors/pi1"]}),
+        serde_json::json!({"down": ["/sensors/pi2", "/down/sensors/pi1"]}),
+    ] {
+        let bearer = token(claims);
+        let (status, _) = http(
+            relay.addr,
+            "POST",
+            target,
+            &[("Authorization", &bearer)],
+            b"x",
+        )
+        .await;
+        assert_eq!(status, 403);
+    }
+    let bearer = token(serde_json::json!({"down": ["/sensors/*"]}));
+    let (status, body) = http(
+        relay.addr,
+        "POST",
+        target,
+        &[("Authorization", &bearer)],
+        b"go",
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(next_data(&mut device).await, Message::text("go"));
+    let _ = std::fs::remove_dir_all(dir);
+}
