@@ -52,7 +52,7 @@ impl PublishRole {
     ) -> Result<Self, Error> {
         let health = Arc::new(Health::new(common.redis_url.display.clone()));
         let publisher = Publisher::start(common, &health, metrics, shutdown)?;
-        let subscriber = connect_subscriber(common)?;
+        let subscriber = connect_subscriber(common, crate::redis::DOWNLINK_BUFFER)?;
         health.watch(
             "downlink".into(),
             subscriber.clone(),

@@ -85,7 +85,7 @@ impl SubscribeRole {
         let publisher = accept_publish
             .then(|| Publisher::start(common, &health, metrics, shutdown))
             .transpose()?;
-        let subscriber = connect_subscriber(common)?;
+        let subscriber = connect_subscriber(common, crate::redis::MESSAGE_BUFFER)?;
         health.watch(
             "subscriber".into(),
             subscriber.clone(),
