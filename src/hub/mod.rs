@@ -1,7 +1,8 @@
 //! The hub: which clients of this process listen to which Redis channel or pattern (SPEC §4,
 //! §9).
 //!
-//! Owns: the map topic → subscribers (raw and JSON), the one Redis subscription per topic per
+//! Owns: the map topic → subscribers (raw, JSON, and binary-only: a publisher's downlink on an
+//! ack connection, SPEC §10), the one Redis subscription per topic per
 //! process (first client in SUBSCRIBEs or PSUBSCRIBEs, last one out unsubscribes), and
 //! fan-out: a message from Redis becomes one frame, built once (and one envelope, built once,
 //! for the JSON clients), pushed to every subscriber's [`Outbox`]. When the hub has caught up

@@ -1,6 +1,7 @@
 //! The HTTP face of both servers: every request that arrives, upgraded or not (SPEC §2, §5).
 //!
-//! Owns: routing (`/healthz`, `/metrics`, `POST /PATH`, the live page's files on the subscribe
+//! Owns: routing (`/healthz`, `/metrics`, `POST /PATH`, `POST /down/PATH` on the subscribe
+//! server (SPEC §10; its token check is on PATH), the live page's files on the subscribe
 //! server, WebSocket upgrades, 426 for the rest),
 //! the refusals that happen before an upgrade (400 bad path, bad key or HTTP/1.0; 413, 408,
 //! 503 when the POST body budget is spent), each with a one-line reason and
