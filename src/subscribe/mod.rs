@@ -113,15 +113,9 @@ impl SubscribeRole {
             .transpose()?;
         let hub = Hub::new(metrics.clone(), history);
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
+        // Not one of /healthz's checks: subscribers do not need it, and a POST /down it
+        // cannot serve is answered 503 within --redis-timeout.
         let downlink = connect_reader(common)?;
-        health.watch(
-            "downlink".into(),
-            downlink.clone(),
-            common.ping_interval,
-            OnDeaf::Wait,
-            metrics.clone(),
-            shutdown.clone(),
-        );
         Ok(SubscribeRole {
             hub,
             limits,
