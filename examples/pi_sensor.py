@@ -26,6 +26,13 @@ the connection may arrive twice); a connection that acknowledges nothing for 30 
 and made again. With --no-ack (a relay or proxy that does not speak lightrelay.ack) a reading
 counts as sent once it is written to the socket.
 
+It obeys its downlink (SPEC §10): a message such as `{"interval": 2}` sent to its path
+(`curl -d '{"interval":2}' http://relay.example:8767/down/office` on the subscribe server, or
+PUBLISH on `lightlevel/office:down`) sets the seconds between readings (more than 0, at most
+86400) from then on, and is acknowledged by publishing `{"interval": 2}` on its own channel
+among the readings. Other downlink messages are logged and ignored. With lightrelay.ack the
+downlink comes in binary frames (text frames are the acks); without it, in any frame.
+
 Exit codes: 0 after --count readings were sent (and acknowledged), or on Ctrl-C or SIGTERM;
 1 when the relay refuses us for good (HTTP 4xx such as 401/403 for the token, or no ack
 subprotocol);
@@ -35,6 +42,7 @@ subprotocol);
 import argparse
 import asyncio
 import collections
+import json
 import logging
 import math
 import os
@@ -54,6 +62,7 @@ BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 30.0
 WINDOW = 64  # readings sent but not yet acknowledged, at most
 ACK_TIMEOUT = 30.0  # longer than the relay's --redis-timeout (10 s), after which it closes with 1013
+MAX_INTERVAL = 86400.0  # the longest interval a downlink may set, in seconds
 NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 log = logging.getLogger("pi_sensor")
@@ -122,8 +131,50 @@ class Outbox:
         self.changed.set()
 
 
-async def produce(read, interval, count, outbox):
-    """Take a reading every `interval` seconds (on a fixed schedule) until `count` were taken."""
+class Schedule:
+    """The seconds between readings, which a downlink may change while the producer waits."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.changed = asyncio.Event()
+
+    def set(self, interval):
+        self.interval = interval
+        self.changed.set()
+
+
+def interval_asked(message):
+    """The interval a downlink message `{"interval": S}` asks for, or None (not such a message,
+    or S out of range)."""
+    try:
+        asked = json.loads(message)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(asked, dict):
+        return None
+    interval = asked.get("interval")
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+        return None
+    if not 0 < interval <= MAX_INTERVAL:
+        return None
+    return float(interval)
+
+
+def obey(message, schedule, outbox):
+    """A downlink message: set the interval it asks for, and acknowledge it on the channel."""
+    interval = interval_asked(message)
+    if interval is None:
+        log.warning("ignored a downlink message: not {\"interval\": S} with 0 < S <= %g", MAX_INTERVAL)
+        return
+    log.info("downlink: a reading every %g s from now on", interval)
+    schedule.set(interval)
+    outbox.add(json.dumps({"interval": interval}))
+
+
+async def produce(read, schedule, count, outbox):
+    """Take a reading every `schedule.interval` seconds (on a fixed schedule) until `count`
+    were taken. A new interval starts a new schedule: the next reading is that long after it
+    came."""
     loop = asyncio.get_running_loop()
     taken = 0
     due = loop.time()
@@ -138,32 +189,41 @@ async def produce(read, interval, count, outbox):
             taken += 1
             if count is not None and taken >= count:
                 break
-        due += interval
-        delay = due - loop.time()
-        if delay < 0:  # a slow read: start the schedule again from now
-            due, delay = loop.time(), 0
-        await asyncio.sleep(delay)
+        due += schedule.interval
+        while True:
+            if schedule.changed.is_set():
+                schedule.changed.clear()
+                due = loop.time() + schedule.interval
+            delay = due - loop.time()
+            if delay < 0:  # a slow read: start the schedule again from now
+                due, delay = loop.time(), 0
+            try:
+                await asyncio.wait_for(schedule.changed.wait(), delay)
+            except asyncio.TimeoutError:
+                break
     outbox.finish()
 
 
-async def read_acks(ws, outbox, ack):
+async def read_acks(ws, outbox, ack, schedule):
     """Each text frame the publish server sends under lightrelay.ack acknowledges the oldest
-    reading in flight. Returns when the connection closes cleanly; raises when it breaks."""
-    async for _ in ws:
-        if not ack:
+    reading in flight; the other frames are the downlink (binary under lightrelay.ack, any
+    without it). Returns when the connection closes cleanly; raises when it breaks."""
+    async for message in ws:
+        if not ack or not isinstance(message, str):
+            obey(message, schedule, outbox)
             continue
         if outbox.in_flight == 0:
             raise RuntimeError("an ack for nothing: is this a lightrelay publish server?")
         outbox.done_one()
 
 
-async def send_all(ws, outbox, ack):
+async def send_all(ws, outbox, ack, schedule):
     """Send readings as they come. True once every reading was sent (and acknowledged) and no
     more will come; False when the connection ended first. With acks, a connection that
     acknowledges nothing for ACK_TIMEOUT while readings are in flight is given up."""
     loop = asyncio.get_running_loop()
     outbox.in_flight = 0
-    acks = asyncio.ensure_future(read_acks(ws, outbox, ack))
+    acks = asyncio.ensure_future(read_acks(ws, outbox, ack, schedule))
     try:
         while True:
             while outbox.in_flight < min(len(outbox.items), WINDOW):
@@ -210,7 +270,7 @@ REFUSALS = {
 }
 
 
-async def publish(url, ack, outbox, token=None):
+async def publish(url, ack, outbox, schedule, token=None):
     """Connect, send, reconnect with back-off; the exit code once there is nothing left to do."""
     delay = BACKOFF_FIRST
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -232,7 +292,7 @@ async def publish(url, ack, outbox, token=None):
                     return 1
                 log.info("connected to %s%s", url_shown, " (acknowledged)" if ack else "")
                 delay = BACKOFF_FIRST
-                if await send_all(ws, outbox, ack):
+                if await send_all(ws, outbox, ack, schedule):
                     return 0
                 log.warning("the relay closed the connection")
         except InvalidStatus as e:
@@ -264,8 +324,9 @@ async def run(args):
         except (NotImplementedError, RuntimeError):  # not on this platform: KeyboardInterrupt
             pass
     read = file_reader(args.file) if args.file else sine_reader(args.period)
-    producer = asyncio.ensure_future(produce(read, args.interval, args.count, outbox))
-    publisher = asyncio.ensure_future(publish(args.url, args.ack, outbox, args.token))
+    schedule = Schedule(args.interval)
+    producer = asyncio.ensure_future(produce(read, schedule, args.count, outbox))
+    publisher = asyncio.ensure_future(publish(args.url, args.ack, outbox, schedule, args.token))
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({publisher, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = publisher.result() if publisher.done() else 0
@@ -324,8 +385,8 @@ def parse_args(argv):
         args.token = args.token.strip()
         if not args.token or not all("!" <= c <= "~" for c in args.token):
             parser.error("--token: a token is one line of printable ASCII without spaces")
-    if not args.interval > 0:
-        parser.error("--interval must be more than 0")
+    if not 0 < args.interval <= MAX_INTERVAL:
+        parser.error(f"--interval must be more than 0 and at most {MAX_INTERVAL:g}")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
     if args.buffer < 1:

@@ -314,3 +314,50 @@ async fn with_publish_auth_the_pi_publishes_with_its_token_and_without_one_is_re
     let _ = std::fs::remove_file(sensor);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// SPEC §10: `{"interval": S}` on the downlink changes the pace, acknowledged on the channel.
+/// Readings at the new pace: at the old one (60 s) none would come within the test's patience.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_downlink_interval_changes_its_pace_and_is_acknowledged_on_its_channel() {
+    venv_python();
+    let redis = Redis::start().await;
+    let publish = Server::start(Kind::Publish, &redis.url(), &[]).await;
+    let relay = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    // One with acks (its downlink comes in binary frames), one without (text frames).
+    for (path, extra) in [("/sensors/pi1", None), ("/sensors/pi2", Some("--no-ack"))] {
+        let channel = format!("lightlevel{path}");
+        let mut watcher = redis.subscribe(&channel).await;
+        let mut args = vec![publish.ws(path), "--interval".into(), "60".into()];
+        args.extend(extra.map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = pi_sensor(&args);
+        // Its first reading: it is connected (and subscribed to its downlink soon after).
+        let first = watcher.next().await;
+        assert!(first[..].iter().all(|b| b.is_ascii_digit() || *b == b'.'));
+        let asked = format!("/down{path}");
+        eventually(|| async {
+            match http(relay.addr, "POST", &asked, &[], b"{\"interval\": 0.1}").await {
+                (200, _) => Ok(()),
+                (status, body) => Err(format!(
+                    "POST {asked}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                )),
+            }
+        })
+        .await;
+        let mut acknowledged = false;
+        let mut readings = 0;
+        while readings < 3 {
+            let message = String::from_utf8(watcher.next().await.to_vec()).unwrap();
+            if message.starts_with('{') {
+                let said: serde_json::Value = serde_json::from_str(&message).unwrap();
+                assert_eq!(said, serde_json::json!({"interval": 0.1}));
+                acknowledged = true;
+            } else if acknowledged {
+                readings += 1;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -108,9 +108,8 @@ pub(crate) enum Grant {
     Publish,
     /// Subscribing to the path.
     Subscribe,
-    /// Sending to the device on the path (`POST /down/…`, SPEC §10): checked once the
-    /// downlink exists; `lightrelay token --down` mints it already.
-    #[allow(dead_code)]
+    /// Sending to the device on the path (`POST /down/PATH` on the subscribe server,
+    /// SPEC §10); `lightrelay token --down` mints it.
     Down,
 }
 

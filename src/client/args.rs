@@ -67,6 +67,11 @@ pub struct PubArgs {
     #[arg(long, env = "LIGHTRELAY_NO_ACK")]
     pub no_ack: bool,
 
+    /// Print what the server sends back on this connection (the device's downlink, SPEC §10)
+    /// on standard output, one message per line: UTF-8 as is, anything else as base64.
+    #[arg(long)]
+    pub downlink: bool,
+
     #[command(flatten)]
     pub token: TokenArg,
 }

@@ -12,7 +12,9 @@
 //! `lightrelay.ack`, said once on stderr: SPEC §6) a message counts as delivered once written
 //! to the socket; a lightrelay subscribe server that did not select the subprotocol discards
 //! what it is sent, so that ends it with exit 1 too.
-//! Must not: print anything on stdout.
+//! Owns too `--downlink`: what the server sends that is not an ack (SPEC §10: on an ack
+//! connection the binary frames, else every data frame) printed on stdout, a line each.
+//! Must not: print anything else on stdout.
 
 use std::collections::VecDeque;
 use std::io;
@@ -197,7 +199,8 @@ pub async fn run(args: PubArgs, tls: Tls) -> ExitCode {
             Ok(Opened { ws, .. }) => {
                 backoff.reset();
                 pending.report_drops();
-                match session(ws, ack, &mut source, &mut pending, &mut ctrl_c).await {
+                let downlink = args.downlink;
+                match session(ws, ack, downlink, &mut source, &mut pending, &mut ctrl_c).await {
                     End::Done => return finish(&mut pending),
                     End::Interrupted => return interrupted(&pending),
                     End::Failed(e) => {
@@ -281,6 +284,7 @@ async fn step(
 async fn session<F>(
     ws: Ws,
     ack: bool,
+    downlink: bool,
     source: &mut Source,
     pending: &mut Pending,
     ctrl_c: &mut std::pin::Pin<&mut F>,
@@ -314,7 +318,13 @@ where
             _ = &mut *ctrl_c => return End::Interrupted,
             frame = stream.next() => match frame {
                 // Without acknowledgements, whatever the server sends is not ours to count.
-                Some(Ok(Message::Text(_))) if !ack => {}
+                Some(Ok(Message::Text(text))) if !ack => {
+                    if downlink {
+                        print_downlink(text.as_bytes());
+                    }
+                }
+                // Acks are text frames: a binary frame is the downlink.
+                Some(Ok(Message::Binary(data))) if downlink => print_downlink(&data),
                 Some(Ok(Message::Text(_))) => {
                     if pending.sent == 0 {
                         return End::Failed(Failure::UnexpectedAck);
@@ -349,6 +359,19 @@ where
             },
         }
     }
+}
+
+/// One downlink message on stdout, a line: UTF-8 as is (on an ack connection a text message
+/// comes as a binary frame), anything else as base64.
+fn print_downlink(data: &[u8]) {
+    use base64::Engine;
+    use std::io::Write;
+    let text = match std::str::from_utf8(data) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        _ => std::borrow::Cow::Owned(base64::engine::general_purpose::STANDARD.encode(data)),
+    };
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }
 
 fn finish(pending: &mut Pending) -> ExitCode {

@@ -1,7 +1,8 @@
 //! The hub: which clients of this process listen to which Redis channel or pattern (SPEC §4,
 //! §9).
 //!
-//! Owns: the map topic → subscribers (raw and JSON), the one Redis subscription per topic per
+//! Owns: the map topic → subscribers (raw, JSON, and binary-only: a publisher's downlink on an
+//! ack connection, SPEC §10), the one Redis subscription per topic per
 //! process (first client in SUBSCRIBEs or PSUBSCRIBEs, last one out unsubscribes), and
 //! fan-out: a message from Redis becomes one frame, built once (and one envelope, built once,
 //! for the JSON clients), pushed to every subscriber's [`Outbox`]. When the hub has caught up
@@ -100,6 +101,9 @@ impl Topic {
 pub enum Format {
     Raw,
     Json,
+    /// The raw payload, always in a binary frame: a publisher's downlink on a connection
+    /// whose text frames are its acks (`lightrelay.ack`, SPEC §10).
+    Binary,
 }
 
 /// What a client asked to be sent before the live messages (SPEC §9).
@@ -173,6 +177,7 @@ struct Entry {
     /// Copied on write: a fan-out in progress keeps its snapshot, joins and leaves copy.
     raw: Arc<Slab<Arc<Outbox>>>,
     json: Arc<Slab<Arc<Outbox>>>,
+    binary: Arc<Slab<Arc<Outbox>>>,
     /// Redis confirmed the subscription (and it was not lost since).
     active: bool,
     /// Clients whose replay seam is not passed yet (rare, short-lived).
@@ -189,7 +194,23 @@ struct Entry {
 
 impl Entry {
     fn is_empty(&self) -> bool {
-        self.raw.is_empty() && self.json.is_empty()
+        self.raw.is_empty() && self.json.is_empty() && self.binary.is_empty()
+    }
+
+    fn seats(&self, format: Format) -> &Arc<Slab<Arc<Outbox>>> {
+        match format {
+            Format::Raw => &self.raw,
+            Format::Json => &self.json,
+            Format::Binary => &self.binary,
+        }
+    }
+
+    fn seats_mut(&mut self, format: Format) -> &mut Arc<Slab<Arc<Outbox>>> {
+        match format {
+            Format::Raw => &mut self.raw,
+            Format::Json => &mut self.json,
+            Format::Binary => &mut self.binary,
+        }
     }
 }
 
@@ -256,10 +277,7 @@ impl Hub {
         }
         let entry = state.topics.entry(topic.clone()).or_default();
         let first = entry.is_empty();
-        let slab = match format {
-            Format::Raw => &mut entry.raw,
-            Format::Json => &mut entry.json,
-        };
+        let slab = entry.seats_mut(format);
         let key = Arc::make_mut(slab).insert(outbox);
         let seat = Seat { format, key };
         if replaying {
@@ -282,10 +300,7 @@ impl Hub {
         let Some(entry) = state.topics.get_mut(topic) else {
             return;
         };
-        let slab = match seat.format {
-            Format::Raw => &mut entry.raw,
-            Format::Json => &mut entry.json,
-        };
+        let slab = entry.seats_mut(seat.format);
         Arc::make_mut(slab).try_remove(seat.key);
         entry.floors.remove(&seat);
         if entry.is_empty() {
@@ -327,7 +342,8 @@ impl Hub {
         let state = self.lock();
         let (mut messages, mut bytes) = (0, 0);
         for entry in state.topics.values() {
-            for (_, outbox) in entry.raw.iter().chain(entry.json.iter()) {
+            let all = entry.raw.iter().chain(entry.json.iter());
+            for (_, outbox) in all.chain(entry.binary.iter()) {
                 let (m, b) = outbox.queued();
                 messages += m;
                 bytes += b;
@@ -486,7 +502,7 @@ impl Hub {
         helper: Option<&Handle>,
         replayed: bool,
     ) -> usize {
-        let (raw, json, floors) = {
+        let (raw, json, binary, floors) = {
             let mut state = self.lock();
             let Some(entry) = state.topics.get_mut(topic) else {
                 return 0;
@@ -504,7 +520,8 @@ impl Hub {
             }
             let floors = (!entry.floors.is_empty()).then(|| entry.floors.clone());
             let json = (!entry.json.is_empty()).then(|| entry.json.clone());
-            (entry.raw.clone(), json, floors)
+            let binary = (!entry.binary.is_empty()).then(|| entry.binary.clone());
+            (entry.raw.clone(), json, binary, floors)
         };
         let mut reached = 0;
         if !raw.is_empty() {
@@ -527,6 +544,23 @@ impl Hub {
                     &json,
                     envelope,
                     Format::Json,
+                    id,
+                    floors.as_ref(),
+                    direct,
+                    helper,
+                )
+                .await;
+        }
+        if let Some(binary) = binary {
+            let frame = match frame {
+                Message::Text(text) => Message::Binary(text.into()),
+                other => other,
+            };
+            reached += self
+                .fan_out_to(
+                    &binary,
+                    frame,
+                    Format::Binary,
                     id,
                     floors.as_ref(),
                     direct,
@@ -696,6 +730,7 @@ impl Hub {
                             Format::Json => {
                                 envelope::envelope(&channel.to_bytes(), Some(*id), &frame)
                             }
+                            Format::Binary => Message::Binary(frame.into_data()),
                         };
                         (*id, frame)
                     })
@@ -739,10 +774,7 @@ impl Hub {
             if let Some(entry) = state.topics.get_mut(&topic) {
                 // Only if the client is still there: a seat left meanwhile may have been
                 // taken by another client, waiting for its own replay.
-                let slab = match seat.format {
-                    Format::Raw => &entry.raw,
-                    Format::Json => &entry.json,
-                };
+                let slab = entry.seats(seat.format);
                 if slab
                     .get(seat.key)
                     .is_some_and(|there| Arc::ptr_eq(there, &outbox))

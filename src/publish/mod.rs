@@ -5,6 +5,10 @@
 //! channel's tally for `/status.json`) and the publish path
 //! itself ([`window`]: the pool of pipelining Redis connections and one client's window;
 //! with `--history`, the stream writes of SPEC §9 too).
+//! Owns too the downlink's delivery (SPEC §10): a hub of its own (the same [`crate::hub`] as
+//! the subscribe server's, on its own subscriber connection), which each publisher joins
+//! with its outbox on `PREFIX + PATH + --downlink-suffix` for as long as it is connected, so
+//! there is one subscription per path with a live publisher and none without.
 //! Must not: drop a message silently, or know who subscribes. The subscribe side uses
 //! [`window`] for `--accept-publish`; nothing here uses the subscribe side.
 
@@ -17,7 +21,8 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
-use crate::redis::{connect_publisher, connect_reader, Health, OnDeaf};
+use crate::hub::{self, Format, Hub, Topic};
+use crate::redis::{connect_publisher, connect_reader, connect_subscriber, Health, OnDeaf};
 use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, PublishArgs, SlowConsumer};
 use crate::server::metrics::Metrics;
@@ -36,6 +41,8 @@ pub fn main(args: PublishArgs) -> ExitCode {
 /// What the publish server shares between its connections.
 pub(crate) struct PublishRole {
     publisher: Publisher,
+    /// The downlink's hub: publishers join it on their downlink channel.
+    hub: Arc<Hub>,
     health: Arc<Health>,
     /// The channels with a publisher connected, with their messages (`/status.json`).
     channels: Arc<Channels>,
@@ -51,9 +58,21 @@ impl PublishRole {
     ) -> Result<Self, Error> {
         let health = Arc::new(Health::new(common.redis_url.display.clone()));
         let publisher = Publisher::start(common, &health, metrics, shutdown)?;
+        let subscriber = connect_subscriber(common, crate::redis::DOWNLINK_BUFFER)?;
+        health.watch(
+            "downlink".into(),
+            subscriber.clone(),
+            common.ping_interval,
+            OnDeaf::Reconnect(common.redis_timeout),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        let hub = Hub::new(metrics.clone(), None);
+        hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         let presence = presence_client(common)?;
         Ok(PublishRole {
             publisher,
+            hub,
             health,
             channels: Arc::default(),
             presence,
@@ -175,11 +194,21 @@ impl Role for PublishRole {
         connection: Upgraded,
         (): (),
     ) -> impl std::future::Future<Output = Ending> + Send + 'static {
-        let settings = SessionSettings::new(&relay.common, connection.ack, connection.expires);
-        // A publisher's outbox only holds its acks, at most one per message in flight; one
-        // that never reads them is closed like any slow consumer.
-        let size = relay.common.publish_window as usize * 4;
-        let outbox = Arc::new(Outbox::new(Limits::messages(size), SlowConsumer::Close));
+        let common = &relay.common;
+        let settings = SessionSettings::new(common, connection.ack, connection.expires);
+        // A publisher's outbox holds its acks, at most one per message in flight, and what
+        // its downlink brings; one that never reads them is closed like any slow consumer.
+        let acks = common.publish_window as usize * 4;
+        let limits = Limits::publisher(acks, common.max_message_bytes);
+        let outbox = Arc::new(Outbox::new(limits, SlowConsumer::Close));
+        // Its downlink, for as long as it is connected. Acks are text frames, so on an ack
+        // connection every downlink message is a binary frame.
+        let downlink = Topic::Channel(connection.channel.with_suffix(&common.downlink_suffix));
+        let format = match connection.ack {
+            true => Format::Binary,
+            false => Format::Raw,
+        };
+        let membership = relay.role.hub.join(downlink, format, outbox.clone(), false);
         let mut window = window_for(&relay, &relay.role.publisher, &connection.channel);
         window.count_on(relay.role.channels.open(&connection.channel));
         // Presence (SPEC §10): the path is marked open now and closed when the session ends;
@@ -200,9 +229,9 @@ impl Role for PublishRole {
             relay.shutdown.clone(),
             relay.metrics.clone(),
         );
-        // A combinator, not an async block (see `Relay::serve`); with presence off nothing
-        // is carried but the `None`.
+        // A combinator, not an async block (see `Relay::serve`): the session is kept once.
         futures_util::FutureExt::map(session, move |ending| {
+            drop(membership);
             drop(marked);
             ending
         })

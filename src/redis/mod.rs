@@ -57,7 +57,13 @@ use crate::Error;
 /// so it is set on the subscriber only: 16,384 costs ~12 MiB there (on all three clients it
 /// cost 36 MiB). With 4,096, a 1,000 channels × 10 subscribers burst at full rate still lost
 /// hundreds of messages even with the hub on its own thread.
-const MESSAGE_BUFFER: usize = 16_384;
+pub(crate) const MESSAGE_BUFFER: usize = 16_384;
+
+/// The publish server's downlink subscriber (SPEC §10): messages to devices come now and
+/// then, not in bursts of thousands, and 16,384 slots cost its every process ~12 MiB (its
+/// RSS at start went from 16 to 29 MiB); 1,024 cost under 1 MiB. A longer burst is counted
+/// in `redis_lagged`, never lost silently.
+pub(crate) const DOWNLINK_BUFFER: usize = 1_024;
 
 /// Which connection a builder is for: they differ in how fast they reconnect.
 #[derive(Clone, Copy)]
@@ -139,11 +145,15 @@ pub(crate) fn connect_publisher(args: &CommonArgs) -> Result<Pool, Error> {
     Ok(pool)
 }
 
-/// The SUBSCRIBE connection, connecting in the background. The hub subscribes (and
-/// re-subscribes after every reconnect) what its clients need.
-pub(crate) fn connect_subscriber(args: &CommonArgs) -> Result<SubscriberClient, Error> {
+/// The SUBSCRIBE connection, connecting in the background, holding up to `buffer` messages
+/// the hub has not read yet ([`MESSAGE_BUFFER`], [`DOWNLINK_BUFFER`]). The hub subscribes
+/// (and re-subscribes after every reconnect) what its clients need.
+pub(crate) fn connect_subscriber(
+    args: &CommonArgs,
+    buffer: usize,
+) -> Result<SubscriberClient, Error> {
     let client = builder(args, Purpose::Subscribe)?
-        .with_performance_config(|perf| perf.broadcast_channel_capacity = MESSAGE_BUFFER)
+        .with_performance_config(|perf| perf.broadcast_channel_capacity = buffer)
         .build_subscriber_client()?;
     client.connect();
     Ok(client)

@@ -55,6 +55,15 @@ impl ChannelName {
         Ok(ChannelName(Bytes::from(name)))
     }
 
+    /// This channel's name followed by `suffix`: its downlink channel (`--downlink-suffix`,
+    /// SPEC §10).
+    pub fn with_suffix(&self, suffix: &str) -> Self {
+        let mut name = Vec::with_capacity(self.0.len() + suffix.len());
+        name.extend_from_slice(&self.0);
+        name.extend_from_slice(suffix.as_bytes());
+        ChannelName(Bytes::from(name))
+    }
+
     /// A channel name as Redis sent it (used for incoming pub/sub messages).
     pub fn from_redis(name: Bytes) -> Self {
         ChannelName(name)

@@ -1,7 +1,8 @@
 //! The HTTP face of both servers: every request that arrives, upgraded or not (SPEC §2, §5).
 //!
 //! Owns: routing (`/healthz`, `/metrics`, `/status` and `/status.json`, `/presence` and
-//! `/presence/PATH` (SPEC §10) on both servers, `POST /PATH`, the live page's files on the
+//! `/presence/PATH` (SPEC §10) on both servers, `POST /PATH`, `POST /down/PATH` on the
+//! subscribe server (SPEC §10; its token check is on PATH), the live page's files on the
 //! subscribe server, WebSocket upgrades, 426 for the rest),
 //! the refusals that happen before an upgrade (400 bad path, bad key or HTTP/1.0; 413, 408,
 //! 503 when the POST body budget is spent), each with a one-line reason and
@@ -129,7 +130,14 @@ pub(crate) async fn handle<R: Role>(
             );
             response
         }
-        (&Method::POST, _) if relay.role.publishes() => post(relay, peer, req).await,
+        // SPEC §10: routed before the subscribe server's 426 (it answers with or without
+        // --accept-publish); on the publish server `/down/x` is a channel like any other.
+        (&Method::POST, p) if p.starts_with(DOWN) && relay.role.sends_downlink() => {
+            post(relay, peer, req, Grant::Down).await
+        }
+        (&Method::POST, _) if relay.role.publishes() => {
+            post(relay, peer, req, Grant::Publish).await
+        }
         // Only the subscribe server without --accept-publish does not publish.
         (&Method::POST, _) => {
             let mut response = refusal(
@@ -217,6 +225,9 @@ fn channel_of<R: Role>(
     })
 }
 
+/// `POST /down/PATH` (SPEC §10): the path of the device follows, with its leading `/`.
+const DOWN: &str = "/down/";
+
 /// What the token check lets a request on its path do.
 struct Access {
     /// When its token expires.
@@ -233,7 +244,16 @@ fn authorize<R: Role>(
     grant: Grant,
 ) -> Result<Access, Box<Reply>> {
     let path = req.uri().path();
-    let path = if path.is_empty() { "/" } else { path };
+    authorize_on(relay, req, if path.is_empty() { "/" } else { path }, grant)
+}
+
+/// The token check for `grant` on `path` (the device's path of a `POST /down/PATH`).
+fn authorize_on<R: Role>(
+    relay: &Relay<R>,
+    req: &Request<Incoming>,
+    path: &str,
+    grant: Grant,
+) -> Result<Access, Box<Reply>> {
     match relay
         .auth
         .check(req.headers(), req.uri().query(), path, grant)
@@ -262,16 +282,41 @@ fn authorize<R: Role>(
     }
 }
 
-/// `POST /PATH`: publish the body, answer the receiver count.
-async fn post<R: Role>(relay: Arc<Relay<R>>, peer: IpAddr, req: Request<Incoming>) -> Reply {
-    let channel = match channel_of(&relay, &req) {
+/// `POST /PATH` (`grant` Publish): publish the body, answer the receiver count.
+/// `POST /down/PATH` (`grant` Down, SPEC §10): publish it on PATH's downlink channel, answer
+/// what [`Role::downlink`] says.
+async fn post<R: Role>(
+    relay: Arc<Relay<R>>,
+    peer: IpAddr,
+    req: Request<Incoming>,
+    grant: Grant,
+) -> Reply {
+    // The device's path: what follows `/down`, its `/` kept.
+    let device = (grant == Grant::Down).then(|| req.uri().path()["/down".len()..].to_string());
+    let channel = match &device {
+        None => channel_of(&relay, &req),
+        Some(path) => {
+            let common = &relay.common;
+            ChannelName::from_target(&common.channel_prefix, path, common.max_path_bytes)
+                .map(|channel| channel.with_suffix(&common.downlink_suffix))
+                .map_err(|e| {
+                    relay.metrics.refused(Refusal::bad_path);
+                    Box::new(refusal(StatusCode::BAD_REQUEST, format!("{e}\n")))
+                })
+        }
+    };
+    let channel = match channel {
         Ok(channel) => channel,
         Err(refusal) => return *refusal,
     };
     if let Err(refusal) = relay.limits.admit_post(peer, req.headers()) {
         return *refusal;
     }
-    if let Err(refusal) = authorize(&relay, &req, Grant::Publish) {
+    let access = match &device {
+        None => authorize(&relay, &req, grant),
+        Some(path) => authorize_on(&relay, &req, path, grant),
+    };
+    if let Err(refusal) = access {
         return *refusal;
     }
     let max = relay.common.max_message_bytes;
@@ -328,6 +373,9 @@ async fn post<R: Role>(relay: Arc<Relay<R>>, peer: IpAddr, req: Request<Incoming
             )
         }
     };
+    if let Some(path) = device {
+        return R::downlink(&relay, &path, channel, body).await;
+    }
     match R::publish_once(&relay, channel, body).await {
         Ok(receivers) => reply(StatusCode::OK, format!("{receivers}\n")),
         Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),

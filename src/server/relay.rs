@@ -52,6 +52,26 @@ pub(crate) trait Role: Send + Sync + Sized + 'static {
         body: Bytes,
     ) -> impl Future<Output = Result<i64, String>> + Send;
 
+    /// Whether `POST /down/PATH` sends a downlink (SPEC §10): only the subscribe server's,
+    /// which never publishes a POST itself; on the publish server it is a plain publish.
+    fn sends_downlink(&self) -> bool {
+        false
+    }
+
+    /// Publish `body` on `channel` (`PREFIX + PATH + --downlink-suffix`) for the devices on
+    /// `path`, and answer the request: `200` with the counts, `404`, or `503`.
+    fn downlink(
+        _relay: &Relay<Self>,
+        _path: &str,
+        _channel: ChannelName,
+        _body: Bytes,
+    ) -> impl Future<Output = Reply> + Send {
+        std::future::ready(super::http::refusal(
+            hyper::StatusCode::NOT_FOUND,
+            "this server sends no downlink\n",
+        ))
+    }
+
     /// A plain `GET` this role answers itself (the live page), if `path` is one.
     fn page(&self, _path: &str) -> Option<Reply> {
         None

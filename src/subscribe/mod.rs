@@ -5,7 +5,9 @@
 //! channel or pattern with its outbox before its 101; with `--accept-publish` it also
 //! publishes through the publish side's window), the process's hub and its history reader,
 //! and the live page's files ([`page`]); what `/status.json` shows of it (the hub's topics,
-//! the Redis connections, the connection the fleet is read on).
+//! the Redis connections, the connection the fleet is read on);
+//! and `POST /down/PATH` (SPEC §10: one PUBLISH on the
+//! path's downlink channel and one read of the fleet's presence, on a connection of its own).
 //! Must not: write to a client's socket outside the outbox's rules (`server::outbox`), or
 //! block the hub on a client.
 
@@ -19,12 +21,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
 use crate::hub::{self, Format, Hub, Membership, Replay, Topic};
+use crate::presence;
 use crate::publish::{self, Publisher};
 use crate::redis::{connect_reader, connect_subscriber, Health, OnDeaf};
 use crate::server::channel::ChannelName;
 use crate::server::config::{CommonArgs, SlowConsumer, SubscribeArgs};
 use crate::server::history::StreamId;
-use crate::server::http::Reply;
+use crate::server::http::{self, Reply};
 use crate::server::metrics::Metrics;
 use crate::server::session::{self, Ending};
 use crate::server::status::RoleStatus;
@@ -67,6 +70,8 @@ pub(crate) struct SubscribeRole {
     slow_consumer: SlowConsumer,
     /// `--accept-publish`: the PUBLISH pool subscribers' frames go through.
     publisher: Option<Publisher>,
+    /// `POST /down/PATH`'s connection: its PUBLISH and the presence read.
+    downlink: fred::clients::Client,
     health: Arc<Health>,
     /// Presence's own connection (SPEC §10): this instance is in the fleet with no paths.
     presence: Option<fred::clients::Client>,
@@ -85,7 +90,7 @@ impl SubscribeRole {
         let publisher = accept_publish
             .then(|| Publisher::start(common, &health, metrics, shutdown))
             .transpose()?;
-        let subscriber = connect_subscriber(common)?;
+        let subscriber = connect_subscriber(common, crate::redis::MESSAGE_BUFFER)?;
         health.watch(
             "subscriber".into(),
             subscriber.clone(),
@@ -117,12 +122,16 @@ impl SubscribeRole {
         let hub = Hub::new(metrics.clone(), history);
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         let presence = publish::presence_client(common)?;
+        // Not one of /healthz's checks: subscribers do not need it, and a POST /down it
+        // cannot serve is answered 503 within --redis-timeout.
+        let downlink = connect_reader(common)?;
         Ok(SubscribeRole {
             presence,
             hub,
             limits,
             slow_consumer,
             publisher,
+            downlink,
             health,
         })
     }
@@ -148,6 +157,60 @@ impl Role for SubscribeRole {
             Some(publisher) => publish::post(relay, publisher, channel, body).await,
             None => Err("this server does not publish (--accept-publish is off)".into()),
         }
+    }
+
+    fn sends_downlink(&self) -> bool {
+        true
+    }
+
+    async fn downlink(relay: &Relay<Self>, path: &str, channel: ChannelName, body: Bytes) -> Reply {
+        use fred::interfaces::PubsubInterface;
+        let common = &relay.common;
+        let client = &relay.role.downlink;
+        let published = tokio::time::timeout(
+            common.redis_timeout,
+            client.publish::<i64, _, _>(channel.to_string(), body),
+        )
+        .await;
+        let relays = match published {
+            Ok(Ok(relays)) => relays,
+            Ok(Err(e)) => return unavailable(format!("Redis did not take the downlink: {e}")),
+            Err(_) => {
+                return unavailable(format!(
+                    "Redis did not take the downlink within {:?} (--redis-timeout)",
+                    common.redis_timeout
+                ))
+            }
+        };
+        if relays == 0 {
+            return http::reply(
+                hyper::StatusCode::NOT_FOUND,
+                format!("no device is connected on {path}\n"),
+            );
+        }
+        // How many publisher connections the fleet's presence lists on the path (null when
+        // it cannot be read: the downlink went out all the same).
+        let read = presence::fleet(client, &common.channel_prefix, common.presence_interval);
+        let devices = match tokio::time::timeout(common.redis_timeout, read).await {
+            Ok(Ok(fleet)) => {
+                let on: u64 = fleet.on(path).iter().map(|d| d.connections).sum();
+                on.to_string()
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not read the presence for a downlink's count");
+                "null".into()
+            }
+            Err(_) => "null".into(),
+        };
+        let mut response = http::reply(
+            hyper::StatusCode::OK,
+            format!("{{\"relays\":{relays},\"devices\":{devices}}}\n"),
+        );
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        response
     }
 
     fn page(&self, path: &str) -> Option<Reply> {
@@ -248,6 +311,11 @@ impl Role for SubscribeRole {
             ending
         })
     }
+}
+
+/// A downlink Redis did not take: 503 with why.
+fn unavailable(why: String) -> Reply {
+    http::reply(hyper::StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
 }
 
 /// Whether a channel name holds a glob character, making its path a pattern (SPEC §9).

@@ -71,7 +71,20 @@ impl Limits {
         }
     }
 
-    /// A bound on messages alone (a publisher's acks): no byte or time judgement.
+    /// A publisher's: its acks (at most `acks`) and its downlink messages (SPEC §10), at most
+    /// [`DOWNLINK_QUEUE`] more and, all together, 4 × `max_message_bytes` (at least 1 MiB):
+    /// a device that reads nothing is closed like any slow consumer, never a memory sink.
+    pub(crate) fn publisher(acks: usize, max_message_bytes: usize) -> Self {
+        Limits {
+            messages: acks.saturating_add(DOWNLINK_QUEUE).max(1),
+            soft_bytes: usize::MAX,
+            hard_bytes: max_message_bytes.saturating_mul(4).max(1 << 20),
+            grace: Duration::ZERO,
+        }
+    }
+
+    /// A bound on messages alone: no byte or time judgement.
+    #[cfg(test)]
     pub(crate) fn messages(messages: usize) -> Self {
         Limits {
             messages: messages.max(1),
@@ -81,6 +94,9 @@ impl Limits {
         }
     }
 }
+
+/// How many downlink messages a publisher's outbox holds beyond its acks.
+pub(crate) const DOWNLINK_QUEUE: usize = 64;
 
 /// What one queued message costs beyond its payload (its slot and `Bytes` handle), counted
 /// so that a flood of empty messages is bounded like one of large ones.
