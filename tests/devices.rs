@@ -500,3 +500,35 @@ async fn with_auth_post_down_needs_a_down_grant_on_the_device_path() {
     assert_eq!(next_data(&mut device).await, Message::text("go"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// With `--auth all` (every read needs a token), what shows the whole fleet — `/presence`,
+/// `/presence/PATH`, `/status.json` — needs an operator's token, one whose `sub` grant covers
+/// every path (`*`); a grant on some paths is not enough. With `--auth publish` (the
+/// deployed default) they are as open as subscribing is.
+#[tokio::test]
+async fn with_auth_all_the_fleet_needs_a_token_that_may_subscribe_everywhere() {
+    use common::auth::{server_with_auth, token};
+    let redis = Redis::start().await;
+    let (all, _dir) = server_with_auth(Kind::Subscribe, &redis.url(), "all", "fleet-auth").await;
+    let (open, _dir2) =
+        server_with_auth(Kind::Subscribe, &redis.url(), "publish", "fleet-open").await;
+    for target in ["/presence", "/presence/x", "/status.json"] {
+        let (status, _) = http(all.addr, "GET", target, &[], b"").await;
+        assert_eq!(status, 401, "{target} without a token");
+        let some = format!("Bearer {}", token(&[], &["/x", "/office/*"]));
+        let (status, _) = http(all.addr, "GET", target, &[("Authorization", &some)], b"").await;
+        assert_eq!(status, 403, "{target} with a grant on some paths");
+        let every = format!("Bearer {}", token(&[], &["*"]));
+        let (status, _) = http(all.addr, "GET", target, &[("Authorization", &every)], b"").await;
+        // (`/presence/x` is 404: no device is on it.)
+        assert!(
+            ![401, 403].contains(&status),
+            "{target} with an operator's token: {status}"
+        );
+        let (status, _) = http(open.addr, "GET", target, &[], b"").await;
+        assert!(
+            ![401, 403].contains(&status),
+            "{target} with --auth publish: {status}"
+        );
+    }
+}

@@ -105,7 +105,12 @@ pub(crate) async fn handle<R: Role>(
         // The status page (SPEC §10), on both servers.
         match path {
             "/status" => return Ok(status::page()),
-            "/status.json" => return Ok(status::json(&relay).await),
+            "/status.json" => {
+                if let Err(refusal) = operator(&relay, &req) {
+                    return Ok(*refusal);
+                }
+                return Ok(status::json(&relay).await);
+            }
             _ => {}
         }
         if let Some(page) = relay.role.page(path) {
@@ -117,9 +122,12 @@ pub(crate) async fn handle<R: Role>(
             Ok(()) => reply(StatusCode::OK, "ok\n"),
             Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
-        (&Method::GET, "/presence") => presence(&relay, None).await,
-        (&Method::GET, p) if p.starts_with("/presence/") => {
-            presence(&relay, Some(&p["/presence".len()..])).await
+        (&Method::GET, p) if p == "/presence" || p.starts_with("/presence/") => {
+            match operator(&relay, &req) {
+                Err(refusal) => *refusal,
+                Ok(()) if p == "/presence" => presence(&relay, None).await,
+                Ok(()) => presence(&relay, Some(&p["/presence".len()..])).await,
+            }
         }
         (&Method::GET, "/metrics") => {
             let format = Exposition::asked_by(req.headers().get_all(header::ACCEPT));
@@ -245,6 +253,13 @@ fn authorize<R: Role>(
 ) -> Result<Access, Box<Reply>> {
     let path = req.uri().path();
     authorize_on(relay, req, if path.is_empty() { "/" } else { path }, grant)
+}
+
+/// The token check for what shows the whole fleet (`/presence`, `/status.json`): when
+/// subscribing needs a token (`--auth all`), one whose `sub` grant covers every path (`*`).
+/// With `--auth publish` they are as open as subscribing is.
+fn operator<R: Role>(relay: &Relay<R>, req: &Request<Incoming>) -> Result<(), Box<Reply>> {
+    authorize_on(relay, req, "*", Grant::Subscribe).map(drop)
 }
 
 /// The token check for `grant` on `path` (the device's path of a `POST /down/PATH`).
