@@ -10,7 +10,7 @@ mod common;
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -19,27 +19,6 @@ use common::*;
 
 /// The whole browser run, start to end (the script bounds itself at 150 s).
 const BROWSER_PATIENCE: Duration = Duration::from_secs(180);
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `npm ci` in tests/browser when playwright-core is not there yet (bin/test does it first).
-fn browser_deps() {
-    let dir = root().join("tests/browser");
-    if dir
-        .join("node_modules/playwright-core/package.json")
-        .exists()
-    {
-        return;
-    }
-    let status = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
-        .arg(&dir)
-        .status()
-        .expect("npm must be installed (bin/test installs it)");
-    assert!(status.success(), "npm ci in tests/browser failed");
-}
 
 /// A plain request; returns the status line and headers (lower-cased names) and the body.
 async fn get(addr: std::net::SocketAddr, method: &str, path: &str) -> (String, Vec<u8>) {

@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -16,10 +15,6 @@ use serde_json::Value;
 
 /// The path the steady publisher sends on.
 const PATH: &str = "/status-test";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 async fn status(addr: SocketAddr) -> Value {
     let (code, body) = http(addr, "GET", "/status.json", &[], b"").await;
@@ -136,23 +131,6 @@ async fn status_json_says_redis_is_down_and_why_there_is_no_fleet() {
             .starts_with("Redis is unreachable"),
         "{status}"
     );
-}
-
-/// `npm ci` in tests/browser when playwright-core is not there yet (bin/test does it first).
-fn browser_deps() {
-    let dir = root().join("tests/browser");
-    if dir
-        .join("node_modules/playwright-core/package.json")
-        .exists()
-    {
-        return;
-    }
-    let status = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
-        .arg(&dir)
-        .status()
-        .expect("npm must be installed (bin/test installs it)");
-    assert!(status.success(), "npm ci in tests/browser failed");
 }
 
 #[tokio::test(flavor = "multi_thread")]

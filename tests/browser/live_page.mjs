@@ -13,7 +13,7 @@
 // `ok`. Lines starting with `#` are progress; the last line is `PASS …` (exit 0) or the failure
 // goes to stderr (exit 1). Every wait is bounded; the whole run is bounded by TOTAL_MS.
 
-import { chromium } from 'playwright-core';
+import { launch as launchChromium } from './chromium.mjs';
 import { parseArgs } from 'node:util';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -189,18 +189,7 @@ const payloads = (page) => page.$$eval('#rows tr:not(.empty) td.payload', (tds) 
 // Debian's Chromium, headless, in a fresh profile; every wait bounded by WAIT_MS.
 async function launch(profile) {
   step(`starting ${opt.chromium}`);
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: opt.chromium,
-    headless: true,
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-      '--disable-sync', '--no-first-run', '--disable-quic',
-    ],
-    viewport: { width: 1200, height: 900 },
-    timeout: WAIT_MS,
-  });
-  context.setDefaultTimeout(WAIT_MS);
-  return context;
+  return launchChromium(opt.chromium, profile, WAIT_MS);
 }
 
 async function main() {

@@ -11,7 +11,7 @@
 // same. The last line is `PASS …` (exit 0) or the failure goes to stderr (exit 1); every wait
 // is bounded, the whole run by TOTAL_MS.
 
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 import { parseArgs } from 'node:util';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -115,17 +115,7 @@ async function main() {
   let proxy = null;
   try {
     step(`starting ${opt.chromium}`);
-    context = await chromium.launchPersistentContext(profile, {
-      executablePath: opt.chromium,
-      headless: true,
-      args: [
-        '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-        '--disable-sync', '--no-first-run', '--disable-quic',
-      ],
-      viewport: { width: 1200, height: 900 },
-      timeout: WAIT_MS,
-    });
-    context.setDefaultTimeout(WAIT_MS);
+    context = await launch(opt.chromium, profile, WAIT_MS);
     const requests = [];
     context.on('request', (r) => requests.push(r.url()));
 

@@ -1114,3 +1114,25 @@ impl Gate {
         self.open.store(open, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// The repository's root (where Cargo.toml is).
+pub fn root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `npm ci` in tests/browser when playwright-core is not there yet (bin/test does it first).
+pub fn browser_deps() {
+    let dir = root().join("tests/browser");
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        return;
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&dir)
+        .status()
+        .expect("npm must be installed (bin/test installs it)");
+    assert!(status.success(), "npm ci in tests/browser failed");
+}
