@@ -300,7 +300,9 @@ async fn render<R: Role>(relay: &Relay<R>) -> Value {
     let now_ms = presence::now_ms();
     json!({
         "instance": {
-            "id": status.listen.to_string(),
+            // Presence's instance id (`--instance-id`), as the fleet lists it; with presence
+            // off, the listen address.
+            "id": relay.presence.as_ref().map_or_else(|| status.listen.to_string(), |p| p.id.clone()),
             "role": R::NAME,
             "version": env!("CARGO_PKG_VERSION"),
             "listen": status.listen.to_string(),
