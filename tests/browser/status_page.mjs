@@ -11,12 +11,11 @@
 // same. The last line is `PASS …` (exit 0) or the failure goes to stderr (exit 1); every wait
 // is bounded, the whole run by TOTAL_MS.
 
-import { launch } from './chromium.mjs';
+import { launch, startProxy } from './chromium.mjs';
 import { parseArgs } from 'node:util';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import http from 'node:http';
 
 const TOTAL_MS = 90_000;
 const WAIT_MS = 20_000;
@@ -45,26 +44,6 @@ function check(ok, what) {
 }
 const step = (text) => process.stdout.write(`# ${text}\n`);
 
-// A plain HTTP proxy serving `target` under /subscribe/ (the page needs nothing else).
-function startProxy(target) {
-  const { hostname, port } = new URL(target);
-  const server = http.createServer((req, res) => {
-    const path = /^\/subscribe(\/.*)$/.exec(req.url)?.[1];
-    if (!path) { res.writeHead(404).end('not under /subscribe/\n'); return; }
-    const upstream = http.request({ host: hostname, port, method: req.method, path, headers: req.headers }, (r) => {
-      res.writeHead(r.statusCode, r.headers);
-      r.pipe(res);
-    });
-    upstream.on('error', () => res.writeHead(502).end());
-    req.pipe(upstream);
-  });
-  return new Promise((resolve) => {
-    server.listen(0, '127.0.0.1', () => resolve({
-      url: `http://127.0.0.1:${server.address().port}/subscribe`,
-      close: () => { server.closeAllConnections(); server.close(); },
-    }));
-  });
-}
 
 // What the page shows now: this instance, its state, PATH's row, the fleet's rows.
 function shown(page, path) {
