@@ -489,13 +489,6 @@ fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| i.to_string()).collect()
 }
 
-fn json_of(frame: Message) -> serde_json::Value {
-    match frame {
-        Message::Text(text) => serde_json::from_str(text.as_str()).expect("json"),
-        other => panic!("expected a text frame, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn last_n_gives_the_newest_retained_oldest_first_then_the_live_ones() {
     let redis = Redis::start().await;

@@ -7,14 +7,6 @@ mod common;
 
 use common::*;
 use fred::interfaces::ClientLike;
-use tokio_tungstenite::tungstenite::Message;
-
-fn envelope(frame: Message) -> serde_json::Value {
-    match frame {
-        Message::Text(text) => serde_json::from_str(text.as_str()).expect("an envelope"),
-        other => panic!("expected a text envelope, got {other:?}"),
-    }
-}
 
 async fn numpat(redis: &Redis) -> i64 {
     let client = redis.client().await;
@@ -55,9 +47,9 @@ async fn a_pattern_reaches_nested_paths_and_each_envelope_names_its_channel() {
     redis.publish("lightlevel/office/desk/lamp", "2").await;
     redis.publish("lightlevel/office/bin", vec![0u8, 255]).await;
     let got: Vec<serde_json::Value> = vec![
-        envelope(next_data(&mut ws).await),
-        envelope(next_data(&mut ws).await),
-        envelope(next_data(&mut ws).await),
+        json_of(next_data(&mut ws).await),
+        json_of(next_data(&mut ws).await),
+        json_of(next_data(&mut ws).await),
     ];
     assert_eq!(
         got,
@@ -129,7 +121,7 @@ async fn a_channel_under_two_patterns_and_its_own_subscription_reaches_each_clie
         let mut got = Vec::new();
         for _ in 0..20 {
             got.push(
-                envelope(next_data(ws).await)["data"]
+                json_of(next_data(ws).await)["data"]
                     .as_str()
                     .unwrap()
                     .to_string(),
@@ -137,7 +129,7 @@ async fn a_channel_under_two_patterns_and_its_own_subscription_reaches_each_clie
         }
         assert_eq!(got, expected, "{name}");
         if let Some(last) = last {
-            assert_eq!(envelope(next_data(ws).await)["data"], last, "{name}");
+            assert_eq!(json_of(next_data(ws).await)["data"], last, "{name}");
         }
         assert!(sync(ws).await.is_empty(), "{name}: a copy arrived twice");
     }

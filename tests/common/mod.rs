@@ -1136,3 +1136,11 @@ pub fn browser_deps() {
         .expect("npm must be installed (bin/test installs it)");
     assert!(status.success(), "npm ci in tests/browser failed");
 }
+
+/// A text frame's JSON (a `format=json` envelope or a gap notice, SPEC §9).
+pub fn json_of(frame: Message) -> serde_json::Value {
+    match frame {
+        Message::Text(text) => serde_json::from_str(text.as_str()).expect("json"),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
