@@ -73,7 +73,10 @@ enum Purpose {
 }
 
 fn builder(args: &CommonArgs, purpose: Purpose) -> Result<Builder, Error> {
-    let mut config = args.redis_url.config.clone();
+    let mut config = args
+        .redis_url
+        .config(args.redis_mode)
+        .map_err(Error::Config)?;
     // Keep retrying the first connection too: a relay starts (and listens) while Redis is down.
     config.fail_fast = false;
     // Empty (`LIGHTRELAY_REDIS_CA=` in the defaults file) means not set.

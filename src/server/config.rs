@@ -16,10 +16,18 @@ use clap::{Args, Parser, ValueEnum};
 /// flattened into both.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Redis to use: redis://[user:pass@]host:port[/db], or rediss:// for TLS.
+    /// Redis to use: redis://[user:pass@]host:port[/db], or rediss:// for TLS. With
+    /// `--redis-mode cluster`, seed nodes: redis://[user:pass@]host:port,host:port,…; with
+    /// `--redis-mode sentinel`, the sentinels and the master's name:
+    /// redis://[user:pass@]host:port,host:port/MASTER[/db].
     #[arg(long, env = "LIGHTRELAY_REDIS_URL", default_value = "redis://127.0.0.1:6379",
           value_parser = parse_redis_url)]
     pub redis_url: RedisUrl,
+
+    /// What --redis-url names: one Redis (`standalone`), a Redis Cluster's seed nodes
+    /// (`cluster`: sharded pub/sub, SPUBLISH and SSUBSCRIBE) or Sentinels (`sentinel`).
+    #[arg(long, env = "LIGHTRELAY_REDIS_MODE", value_enum, default_value_t = RedisMode::Standalone)]
+    pub redis_mode: RedisMode,
 
     /// A PEM file of certificates to trust for rediss:// besides the system's roots (for a
     /// Redis with a self-signed certificate).
@@ -281,10 +289,22 @@ pub(crate) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
-/// A Redis URL that fred accepted, kept with its text for logs (password hidden).
+/// Which Redis deployment `--redis-url` names (SPEC §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisMode {
+    /// One Redis server.
+    Standalone,
+    /// A Redis Cluster (7+): the URL lists seed nodes; pub/sub is sharded.
+    Cluster,
+    /// A primary found through Redis Sentinel: the URL lists sentinels and the master's name.
+    Sentinel,
+}
+
+/// `--redis-url` as given, kept with its text for logs (password hidden). What it means
+/// depends on `--redis-mode`: [`CommonArgs::redis_config`] reads it.
 #[derive(Debug, Clone)]
 pub struct RedisUrl {
-    pub config: fred::types::config::Config,
+    raw: String,
     pub display: String,
 }
 
@@ -292,12 +312,93 @@ fn parse_redis_url(s: &str) -> Result<RedisUrl, String> {
     if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
         return Err("expected redis://[user:pass@]host:port[/db] or rediss://…".into());
     }
-    let config = fred::types::config::Config::from_url(s).map_err(|e| e.details().to_string())?;
+    // The standalone reading checks what every mode shares (scheme, credentials, a port);
+    // a host list is checked by `redis_config` once the mode is known.
+    if !s.contains(',') {
+        fred::types::config::Config::from_url(s).map_err(|e| e.details().to_string())?;
+    }
     let display = match (s.find("://"), s.rfind('@')) {
         (Some(scheme), Some(at)) => format!("{}://***{}", &s[..scheme], &s[at..]),
         _ => s.to_string(),
     };
-    Ok(RedisUrl { config, display })
+    Ok(RedisUrl {
+        raw: s.to_string(),
+        display,
+    })
+}
+
+impl RedisUrl {
+    /// fred's configuration for this URL under `mode`. Cluster and sentinel URLs are
+    /// rewritten into fred's own forms (`redis-cluster://first?node=second&…`,
+    /// `redis-sentinel://first/db?sentinelServiceName=MASTER&node=second&…`).
+    pub fn config(&self, mode: RedisMode) -> Result<fred::types::config::Config, String> {
+        let url = &self.raw;
+        let (scheme, rest) = url.split_once("://").expect("checked by parse_redis_url");
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((auth, rest)) => (format!("{auth}@"), rest),
+            None => (String::new(), rest),
+        };
+        let (hosts, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+        if hosts.iter().any(|h| h.is_empty()) {
+            return Err(format!("--redis-url {}: an empty host", self.display));
+        }
+        let nodes = |rest: &[&str]| -> String {
+            rest.iter()
+                .map(|h| format!("node={h}"))
+                .collect::<Vec<_>>()
+                .join("&")
+        };
+        let fred_url = match mode {
+            RedisMode::Standalone if hosts.len() > 1 => {
+                return Err(format!(
+                    "--redis-url {} lists {} hosts: use --redis-mode cluster or sentinel",
+                    self.display,
+                    hosts.len()
+                ))
+            }
+            RedisMode::Standalone => url.clone(),
+            RedisMode::Cluster => {
+                if !path.is_empty() && path != "0" {
+                    return Err(format!(
+                        "--redis-url {}: a cluster has only database 0",
+                        self.display
+                    ));
+                }
+                let mut u = format!("{scheme}-cluster://{auth}{}", hosts[0]);
+                if hosts.len() > 1 {
+                    u = format!("{u}?{}", nodes(&hosts[1..]));
+                }
+                u
+            }
+            RedisMode::Sentinel => {
+                let (master, db) = match path.split_once('/') {
+                    Some((master, db)) => (master, db),
+                    None => (path, "0"),
+                };
+                if master.is_empty() {
+                    return Err(format!(
+                        "--redis-url {}: name the master after the sentinels \
+                         (redis://host:26379,host:26380/MASTER)",
+                        self.display
+                    ));
+                }
+                let mut u = format!(
+                    "{scheme}-sentinel://{auth}{}/{db}?sentinelServiceName={master}",
+                    hosts[0]
+                );
+                if hosts.len() > 1 {
+                    u = format!("{u}&{}", nodes(&hosts[1..]));
+                }
+                u
+            }
+        };
+        fred::types::config::Config::from_url(&fred_url)
+            .map_err(|e| format!("--redis-url {}: {}", self.display, e.details()))
+    }
 }
 
 /// A CIDR (`10.0.0.0/8`, `::1/128`) or a bare address (one host); an empty item (as a
@@ -543,6 +644,7 @@ impl CommonArgs {
     /// idle subscriber) must not be closed as idle between two of them. A broken rule is
     /// one line for stderr, naming both flags; the server exits 2 with it.
     pub fn check(&self) -> Result<(), String> {
+        self.redis_url.config(self.redis_mode)?;
         if self.idle_timeout <= self.ping_interval {
             return Err(format!(
                 "--idle-timeout ({}) must be longer than --ping-interval ({})",
@@ -657,5 +759,42 @@ mod tests {
         assert!(!url.display.contains("secret"));
         assert!(parse_redis_url("http://127.0.0.1").is_err());
         assert!(parse_redis_url("redis://127.0.0.1:notaport").is_err());
+    }
+
+    #[test]
+    fn redis_urls_are_read_by_mode() {
+        use fred::types::config::ServerConfig;
+        let url = parse_redis_url("redis://u:p@10.0.0.1:7000,10.0.0.2:7001").unwrap();
+        assert!(url.config(RedisMode::Standalone).is_err());
+        let config = url.config(RedisMode::Cluster).unwrap();
+        match config.server {
+            ServerConfig::Clustered { hosts, .. } => {
+                let mut ports: Vec<u16> = hosts.iter().map(|h| h.port).collect();
+                ports.sort_unstable();
+                assert_eq!(ports, [7000, 7001]);
+            }
+            other => panic!("not a cluster: {other:?}"),
+        }
+        assert_eq!(config.password.as_deref(), Some("p"));
+        let url = parse_redis_url("redis://10.0.0.1:26379,10.0.0.2:26380/mymaster/2").unwrap();
+        let config = url.config(RedisMode::Sentinel).unwrap();
+        assert_eq!(config.database, Some(2));
+        match config.server {
+            ServerConfig::Sentinel {
+                hosts,
+                service_name,
+                ..
+            } => {
+                assert_eq!(service_name, "mymaster");
+                assert_eq!(hosts.len(), 2);
+            }
+            other => panic!("not sentinel: {other:?}"),
+        }
+        let no_master = parse_redis_url("redis://10.0.0.1:26379").unwrap();
+        assert!(no_master.config(RedisMode::Sentinel).is_err());
+        let db = parse_redis_url("redis://10.0.0.1:7000/3").unwrap();
+        assert!(db.config(RedisMode::Cluster).is_err());
+        let one = parse_redis_url("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!(one.config(RedisMode::Standalone).unwrap().database, Some(2));
     }
 }
