@@ -31,7 +31,7 @@ use crate::server::status::{Channels, RoleStatus};
 use crate::server::write::outbox::{Limits, Outbox};
 use crate::server::{Relay, Role, Upgraded};
 use crate::Error;
-pub(crate) use window::{publish_once, PublishWindow, Publisher};
+pub(crate) use window::{publish_once, Publisher, Windows};
 
 /// Run `lightrelay-publish` until SIGTERM/SIGINT. This is all its binary calls.
 pub fn main(args: PublishArgs) -> ExitCode {
@@ -41,6 +41,8 @@ pub fn main(args: PublishArgs) -> ExitCode {
 /// What the publish server shares between its connections.
 pub(crate) struct PublishRole {
     publisher: Publisher,
+    /// Each connection's publish window is made from this when it has messages.
+    windows: Arc<Windows>,
     /// The downlink's hub: publishers join it on their downlink channel.
     hub: Arc<Hub>,
     health: Arc<Health>,
@@ -70,8 +72,15 @@ impl PublishRole {
         let hub = Hub::new(metrics.clone(), None);
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         let presence = presence_client(common)?;
+        let windows = Windows::new(
+            publisher.clone(),
+            common.publish_window as usize,
+            common.redis_timeout,
+            metrics.clone(),
+        );
         Ok(PublishRole {
             publisher,
+            windows,
             hub,
             health,
             channels: Arc::default(),
@@ -114,23 +123,6 @@ pub(crate) fn presence_client(common: &CommonArgs) -> Result<Option<fred::client
     Ok(Some(connect_reader(common)?))
 }
 
-/// A client's publish window on `channel`, boxed (a subscriber without `--accept-publish`
-/// does not pay for one).
-pub(crate) fn window_for<R>(
-    relay: &Relay<R>,
-    publisher: &Publisher,
-    channel: &ChannelName,
-) -> Box<PublishWindow> {
-    let common = &relay.common;
-    Box::new(PublishWindow::new(
-        publisher,
-        channel.clone(),
-        common.publish_window as usize,
-        common.redis_timeout,
-        relay.metrics.clone(),
-    ))
-}
-
 /// Publish one `POST` body on `channel` within `--redis-timeout`.
 pub(crate) async fn post<R>(
     relay: &Relay<R>,
@@ -147,8 +139,6 @@ pub(crate) async fn post<R>(
 impl Role for PublishRole {
     const NAME: &'static str = "publish";
     const GRANT: Grant = Grant::Publish;
-    /// A publisher reads real traffic: 4 KiB (larger messages grow the buffer as they come).
-    const READ_BUFFER: usize = 4 * 1024;
 
     fn publishes(&self) -> bool {
         true
@@ -209,8 +199,8 @@ impl Role for PublishRole {
             false => Format::Raw,
         };
         let membership = relay.role.hub.join(downlink, format, outbox.clone(), false);
-        let mut window = window_for(&relay, &relay.role.publisher, &connection.channel);
-        window.count_on(relay.role.channels.open(&connection.channel));
+        let seat = relay.role.channels.open(&connection.channel);
+        let window = relay.role.windows.on(connection.channel.clone(), Some(seat));
         // Presence (SPEC §10): the path is marked open now and closed when the session ends;
         // the heartbeat writes what changed, nothing here touches Redis.
         let marked = relay.presence.as_ref().map(|presence| {

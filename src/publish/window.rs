@@ -224,9 +224,6 @@ pub(crate) struct PublishWindow {
     capacity: usize,
     timeout: Duration,
     metrics: Metrics,
-    /// The publisher's seat in its channel's tally (`/status.json`'s rates), counted once per
-    /// batch sent; the publish server's connections have one.
-    tally: Option<Seat>,
 }
 
 impl PublishWindow {
@@ -252,13 +249,12 @@ impl PublishWindow {
             capacity,
             timeout,
             metrics,
-            tally: None,
         }
     }
 
-    /// Count what this window publishes on `seat`'s channel, for as long as it lives.
-    pub fn count_on(&mut self, seat: Seat) {
-        self.tally = Some(seat);
+    /// Nothing pushed, gathering, in flight or held: the window can go.
+    fn is_idle(&self) -> bool {
+        self.len == 0 && self.batches.is_empty() && self.gathering.is_empty()
     }
 
     pub fn is_full(&self) -> bool {
@@ -278,16 +274,14 @@ impl PublishWindow {
         self.len += 1;
     }
 
-    /// Send what was pushed since the last call, as one pipeline.
-    pub fn send(&mut self) {
+    /// Send what was pushed since the last call, as one pipeline; how many messages that is.
+    pub fn send(&mut self) -> usize {
         let Some(started) = self.gathering_since.take() else {
-            return;
+            return 0;
         };
         // Taken, not drained: an idle publisher keeps no buffer.
         let payloads = std::mem::take(&mut self.gathering);
-        if let Some(tally) = &self.tally {
-            tally.count(payloads.len());
-        }
+        let sent = payloads.len();
         let state = if self.reloading {
             // It must not overtake a batch that met NOSCRIPT.
             BatchState::Held
@@ -303,6 +297,7 @@ impl PublishWindow {
             resent: 0,
             state,
         });
+        sent
     }
 
     /// Hand `payloads` to fred as one pipeline, now: one PUBLISH each, or with history one
@@ -532,28 +527,110 @@ impl PublishWindow {
     }
 }
 
+/// What every client window of a process shares: the PUBLISH connections, the window's
+/// size and `--redis-timeout`.
+pub(crate) struct Windows {
+    publisher: Publisher,
+    capacity: usize,
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+impl Windows {
+    pub fn new(
+        publisher: Publisher,
+        capacity: usize,
+        timeout: Duration,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        Arc::new(Windows {
+            publisher,
+            capacity,
+            timeout,
+            metrics,
+        })
+    }
+
+    /// A client's window on `channel`, counting what it publishes on `seat` (the publish
+    /// server's `/status.json` rates) if given.
+    pub fn on(self: &Arc<Self>, channel: ChannelName, seat: Option<Seat>) -> OnDemand {
+        OnDemand {
+            windows: self.clone(),
+            channel,
+            seat,
+            window: None,
+        }
+    }
+}
+
+/// A client's publish window, made when its first message comes and dropped once all it
+/// took has completed (or failed): an idle publisher holds none (the box, its queues and its
+/// channel's name as fred wants it, ~400 bytes). A window made again later uses the same
+/// connection as the one before ([`Publisher::client_for`]), so order holds across them.
+pub(crate) struct OnDemand {
+    windows: Arc<Windows>,
+    channel: ChannelName,
+    seat: Option<Seat>,
+    window: Option<Box<PublishWindow>>,
+}
+
+impl OnDemand {
+    fn window(&mut self) -> &mut PublishWindow {
+        let (windows, channel) = (&self.windows, &self.channel);
+        self.window.get_or_insert_with(|| {
+            Box::new(PublishWindow::new(
+                &windows.publisher,
+                channel.clone(),
+                windows.capacity,
+                windows.timeout,
+                windows.metrics.clone(),
+            ))
+        })
+    }
+
+    fn release_if_idle(&mut self) {
+        if self.window.as_ref().is_some_and(|w| w.is_idle()) {
+            self.window = None;
+        }
+    }
+}
+
 /// The session drives a window through [`Inbound`]; errors become the 1013's reason.
-impl Inbound for Box<PublishWindow> {
+impl Inbound for OnDemand {
     fn push(&mut self, payload: Bytes) {
-        PublishWindow::push(self, payload);
+        self.window().push(payload);
     }
     fn send(&mut self) {
-        PublishWindow::send(self);
+        if let Some(window) = &mut self.window {
+            let sent = window.send();
+            if let Some(seat) = &self.seat {
+                seat.count(sent);
+            }
+        }
     }
     fn is_full(&self) -> bool {
-        PublishWindow::is_full(self)
+        self.window.as_ref().is_some_and(|w| w.is_full())
     }
     fn is_empty(&self) -> bool {
-        PublishWindow::is_empty(self)
+        self.window.as_ref().is_none_or(|w| w.is_empty())
     }
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<i64, String>> {
-        PublishWindow::poll_next(self, cx).map_err(|e| e.to_string())
+        let Some(window) = &mut self.window else {
+            return Poll::Pending;
+        };
+        let next = window.poll_next(cx).map_err(|e| e.to_string());
+        if next.is_ready() {
+            self.release_if_idle();
+        }
+        next
     }
     fn deadline(&self) -> Option<Instant> {
-        PublishWindow::deadline(self)
+        self.window.as_ref().and_then(|w| w.deadline())
     }
     fn time_out(&mut self) -> String {
-        PublishWindow::time_out(self).to_string()
+        let why = self.window().time_out().to_string();
+        self.release_if_idle();
+        why
     }
 }
 

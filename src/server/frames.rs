@@ -31,13 +31,6 @@ impl<S> Watched<S> {
         }
     }
 
-    /// A stream whose first bytes, `read`, were read before (by hyper, behind the request).
-    pub fn after(io: S, read: &[u8]) -> Self {
-        let mut watched = Watched::new(io);
-        watched.watch.scan(read);
-        watched
-    }
-
     pub fn watch(&self) -> &FrameWatch {
         &self.watch
     }

@@ -45,6 +45,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::channel::ChannelName;
 use super::frames::Watched;
+use super::read_ahead::ReadAhead;
 use super::metrics::{Exposition, Metrics, Refusal};
 use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
 use super::status;
@@ -558,31 +559,18 @@ fn start_session<R: Role>(
     slot: Arc<ConnectionSlot<R>>,
 ) -> Option<impl std::future::Future<Output = super::session::Ending> + Send + 'static> {
     use futures_util::FutureExt;
-    let ws_config = ws_config::<R>(relay.common.max_message_bytes);
+    let ws_config = ws_config(relay.common.max_message_bytes);
     let Some((socket, read_ahead)) = into_socket(upgraded) else {
         tracing::error!("an upgraded connection is not a TCP stream; dropped");
         return None;
     };
-    // Only when the client sent frames right behind its request: tungstenite's read buffer
-    // built from such bytes forgets its configured size, and afterwards reads each header
-    // and payload with a syscall of its own (a publisher at full rate lost a quarter of its
-    // throughput that way).
-    let ws = if read_ahead.is_empty() {
-        WebSocketStream::from_raw_socket(
-            Watched::new(socket.clone()),
-            WsRole::Server,
-            Some(ws_config),
-        )
-        .now_or_never()
-    } else {
-        WebSocketStream::from_partially_read(
-            Watched::after(socket.clone(), &read_ahead),
-            read_ahead,
-            WsRole::Server,
-            Some(ws_config),
-        )
-        .now_or_never()
-    };
+    // Bytes the client sent right behind its request (read by hyper) are handed on first.
+    let ws = WebSocketStream::from_raw_socket(
+        Watched::new(ReadAhead::after(socket.clone(), &read_ahead)),
+        WsRole::Server,
+        Some(ws_config),
+    )
+    .now_or_never();
     let Some(ws) = ws else {
         tracing::error!("the WebSocket could not be set up at once; dropped");
         return None;
@@ -765,17 +753,22 @@ impl AsyncWrite for RequestLineGuard {
     }
 }
 
+/// tungstenite's read buffer, and the most it asks for per read: 256 bytes hold any control
+/// frame a client sends (at most 131 bytes with its mask), or two small messages.
+const READ_BUFFER: usize = 256;
+
 /// Buffer sizes, chosen on purpose: tungstenite's defaults (128 KiB to read, 128 KiB before a
-/// write) would cost 100+ KiB per idle connection. An idle subscriber needs almost no read
-/// buffer (it reads pongs and the odd frame), so it gets 256 bytes, which hold any control
-/// frame a client sends (at most 131 bytes with its mask) in one read; a publisher reads real
-/// traffic and gets 4 KiB (larger messages grow the buffer as they come). Writes collect up
-/// to 16 KiB of queued frames before a write call, so a burst goes out in few syscalls while
-/// an idle connection holds no write buffer at all.
-fn ws_config<R: Role>(max: usize) -> WebSocketConfig {
+/// write) would cost 100+ KiB per idle connection. tungstenite keeps its read buffer for the
+/// connection's life, so it gets [`READ_BUFFER`] bytes on either server: an idle subscriber
+/// reads pongs and the odd frame, an idle publisher nothing; a burst is read with one syscall
+/// by [`ReadAhead`], which holds its rest only until tungstenite has taken it, and a larger
+/// message grows tungstenite's buffer as it comes. Writes collect up to 16 KiB of queued
+/// frames before a write call, so a burst goes out in few syscalls while an idle connection
+/// holds no write buffer at all.
+fn ws_config(max: usize) -> WebSocketConfig {
     use super::write::socket::WRITE_BUFFER;
     let mut config = WebSocketConfig::default();
-    config.read_buffer_size = R::READ_BUFFER;
+    config.read_buffer_size = READ_BUFFER;
     config.write_buffer_size = WRITE_BUFFER;
     config.max_write_buffer_size = WRITE_BUFFER + max + 64;
     config.max_message_size = Some(max);

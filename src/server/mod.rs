@@ -5,7 +5,7 @@
 //! ([`relay`]), plain HTTP and the upgrade with its refusals ([`http`]), the status page ([`status`]), the abuse limits (client address,
 //! connections per address, publish rates, origins: [`limits`]), one WebSocket's
 //! session with its phases and timers ([`session`]) and what its client's frames say as they
-//! are read ([`frames`]), the client write path (the bounded
+//! are read ([`frames`]) above the socket's read-ahead ([`read_ahead`]), the client write path (the bounded
 //! per-client [`outbox`] and the shared [`socket`]), channel mapping ([`channel`]), flags
 //! ([`config`]), metrics ([`metrics`]), signals and sd_notify ([`shutdown`]) and logging
 //! ([`telemetry`]).
@@ -22,6 +22,7 @@ pub(crate) mod http;
 pub(crate) mod limits;
 pub(crate) mod listener;
 pub(crate) mod metrics;
+pub(crate) mod read_ahead;
 pub(crate) mod relay;
 pub(crate) mod session;
 pub(crate) mod shutdown;

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use super::channel::ChannelName;
 use super::config::CommonArgs;
 use super::frames::Watched;
+use super::read_ahead::ReadAhead;
 use super::http::Reply;
 use super::limits::Limits;
 use super::metrics::{Exposition, Metrics};
@@ -39,9 +40,6 @@ pub(crate) trait Role: Send + Sync + Sized + 'static {
     const NAME: &'static str;
     /// What a WebSocket connection to this server asks of a token (SPEC §8).
     const GRANT: Grant;
-    /// tungstenite's read buffer for a connection of this role (see `http::ws_config`).
-    const READ_BUFFER: usize;
-
     /// Whether `POST /PATH` publishes (and so whether `lightrelay.ack` is offered).
     fn publishes(&self) -> bool;
 
@@ -114,7 +112,7 @@ pub(crate) trait Role: Send + Sync + Sized + 'static {
 
 /// A connection just upgraded to WebSocket, with what the request asked for.
 pub(crate) struct Upgraded {
-    pub ws: WebSocketStream<Watched<Socket>>,
+    pub ws: WebSocketStream<Watched<ReadAhead<Socket>>>,
     pub socket: Socket,
     pub channel: ChannelName,
     /// The client asked for, and was given, `lightrelay.ack`.

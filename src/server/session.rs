@@ -365,7 +365,9 @@ where
         tokio::pin!(timer);
         let ending =
             std::future::poll_fn(|cx| self.poll(cx, cancelled.as_mut(), timer.as_mut())).await;
-        self.close(ending).await
+        // Boxed: closing's futures (a timeout, tungstenite's sends) would otherwise widen the
+        // task of every connection, open or closing, to their size.
+        Box::pin(self.close(ending)).await
     }
 
     fn poll(
@@ -945,7 +947,7 @@ mod tests {
         client.next().await.expect("ended").expect("error")
     }
 
-    fn discard() -> Option<Box<crate::publish::PublishWindow>> {
+    fn discard() -> Option<crate::publish::window::OnDemand> {
         None
     }
 

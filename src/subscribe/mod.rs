@@ -70,6 +70,8 @@ pub(crate) struct SubscribeRole {
     slow_consumer: SlowConsumer,
     /// `--accept-publish`: the PUBLISH pool subscribers' frames go through.
     publisher: Option<Publisher>,
+    /// With `--accept-publish`: each subscriber's publish window is made from this.
+    windows: Option<Arc<publish::Windows>>,
     /// `POST /down/PATH`'s connection: its PUBLISH and the presence read.
     downlink: fred::clients::Client,
     health: Arc<Health>,
@@ -125,7 +127,16 @@ impl SubscribeRole {
         // Not one of /healthz's checks: subscribers do not need it, and a POST /down it
         // cannot serve is answered 503 within --redis-timeout.
         let downlink = connect_reader(common)?;
+        let windows = publisher.as_ref().map(|publisher| {
+            publish::Windows::new(
+                publisher.clone(),
+                common.publish_window as usize,
+                common.redis_timeout,
+                metrics.clone(),
+            )
+        });
         Ok(SubscribeRole {
+            windows,
             presence,
             hub,
             limits,
@@ -140,9 +151,6 @@ impl SubscribeRole {
 impl Role for SubscribeRole {
     const NAME: &'static str = "subscribe";
     const GRANT: Grant = Grant::Subscribe;
-    /// An idle subscriber reads almost nothing (pongs, the odd frame): 256 bytes hold any
-    /// control frame a client sends (at most 131 bytes with its mask) in one read.
-    const READ_BUFFER: usize = 256;
 
     fn publishes(&self) -> bool {
         self.publisher.is_some()
@@ -290,10 +298,10 @@ impl Role for SubscribeRole {
         // unseen).
         settings.refuse_data = role.publisher.is_some() && !connection.may_publish;
         let inbound = role
-            .publisher
+            .windows
             .as_ref()
             .filter(|_| connection.may_publish)
-            .map(|publisher| publish::window_for(&relay, publisher, &connection.channel));
+            .map(|windows| windows.on(connection.channel.clone(), None));
         // Only a connection whose messages are published has a publish rate.
         let throttle = inbound.as_ref().and_then(|_| relay.limits.throttle());
         let session = session::run(
