@@ -133,6 +133,38 @@ async fn presence_lists_every_device_from_either_server() {
     assert_eq!(status, 404);
 }
 
+/// The script writes each event's JSON itself (a path as a string with `"` and `\`
+/// escaped): a path and an instance id holding both still read back as they were.
+#[tokio::test]
+async fn presence_events_escape_quotes_and_backslashes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = Redis::start().await;
+    let mut events = redis.subscribe("lightlevel/_presence").await;
+    let a = publish_instance(&redis, r#"pub"a\b"#).await;
+    // Raw, since a URL parser would refuse these bytes; the relay accepts printable ASCII.
+    let mut tcp = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    tcp.write_all(
+        b"GET /cam/\"q\\x HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = tcp.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(
+        next_event(&mut events).await,
+        ("join".into(), r#"/cam/"q\x"#.into(), r#"pub"a\b"#.into())
+    );
+    drop(tcp);
+    assert_eq!(
+        next_event(&mut events).await,
+        ("leave".into(), r#"/cam/"q\x"#.into(), r#"pub"a\b"#.into())
+    );
+}
+
 #[tokio::test]
 async fn presence_events_carry_join_and_leave() {
     let redis = Redis::start().await;

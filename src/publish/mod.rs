@@ -200,7 +200,10 @@ impl Role for PublishRole {
         };
         let membership = relay.role.hub.join(downlink, format, outbox.clone(), false);
         let seat = relay.role.channels.open(&connection.channel);
-        let window = relay.role.windows.on(connection.channel.clone(), Some(seat));
+        let window = relay
+            .role
+            .windows
+            .on(connection.channel.clone(), Some(seat));
         // Presence (SPEC §10): the path is marked open now and closed when the session ends;
         // the heartbeat writes what changed, nothing here touches Redis.
         let marked = relay.presence.as_ref().map(|presence| {

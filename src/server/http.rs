@@ -45,8 +45,8 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::channel::ChannelName;
 use super::frames::Watched;
-use super::read_ahead::ReadAhead;
 use super::metrics::{Exposition, Metrics, Refusal};
+use super::read_ahead::ReadAhead;
 use super::relay::{ConnectionSlot, Relay, Role, Upgraded};
 use super::status;
 use super::write::socket::Socket;

@@ -148,6 +148,10 @@ mod tests {
         assert_eq!(got, sent);
         assert_eq!(reader.held(), 0, "nothing is held once all was handed on");
         drop(client);
-        assert_eq!(reader.read(&mut small).await.unwrap(), 0, "EOF passes through");
+        assert_eq!(
+            reader.read(&mut small).await.unwrap(),
+            0,
+            "EOF passes through"
+        );
     }
 }
