@@ -1,0 +1,326 @@
+//! `--redis-mode sentinel` through a failover (SPEC §11): real `redis-server`s (a primary and
+//! its replica) and three real `redis-sentinel`s. Under acknowledged traffic the primary is
+//! SIGKILLed, or failed over with `SENTINEL FAILOVER` (the old primary stays up, demoted);
+//! after it the same subscriber WebSocket gets what is published, every acknowledged message
+//! reached it, and `/healthz` never said 200 while a probe published through the relay did
+//! not arrive.
+
+mod common;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::sentinel::{Sentinel, FAILOVER_PATIENCE};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+const SEQ: &str = "lightlevel/seq";
+/// The last message of the sequence channel: the reader stops there.
+const END: &str = "end";
+/// How long a probe may take to arrive once `/healthz` said 200 (loopback takes
+/// milliseconds; this only has to be far from flaky).
+const PROBE_WITHIN: Duration = Duration::from_secs(3);
+
+enum Failover {
+    /// SIGKILL of the primary: Sentinel promotes the replica after `down-after-milliseconds`.
+    Kill,
+    /// `SENTINEL FAILOVER`: the replica is promoted, the old primary stays up and is demoted.
+    Command,
+}
+
+/// POST `body` on `path` of the publish server; `Some(receivers)` once Redis answered it,
+/// `None` if the relay refused or did not answer in time (nothing acknowledged).
+async fn post(addr: SocketAddr, path: &str, body: &str) -> Option<String> {
+    let request = http(addr, "POST", path, &[], body.as_bytes());
+    match tokio::time::timeout(Duration::from_secs(5), request).await {
+        Ok((200, count)) => Some(String::from_utf8(count).unwrap()),
+        _ => None,
+    }
+}
+
+/// Wait until `text` arrives on `ws` (other texts are earlier probes, skipped); false if it
+/// has not within `within`.
+async fn arrives(ws: &mut Ws, text: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return false,
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str() == text => return true,
+            Ok(Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(other) => panic!("the probe subscriber got {other:?}"),
+        }
+    }
+}
+
+/// Publish probes through the publish server until one reaches `ws`.
+async fn until_relayed(publish: &Server, path: &str, ws: &mut Ws) {
+    for i in 0..150 {
+        let probe = format!("{PROBE}-{path}-{i}");
+        if post(publish.addr, path, &probe).await.is_some()
+            && arrives(ws, &probe, Duration::from_millis(100)).await
+        {
+            return;
+        }
+    }
+    panic!("nothing published on {path} reached the subscriber");
+}
+
+/// An acknowledged publisher sending 0, 1, 2, … on `/seq` with up to 20 in flight until
+/// `stop`; returns the numbers Redis acknowledged. After a 1013 (or a broken connection) what
+/// was in flight is not known to be published: it connects again and goes on with new numbers.
+async fn publish_sequence(url: String, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>) -> Vec<u64> {
+    let mut ws = connect_ack(&url).await;
+    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    let mut confirmed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for next in 0..200_000u64 {
+        assert!(Instant::now() < deadline, "the sequence publisher ran too long");
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if ws.send(Message::text(next.to_string())).await.is_ok() {
+            in_flight.push_back(next);
+        }
+        // Pace: a few hundred messages a second, and never more than 20 unacknowledged.
+        let wait = if in_flight.len() >= 20 {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_millis(3)
+        };
+        loop {
+            match tokio::time::timeout(wait, ws.next()).await {
+                Err(_) if in_flight.len() < 20 => break,
+                Err(_) => panic!("no ack for a minute with {} in flight", in_flight.len()),
+                Ok(Some(Ok(Message::Text(_count)))) => {
+                    confirmed.push(in_flight.pop_front().expect("an ack for a message sent"));
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    if in_flight.len() < 20 {
+                        break;
+                    }
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                // A 1013 (Redis unreachable past --redis-timeout) or a broken connection.
+                Ok(_) => {
+                    in_flight.clear();
+                    ws = connect_ack(&url).await;
+                    break;
+                }
+            }
+        }
+    }
+    // Everything still in flight is answered one way or the other.
+    while !in_flight.is_empty() {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => {
+                confirmed.push(in_flight.pop_front().unwrap());
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(_) => break,
+            Err(_) => panic!("no ack for a minute at the end"),
+        }
+    }
+    confirmed
+}
+
+/// Read `/seq` until [`END`]: the numbers received, in order. The WebSocket must stay open.
+async fn read_sequence(mut ws: Ws) -> Vec<u64> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str() == END => return seen,
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if let Ok(n) = t.as_str().parse() {
+                    seen.push(n);
+                }
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            other => panic!(
+                "the subscriber's WebSocket ended after {} messages: {other:?}",
+                seen.len()
+            ),
+        }
+    }
+}
+
+async fn health(server: &Server) -> u16 {
+    let request = http(server.addr, "GET", "/healthz", &[], b"");
+    match tokio::time::timeout(Duration::from_secs(5), request).await {
+        Ok((status, _)) => status,
+        Err(_) => 0,
+    }
+}
+
+/// Until `done` has held after `needed` probes in a row: poll both servers' `/healthz`;
+/// whenever both say 200, a probe POSTed on the publish server must reach the probe
+/// subscriber within [`PROBE_WITHIN`]. Returns whether a 503 was seen.
+async fn watch_health<F, Fut>(
+    step: &str,
+    publish: &Server,
+    subscribe: &Server,
+    probes: &mut Ws,
+    counter: &mut u64,
+    needed: usize,
+    mut done: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + FAILOVER_PATIENCE * 2;
+    let mut saw_503 = false;
+    let mut in_a_row = 0;
+    loop {
+        assert!(Instant::now() < deadline, "{step}: never settled");
+        let (p, s) = (health(publish).await, health(subscribe).await);
+        saw_503 |= p == 503 || s == 503;
+        if p == 200 && s == 200 {
+            *counter += 1;
+            let probe = format!("{PROBE}-{counter}");
+            if let Some(receivers) = post(publish.addr, "/probe", &probe).await {
+                assert!(
+                    arrives(probes, &probe, PROBE_WITHIN).await,
+                    "{step}: /healthz was 200 on both servers, the probe {probe} was \
+                     acknowledged ({receivers} receivers) but never reached the subscriber"
+                );
+                in_a_row = if done().await { in_a_row + 1 } else { 0 };
+                if in_a_row >= needed {
+                    return saw_503;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn failover_under_traffic(how: Failover) {
+    let mut sentinel = Sentinel::start("lightmaster").await;
+    let url = sentinel.url();
+    let flags = [
+        "--redis-mode",
+        "sentinel",
+        "--ping-interval",
+        "1s",
+        "--redis-timeout",
+        "20s",
+    ];
+    let publish = Server::start(Kind::Publish, &url, &flags).await;
+    let subscribe = Server::start(Kind::Subscribe, &url, &flags).await;
+    let old = sentinel.primary_port().await;
+
+    let mut reader = connect(&subscribe.ws("/seq")).await;
+    until_relayed(&publish, "/seq", &mut reader).await;
+    let mut probes = connect(&subscribe.ws("/probe")).await;
+    until_relayed(&publish, "/probe", &mut probes).await;
+    let reader = tokio::spawn(read_sequence(reader));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let sender = tokio::spawn(publish_sequence(
+        publish.ws("/seq"),
+        stop.clone(),
+        acked.clone(),
+    ));
+    eventually(|| async {
+        match acked.load(Ordering::Relaxed) {
+            n if n >= 200 => Ok(()),
+            n => Err(format!("before the failover: only {n} acknowledged")),
+        }
+    })
+    .await;
+    let mut counter = 0;
+    let step = "before the failover";
+    watch_health(step, &publish, &subscribe, &mut probes, &mut counter, 3, || async {
+        true
+    })
+    .await;
+
+    match how {
+        Failover::Kill => {
+            sentinel.kill_primary().await;
+            // The relays lose their connections at once: 503 until they reach a primary.
+            publish.wait_health(503).await;
+            subscribe.wait_health(503).await;
+        }
+        Failover::Command => {
+            sentinel.failover().await;
+        }
+    }
+    let new = sentinel.wait_new_primary(old).await;
+    let new_primary = sentinel.node(new);
+    // Settled once the subscribe server is subscribed on the new primary and five probes in
+    // a row arrived meanwhile.
+    let step = "during the failover";
+    watch_health(step, &publish, &subscribe, &mut probes, &mut counter, 5, || async {
+        new_primary.numsub(SEQ).await == 1
+    })
+    .await;
+    if let Failover::Command = how {
+        // The old primary is still up, a replica of the new one.
+        eventually(|| async {
+            match sentinel.role(old).await.as_str() {
+                "slave" => Ok(()),
+                role => Err(format!("the old primary is still a {role}")),
+            }
+        })
+        .await;
+    }
+
+    // What is published after the failover reaches the same subscriber.
+    let at_recovery = acked.load(Ordering::Relaxed);
+    eventually(|| async {
+        match acked.load(Ordering::Relaxed) {
+            n if n >= at_recovery + 200 => Ok(()),
+            n => Err(format!(
+                "after the failover: {} acknowledged",
+                n - at_recovery
+            )),
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let confirmed = sender.await.unwrap();
+    assert!(
+        post(publish.addr, "/seq", END).await.is_some(),
+        "the end marker was not published"
+    );
+    let received: BTreeSet<u64> = reader.await.unwrap().into_iter().collect();
+    let lost: Vec<u64> = confirmed
+        .iter()
+        .copied()
+        .filter(|n| !received.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages never reached the subscriber (of {} acknowledged): {:?}",
+        lost.len(),
+        confirmed.len(),
+        &lost[..lost.len().min(20)]
+    );
+    assert!(
+        received.len() >= 400,
+        "the subscriber received {} messages",
+        received.len()
+    );
+}
+
+/// A SIGKILLed primary: both relays answer 503 until they reach the promoted replica, then
+/// the same subscriber WebSocket gets what is published, and no acknowledged message is
+/// lost. `/healthz` is polled all along: whenever both servers say 200, a probe arrives.
+#[tokio::test]
+async fn a_sigkilled_primary_is_followed_to_the_promoted_replica_without_losing_an_acked_message(
+) {
+    failover_under_traffic(Failover::Kill).await;
+}
+
+/// `SENTINEL FAILOVER`: the old primary stays up and becomes a replica (where a PUBLISH
+/// would reach nobody on the new primary); the relays follow the new primary, the same
+/// subscriber WebSocket gets what is published, and no acknowledged message is lost.
+#[tokio::test]
+async fn a_sentinel_failover_is_followed_to_the_new_primary_without_losing_an_acked_message() {
+    failover_under_traffic(Failover::Command).await;
+}
