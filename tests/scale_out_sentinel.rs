@@ -31,6 +31,9 @@ enum Failover {
     Kill,
     /// `SENTINEL FAILOVER`: the replica is promoted, the old primary stays up and is demoted.
     Command,
+    /// `FAILOVER` run on the primary by hand (Redis 6.2+): the roles swap without Sentinel,
+    /// and the old primary, now a replica, keeps its clients connected.
+    Operator,
 }
 
 /// POST `body` on `path` of the publish server; `Some(receivers)` once Redis answered it,
@@ -249,16 +252,27 @@ async fn failover_under_traffic(how: Failover) {
         Failover::Command => {
             sentinel.failover().await;
         }
+        Failover::Operator => {
+            sentinel.failover_by_hand().await;
+            // The publish server's connections are open on a replica now: its PUBLISHes
+            // would be answered there and reach no subscriber of the new primary.
+            let why = publish.wait_health(503).await;
+            assert!(why.contains("replica"), "publish /healthz said {why:?}");
+        }
     }
-    let new = sentinel.wait_new_primary(old).await;
-    let new_primary = sentinel.node(new);
-    // Settled once the subscribe server is subscribed on the new primary and five probes in
-    // a row arrived meanwhile.
+    // Settled once the sentinels name a new primary, the subscribe server is subscribed
+    // there (after `FAILOVER` by hand it may stay on the old primary, now its replica, which
+    // receives what the primary publishes) and five probes in a row arrived meanwhile.
     let step = "during the failover";
+    let by_hand = matches!(how, Failover::Operator);
     watch_health(step, &publish, &subscribe, &mut probes, &mut counter, 5, || async {
-        new_primary.numsub(SEQ).await == 1
+        match sentinel.primary_port_at(0).await {
+            Ok(port) if port != old => by_hand || sentinel.node(port).numsub(SEQ).await == 1,
+            _ => false,
+        }
     })
     .await;
+    let new = sentinel.wait_new_primary(old).await;
     if let Failover::Command = how {
         // The old primary is still up, a replica of the new one.
         eventually(|| async {
@@ -270,15 +284,15 @@ async fn failover_under_traffic(how: Failover) {
         .await;
     }
 
+    // From here on, what the relay acknowledges is published on the new primary: a plain
+    // subscriber there (as any other relay instance would be) receives it.
+    let mut on_primary = sentinel.node(new).subscribe(SEQ).await;
+    let from = acked.load(Ordering::Relaxed);
     // What is published after the failover reaches the same subscriber.
-    let at_recovery = acked.load(Ordering::Relaxed);
     eventually(|| async {
         match acked.load(Ordering::Relaxed) {
-            n if n >= at_recovery + 200 => Ok(()),
-            n => Err(format!(
-                "after the failover: {} acknowledged",
-                n - at_recovery
-            )),
+            n if n >= from + 200 => Ok(()),
+            n => Err(format!("after the failover: {} acknowledged", n - from)),
         }
     })
     .await;
@@ -289,6 +303,28 @@ async fn failover_under_traffic(how: Failover) {
         "the end marker was not published"
     );
     let received: BTreeSet<u64> = reader.await.unwrap().into_iter().collect();
+    let mut published = BTreeSet::new();
+    while let Ok(payload) = tokio::time::timeout(Duration::from_secs(5), on_primary.next()).await {
+        match std::str::from_utf8(&payload).unwrap() {
+            END => break,
+            n => published.extend(n.parse::<u64>().ok()),
+        }
+    }
+    // Skip what may have been in flight when the watcher subscribed (20 at most).
+    let later = &confirmed[(from as usize + 20).min(confirmed.len())..];
+    let elsewhere: Vec<u64> = later
+        .iter()
+        .copied()
+        .filter(|n| !published.contains(n))
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "{} of {} messages acknowledged after the failover never reached a subscriber of the \
+         new primary: {:?}",
+        elsewhere.len(),
+        later.len(),
+        &elsewhere[..elsewhere.len().min(20)]
+    );
     let lost: Vec<u64> = confirmed
         .iter()
         .copied()
@@ -315,6 +351,15 @@ async fn failover_under_traffic(how: Failover) {
 async fn a_sigkilled_primary_is_followed_to_the_promoted_replica_without_losing_an_acked_message(
 ) {
     failover_under_traffic(Failover::Kill).await;
+}
+
+/// `FAILOVER` run on the primary by hand: the old primary becomes a replica and keeps its
+/// clients. The publish server sees its connections on a replica (503) and follows the
+/// primary the sentinels name once they do; what it acknowledges after that is published on
+/// the new primary, and the subscriber (left on the old primary, now a replica) gets it all.
+#[tokio::test]
+async fn a_primary_demoted_by_hand_is_left_by_the_publish_connections() {
+    failover_under_traffic(Failover::Operator).await;
 }
 
 /// `SENTINEL FAILOVER`: the old primary stays up and becomes a replica (where a PUBLISH

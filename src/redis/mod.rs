@@ -47,7 +47,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::config::CommonArgs;
+use crate::server::config::{CommonArgs, RedisMode};
 use crate::server::metrics::{Metrics, RedisErrorKind};
 use crate::Error;
 
@@ -174,6 +174,9 @@ pub(crate) fn connect_reader(args: &CommonArgs) -> Result<fred::clients::Client,
 /// What `/healthz` reports: one check per Redis connection this server uses.
 pub(crate) struct Health {
     checks: Mutex<Vec<Arc<Check>>>,
+    /// `--redis-mode sentinel`: command connections are checked with ROLE, not PING (see
+    /// [`Probe`]).
+    sentinel: bool,
     /// `--redis-url` with its password hidden, for logs.
     url: String,
     /// Whether any connection has reached Redis yet, and the reminders while none has.
@@ -218,18 +221,37 @@ struct Check {
 /// How a health check treats a connection that stops answering.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OnDeaf {
-    /// Wait: it may be slow (a publish connection).
+    /// Wait: it may be slow (a command connection: publish, history).
     Wait,
-    /// Reconnect once it has not answered for this long (the subscriber).
+    /// Reconnect once it has not answered for this long (a subscriber).
     Reconnect(Duration),
 }
 
+/// What a health check asks its connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// PING: the connection answers.
+    Ping,
+    /// ROLE (`--redis-mode sentinel`, command connections): the connection answers *and* its
+    /// server is a primary. fred asks the sentinels and checks ROLE only when it connects
+    /// (fred 10.1.0 `router/sentinel.rs`, `check_primary_node_role`); Sentinel disconnects
+    /// the clients of a server it demotes (CLIENT KILL TYPE normal and pubsub), but a primary
+    /// demoted otherwise (`FAILOVER`, `REPLICAOF` run by hand) keeps its clients, and a
+    /// PUBLISH on a replica is answered (with its local receivers) yet reaches no subscriber
+    /// of the primary. So such a connection is 503 and is replaced: fred asks the sentinels
+    /// again, and publishing waits until it reaches a primary. Subscribers keep PING (RESP2
+    /// allows nothing else once subscribed) and may stay on a replica: it receives every
+    /// PUBLISH of its primary through replication.
+    Role,
+}
+
 impl Health {
-    /// Checks of connections to the Redis at `url` (its display form, password hidden).
-    pub(crate) fn new(url: String) -> Self {
+    /// Checks of connections to the Redis of `--redis-url` (shown with its password hidden).
+    pub(crate) fn new(args: &CommonArgs) -> Self {
         Health {
             checks: Mutex::default(),
-            url,
+            sentinel: args.redis_mode == RedisMode::Sentinel,
+            url: args.redis_url.display.clone(),
             reach: Mutex::new(Reach::Never(None)),
         }
     }
@@ -337,6 +359,11 @@ impl Health {
             wake: tokio::sync::Notify::new(),
         });
         lock(&self.checks).push(check.clone());
+        // The command connections are the ones watched with `Wait` (subscribers reconnect).
+        let probe = match on_deaf {
+            OnDeaf::Wait if self.sentinel => Probe::Role,
+            _ => Probe::Ping,
+        };
         tokio::spawn(report_events(
             self.clone(),
             check.clone(),
@@ -350,6 +377,7 @@ impl Health {
             client,
             interval,
             on_deaf,
+            probe,
             metrics,
             shutdown,
         ));
@@ -362,6 +390,7 @@ async fn ping_loop<C>(
     client: C,
     interval: Duration,
     on_deaf: OnDeaf,
+    probe: Probe,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) where
@@ -382,13 +411,26 @@ async fn ping_loop<C>(
             // connection (a PING on a subscriber waiting on a deaf Redis was seen to hang),
             // so the deadline is enforced here too.
             let with_options = client.with_options(&options);
-            match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
-                Ok(answer) => answer.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+            match probe {
+                Probe::Ping => {
+                    match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
+                        Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+                    }
+                }
+                Probe::Role => {
+                    let role = with_options.custom::<Value, _>(fred::cmd!("ROLE"), Vec::<Value>::new());
+                    match tokio::time::timeout(timeout, role).await {
+                        Ok(Ok(answer)) => primary(&answer, &client),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("no answer to ROLE within {timeout:?}")),
+                    }
+                }
             }
         } else {
             Err("not connected".to_string())
         };
+        let on_replica = matches!(&answer, Err(reason) if reason.starts_with(ON_REPLICA));
         let up = answer.is_ok();
         match &answer {
             Err(reason) if check.up.load(Ordering::Relaxed) => {
@@ -410,6 +452,14 @@ async fn ping_loop<C>(
             (false, true) => Some(deaf_since.unwrap_or_else(Instant::now)),
             _ => None,
         };
+        if on_replica {
+            tracing::warn!(
+                connection = %check.name,
+                "Redis connection on a replica: reconnecting through the sentinels"
+            );
+            // What is in flight fails, unacknowledged (max_command_attempts = 1).
+            let _ = tokio::time::timeout(timeout, client.force_reconnection()).await;
+        }
         if let (OnDeaf::Reconnect(patience), Some(since)) = (on_deaf, deaf_since) {
             if since.elapsed() >= patience {
                 tracing::warn!(
@@ -431,6 +481,33 @@ async fn ping_loop<C>(
             () = tokio::time::sleep(wait) => {}
             () = check.wake.notified() => {}
             () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// How a health check's reason starts when its connection's server is not a primary.
+const ON_REPLICA: &str = "on a replica";
+
+/// `Ok` if `role` (a ROLE answer) is a primary's; else why not, naming the server.
+fn primary<C: ClientLike>(role: &Value, client: &C) -> Result<(), String> {
+    let first = match role {
+        Value::Array(values) => values.first().and_then(Value::as_str),
+        _ => None,
+    };
+    match first.as_deref() {
+        Some("master") => Ok(()),
+        other => {
+            let servers: Vec<String> = client
+                .active_connections()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            Err(format!(
+                "{ON_REPLICA} ({} answers ROLE {}), not on the primary: reconnecting through \
+                 the sentinels",
+                servers.join(", "),
+                other.unwrap_or("?")
+            ))
         }
     }
 }

@@ -167,6 +167,28 @@ impl Sentinel {
         port
     }
 
+    /// `FAILOVER` on the primary, as an operator would run it (Redis 6.2+): the replica
+    /// becomes the primary and the old primary its replica, without Sentinel, and the old
+    /// primary's clients stay connected. Waits until the old primary reports itself a replica;
+    /// returns its port.
+    pub async fn failover_by_hand(&self) -> u16 {
+        let port = self.primary_port().await;
+        let client = self.node(port).client().await;
+        let _: Value = client
+            .custom(fred::cmd!("FAILOVER"), Vec::<String>::new())
+            .await
+            .expect("FAILOVER");
+        let _ = client.quit().await;
+        super::eventually(|| async move {
+            match self.role(port).await.as_str() {
+                "slave" => Ok(()),
+                role => Err(format!("after FAILOVER the old primary is still a {role}")),
+            }
+        })
+        .await;
+        port
+    }
+
     /// The role the redis-server on `port` reports (`ROLE`): "master" or "slave".
     pub async fn role(&self, port: u16) -> String {
         let client = self.node(port).client().await;
