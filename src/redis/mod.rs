@@ -228,7 +228,7 @@ pub(crate) enum OnDeaf {
 }
 
 /// What a health check asks its connection.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Probe {
     /// PING: the connection answers.
     Ping,
@@ -239,7 +239,10 @@ enum Probe {
     /// demoted otherwise (`FAILOVER`, `REPLICAOF` run by hand) keeps its clients, and a
     /// PUBLISH on a replica is answered (with its local receivers) yet reaches no subscriber
     /// of the primary. So such a connection is 503 and is replaced: fred asks the sentinels
-    /// again, and publishing waits until it reaches a primary. Subscribers keep PING (RESP2
+    /// again, and publishing waits until it reaches a primary. ROLE is asked every
+    /// `--ping-interval` but at least every second ([`ROLE_INTERVAL`]), so what such a
+    /// connection acknowledges before it is replaced is at most a second's worth; a demotion
+    /// by Sentinel disconnects at once and loses none. Subscribers keep PING (RESP2
     /// allows nothing else once subscribed) and may stay on a replica: it receives every
     /// PUBLISH of its primary through replication.
     Role,
@@ -403,9 +406,17 @@ async fn ping_loop<C>(
         max_attempts: Some(1),
         ..Default::default()
     };
+    // ROLE is asked at least every second: a connection on a replica acknowledges
+    // PUBLISHes that reach nobody on the primary, so it must not wait for a 30 s PING.
+    let interval = match probe {
+        Probe::Role => interval.min(ROLE_INTERVAL),
+        Probe::Ping => interval,
+    };
     // Since when the connection has looked open but not answered.
     let mut deaf_since: Option<Instant> = None;
     loop {
+        // Its server answered ROLE as a replica's.
+        let mut on_replica = false;
         let answer = if client.is_connected() {
             // fred does not apply `options.timeout` to every command on every kind of
             // connection (a PING on a subscriber waiting on a deaf Redis was seen to hang),
@@ -421,7 +432,14 @@ async fn ping_loop<C>(
                 Probe::Role => {
                     let role = with_options.custom::<Value, _>(fred::cmd!("ROLE"), Vec::<Value>::new());
                     match tokio::time::timeout(timeout, role).await {
-                        Ok(Ok(answer)) => primary(&answer, &client),
+                        Ok(Ok(answer)) => {
+                            on_replica = !is_primary(&answer);
+                            if on_replica {
+                                Err(replica_reason(&answer, &client))
+                            } else {
+                                Ok(())
+                            }
+                        }
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err(format!("no answer to ROLE within {timeout:?}")),
                     }
@@ -430,7 +448,6 @@ async fn ping_loop<C>(
         } else {
             Err("not connected".to_string())
         };
-        let on_replica = matches!(&answer, Err(reason) if reason.starts_with(ON_REPLICA));
         let up = answer.is_ok();
         match &answer {
             Err(reason) if check.up.load(Ordering::Relaxed) => {
@@ -485,31 +502,38 @@ async fn ping_loop<C>(
     }
 }
 
-/// How a health check's reason starts when its connection's server is not a primary.
-const ON_REPLICA: &str = "on a replica";
+/// How often, at most, a command connection's ROLE is asked in sentinel mode ([`Probe`]).
+const ROLE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// `Ok` if `role` (a ROLE answer) is a primary's; else why not, naming the server.
-fn primary<C: ClientLike>(role: &Value, client: &C) -> Result<(), String> {
-    let first = match role {
+/// Whether `role` (a ROLE answer) is a primary's.
+fn is_primary(role: &Value) -> bool {
+    match role {
+        Value::Array(values) => values
+            .first()
+            .and_then(Value::as_str)
+            .is_some_and(|first| first == "master"),
+        _ => false,
+    }
+}
+
+/// `/healthz`'s reason for a connection whose server answered ROLE with `role`, not as a
+/// primary.
+fn replica_reason<C: ClientLike>(role: &Value, client: &C) -> String {
+    let servers: Vec<String> = client
+        .active_connections()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let said = match role {
         Value::Array(values) => values.first().and_then(Value::as_str),
         _ => None,
     };
-    match first.as_deref() {
-        Some("master") => Ok(()),
-        other => {
-            let servers: Vec<String> = client
-                .active_connections()
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            Err(format!(
-                "{ON_REPLICA} ({} answers ROLE {}), not on the primary: reconnecting through \
-                 the sentinels",
-                servers.join(", "),
-                other.unwrap_or("?")
-            ))
-        }
-    }
+    format!(
+        "on a replica, not the primary ({} answers ROLE {}): reconnecting through the \
+         sentinels",
+        servers.join(", "),
+        said.as_deref().unwrap_or("?")
+    )
 }
 
 /// The kind of a connection error, so that each kind is logged when it first happens, then
