@@ -82,7 +82,10 @@ async fn publish_sequence(url: String, stop: Arc<AtomicBool>, acked: Arc<AtomicU
     let mut confirmed = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(240);
     for next in 0..1_000_000u64 {
-        assert!(Instant::now() < deadline, "the sequence publisher ran too long");
+        assert!(
+            Instant::now() < deadline,
+            "the sequence publisher ran too long"
+        );
         if stop.load(Ordering::Relaxed) {
             break;
         }
@@ -229,9 +232,15 @@ async fn failover_under_traffic(how: Failover) {
     .await;
     let mut counter = 0;
     let step = "before the failover";
-    watch_health(step, &publish, &subscribe, &mut probes, &mut counter, 3, || async {
-        true
-    })
+    watch_health(
+        step,
+        &publish,
+        &subscribe,
+        &mut probes,
+        &mut counter,
+        3,
+        || async { true },
+    )
     .await;
 
     match how {
@@ -257,12 +266,20 @@ async fn failover_under_traffic(how: Failover) {
     // receives what the primary publishes) and five probes in a row arrived meanwhile.
     let step = "during the failover";
     let by_hand = matches!(how, Failover::Operator);
-    watch_health(step, &publish, &subscribe, &mut probes, &mut counter, 5, || async {
-        match sentinel.primary_port_at(0).await {
-            Ok(port) if port != old => by_hand || sentinel.node(port).numsub(SEQ).await == 1,
-            _ => false,
-        }
-    })
+    watch_health(
+        step,
+        &publish,
+        &subscribe,
+        &mut probes,
+        &mut counter,
+        5,
+        || async {
+            match sentinel.primary_port_at(0).await {
+                Ok(port) if port != old => by_hand || sentinel.node(port).numsub(SEQ).await == 1,
+                _ => false,
+            }
+        },
+    )
     .await;
     let new = sentinel.wait_new_primary(old).await;
     if let Failover::Command = how {
@@ -340,8 +357,7 @@ async fn failover_under_traffic(how: Failover) {
 /// the same subscriber WebSocket gets what is published, and no acknowledged message is
 /// lost. `/healthz` is polled all along: whenever both servers say 200, a probe arrives.
 #[tokio::test]
-async fn a_sigkilled_primary_is_followed_to_the_promoted_replica_without_losing_an_acked_message(
-) {
+async fn a_sigkilled_primary_is_followed_to_the_promoted_replica_without_losing_an_acked_message() {
     failover_under_traffic(Failover::Kill).await;
 }
 

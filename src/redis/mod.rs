@@ -24,6 +24,11 @@
 //!   and a 1.6 s one ~390 in 3 of 6; now 0 of 4 and ~420 in 2 of 6). Publishers retrying only
 //!   every second made it 0 in 16 runs, but put a second's stall into acknowledged publishing
 //!   (`bin/bench --only ingest`: ack p99 1.1 s instead of 0.2 s), so they do not.
+//! - `--redis-mode sentinel`: fred asks the sentinels for the primary and checks its ROLE at
+//!   every (re)connect, and Sentinel disconnects the clients of a server it demotes; the
+//!   health check also asks the command connections ROLE (at least every second) and
+//!   replaces one whose server became a replica some other way (see `Probe`): a PUBLISH
+//!   answered there reaches no subscriber of the primary, so it must not be acknowledged.
 //! - Subscriptions are the hub's (`hub`): fred's `manage_subscriptions` is not used
 //!   (in 10.1.0 it sends an empty PSUBSCRIBE after every reconnect, whose error lands on the
 //!   next command, our health PING).
@@ -216,6 +221,8 @@ struct Check {
     /// Wakes the PING loop at once: fred reported an error or a reconnect, so the verdict
     /// is not left to wait for the next `--ping-interval`.
     wake: tokio::sync::Notify,
+    /// What the check asks the connection.
+    probe: Probe,
 }
 
 /// How a health check treats a connection that stops answering.
@@ -354,19 +361,20 @@ impl Health {
     ) where
         C: ClientLike + EventInterface + Clone + Send + Sync + 'static,
     {
+        // The command connections are the ones watched with `Wait` (subscribers reconnect).
+        let probe = match on_deaf {
+            OnDeaf::Wait if self.sentinel => Probe::Role,
+            _ => Probe::Ping,
+        };
         let check = Arc::new(Check {
             name,
             up: AtomicBool::new(false),
             reason: Mutex::new("not connected yet".into()),
             last_error: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            probe,
         });
         lock(&self.checks).push(check.clone());
-        // The command connections are the ones watched with `Wait` (subscribers reconnect).
-        let probe = match on_deaf {
-            OnDeaf::Wait if self.sentinel => Probe::Role,
-            _ => Probe::Ping,
-        };
         tokio::spawn(report_events(
             self.clone(),
             check.clone(),
@@ -380,7 +388,6 @@ impl Health {
             client,
             interval,
             on_deaf,
-            probe,
             metrics,
             shutdown,
         ));
@@ -393,7 +400,6 @@ async fn ping_loop<C>(
     client: C,
     interval: Duration,
     on_deaf: OnDeaf,
-    probe: Probe,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) where
@@ -408,6 +414,7 @@ async fn ping_loop<C>(
     };
     // ROLE is asked at least every second: a connection on a replica acknowledges
     // PUBLISHes that reach nobody on the primary, so it must not wait for a 30 s PING.
+    let probe = check.probe;
     let interval = match probe {
         Probe::Role => interval.min(ROLE_INTERVAL),
         Probe::Ping => interval,
@@ -430,7 +437,8 @@ async fn ping_loop<C>(
                     }
                 }
                 Probe::Role => {
-                    let role = with_options.custom::<Value, _>(fred::cmd!("ROLE"), Vec::<Value>::new());
+                    let role =
+                        with_options.custom::<Value, _>(fred::cmd!("ROLE"), Vec::<Value>::new());
                     match tokio::time::timeout(timeout, role).await {
                         Ok(Ok(answer)) => {
                             on_replica = !is_primary(&answer);

@@ -197,9 +197,7 @@ impl Sentinel {
             .await
             .unwrap();
         let _ = client.quit().await;
-        role.first()
-            .and_then(|r| r.as_string())
-            .unwrap_or_default()
+        role.first().and_then(|r| r.as_string()).unwrap_or_default()
     }
 
     /// Every sentinel sees the primary up, the replica up and linked, and the two others.
