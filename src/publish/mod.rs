@@ -58,7 +58,7 @@ impl PublishRole {
         metrics: &Metrics,
         shutdown: &CancellationToken,
     ) -> Result<Self, Error> {
-        let health = Arc::new(Health::new(common.redis_url.display.clone()));
+        let health = Arc::new(Health::new(common));
         let publisher = Publisher::start(common, &health, metrics, shutdown)?;
         let subscriber = connect_subscriber(common, crate::redis::DOWNLINK_BUFFER)?;
         health.watch(

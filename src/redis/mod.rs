@@ -24,6 +24,11 @@
 //!   and a 1.6 s one ~390 in 3 of 6; now 0 of 4 and ~420 in 2 of 6). Publishers retrying only
 //!   every second made it 0 in 16 runs, but put a second's stall into acknowledged publishing
 //!   (`bin/bench --only ingest`: ack p99 1.1 s instead of 0.2 s), so they do not.
+//! - `--redis-mode sentinel`: fred asks the sentinels for the primary and checks its ROLE at
+//!   every (re)connect, and Sentinel disconnects the clients of a server it demotes; the
+//!   health check also asks the command connections ROLE (at least every second) and
+//!   replaces one whose server became a replica some other way (see `Probe`): a PUBLISH
+//!   answered there reaches no subscriber of the primary, so it must not be acknowledged.
 //! - Subscriptions are the hub's (`hub`): fred's `manage_subscriptions` is not used
 //!   (in 10.1.0 it sends an empty PSUBSCRIBE after every reconnect, whose error lands on the
 //!   next command, our health PING).
@@ -47,7 +52,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::config::CommonArgs;
+use crate::server::config::{CommonArgs, RedisMode};
 use crate::server::metrics::{Metrics, RedisErrorKind};
 use crate::Error;
 
@@ -174,6 +179,9 @@ pub(crate) fn connect_reader(args: &CommonArgs) -> Result<fred::clients::Client,
 /// What `/healthz` reports: one check per Redis connection this server uses.
 pub(crate) struct Health {
     checks: Mutex<Vec<Arc<Check>>>,
+    /// `--redis-mode sentinel`: command connections are checked with ROLE, not PING (see
+    /// [`Probe`]).
+    sentinel: bool,
     /// `--redis-url` with its password hidden, for logs.
     url: String,
     /// Whether any connection has reached Redis yet, and the reminders while none has.
@@ -213,23 +221,47 @@ struct Check {
     /// Wakes the PING loop at once: fred reported an error or a reconnect, so the verdict
     /// is not left to wait for the next `--ping-interval`.
     wake: tokio::sync::Notify,
+    /// What the check asks the connection.
+    probe: Probe,
 }
 
 /// How a health check treats a connection that stops answering.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OnDeaf {
-    /// Wait: it may be slow (a publish connection).
+    /// Wait: it may be slow (a command connection: publish, history).
     Wait,
-    /// Reconnect once it has not answered for this long (the subscriber).
+    /// Reconnect once it has not answered for this long (a subscriber).
     Reconnect(Duration),
 }
 
+/// What a health check asks its connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Probe {
+    /// PING: the connection answers.
+    Ping,
+    /// ROLE (`--redis-mode sentinel`, command connections): the connection answers *and* its
+    /// server is a primary. fred asks the sentinels and checks ROLE only when it connects
+    /// (fred 10.1.0 `router/sentinel.rs`, `check_primary_node_role`); Sentinel disconnects
+    /// the clients of a server it demotes (CLIENT KILL TYPE normal and pubsub), but a primary
+    /// demoted otherwise (`FAILOVER`, `REPLICAOF` run by hand) keeps its clients, and a
+    /// PUBLISH on a replica is answered (with its local receivers) yet reaches no subscriber
+    /// of the primary. So such a connection is 503 and is replaced: fred asks the sentinels
+    /// again, and publishing waits until it reaches a primary. ROLE is asked every
+    /// `--ping-interval` but at least every second ([`ROLE_INTERVAL`]), so what such a
+    /// connection acknowledges before it is replaced is at most a second's worth; a demotion
+    /// by Sentinel disconnects at once and loses none. Subscribers keep PING (RESP2
+    /// allows nothing else once subscribed) and may stay on a replica: it receives every
+    /// PUBLISH of its primary through replication.
+    Role,
+}
+
 impl Health {
-    /// Checks of connections to the Redis at `url` (its display form, password hidden).
-    pub(crate) fn new(url: String) -> Self {
+    /// Checks of connections to the Redis of `--redis-url` (shown with its password hidden).
+    pub(crate) fn new(args: &CommonArgs) -> Self {
         Health {
             checks: Mutex::default(),
-            url,
+            sentinel: args.redis_mode == RedisMode::Sentinel,
+            url: args.redis_url.display.clone(),
             reach: Mutex::new(Reach::Never(None)),
         }
     }
@@ -329,12 +361,18 @@ impl Health {
     ) where
         C: ClientLike + EventInterface + Clone + Send + Sync + 'static,
     {
+        // The command connections are the ones watched with `Wait` (subscribers reconnect).
+        let probe = match on_deaf {
+            OnDeaf::Wait if self.sentinel => Probe::Role,
+            _ => Probe::Ping,
+        };
         let check = Arc::new(Check {
             name,
             up: AtomicBool::new(false),
             reason: Mutex::new("not connected yet".into()),
             last_error: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            probe,
         });
         lock(&self.checks).push(check.clone());
         tokio::spawn(report_events(
@@ -374,17 +412,46 @@ async fn ping_loop<C>(
         max_attempts: Some(1),
         ..Default::default()
     };
+    // ROLE is asked at least every second: a connection on a replica acknowledges
+    // PUBLISHes that reach nobody on the primary, so it must not wait for a 30 s PING.
+    let probe = check.probe;
+    let interval = match probe {
+        Probe::Role => interval.min(ROLE_INTERVAL),
+        Probe::Ping => interval,
+    };
     // Since when the connection has looked open but not answered.
     let mut deaf_since: Option<Instant> = None;
     loop {
+        // Its server answered ROLE as a replica's.
+        let mut on_replica = false;
         let answer = if client.is_connected() {
             // fred does not apply `options.timeout` to every command on every kind of
             // connection (a PING on a subscriber waiting on a deaf Redis was seen to hang),
             // so the deadline is enforced here too.
             let with_options = client.with_options(&options);
-            match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
-                Ok(answer) => answer.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+            match probe {
+                Probe::Ping => {
+                    match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
+                        Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+                    }
+                }
+                Probe::Role => {
+                    let role =
+                        with_options.custom::<Value, _>(fred::cmd!("ROLE"), Vec::<Value>::new());
+                    match tokio::time::timeout(timeout, role).await {
+                        Ok(Ok(answer)) => {
+                            on_replica = !is_primary(&answer);
+                            if on_replica {
+                                Err(replica_reason(&answer, &client))
+                            } else {
+                                Ok(())
+                            }
+                        }
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("no answer to ROLE within {timeout:?}")),
+                    }
+                }
             }
         } else {
             Err("not connected".to_string())
@@ -410,6 +477,14 @@ async fn ping_loop<C>(
             (false, true) => Some(deaf_since.unwrap_or_else(Instant::now)),
             _ => None,
         };
+        if on_replica {
+            tracing::warn!(
+                connection = %check.name,
+                "Redis connection on a replica: reconnecting through the sentinels"
+            );
+            // What is in flight fails, unacknowledged (max_command_attempts = 1).
+            let _ = tokio::time::timeout(timeout, client.force_reconnection()).await;
+        }
         if let (OnDeaf::Reconnect(patience), Some(since)) = (on_deaf, deaf_since) {
             if since.elapsed() >= patience {
                 tracing::warn!(
@@ -433,6 +508,40 @@ async fn ping_loop<C>(
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// How often, at most, a command connection's ROLE is asked in sentinel mode ([`Probe`]).
+const ROLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether `role` (a ROLE answer) is a primary's.
+fn is_primary(role: &Value) -> bool {
+    match role {
+        Value::Array(values) => values
+            .first()
+            .and_then(Value::as_str)
+            .is_some_and(|first| first == "master"),
+        _ => false,
+    }
+}
+
+/// `/healthz`'s reason for a connection whose server answered ROLE with `role`, not as a
+/// primary.
+fn replica_reason<C: ClientLike>(role: &Value, client: &C) -> String {
+    let servers: Vec<String> = client
+        .active_connections()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let said = match role {
+        Value::Array(values) => values.first().and_then(Value::as_str),
+        _ => None,
+    };
+    format!(
+        "on a replica, not the primary ({} answers ROLE {}): reconnecting through the \
+         sentinels",
+        servers.join(", "),
+        said.as_deref().unwrap_or("?")
+    )
 }
 
 /// The kind of a connection error, so that each kind is logged when it first happens, then

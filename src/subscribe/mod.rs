@@ -88,7 +88,7 @@ impl SubscribeRole {
         slow_consumer: SlowConsumer,
         accept_publish: bool,
     ) -> Result<Self, Error> {
-        let health = Arc::new(Health::new(common.redis_url.display.clone()));
+        let health = Arc::new(Health::new(common));
         let publisher = accept_publish
             .then(|| Publisher::start(common, &health, metrics, shutdown))
             .transpose()?;

@@ -7,6 +7,8 @@
 /// Token tests (SPEC §8): keys, tokens, requests that carry them.
 pub mod auth;
 pub mod nginx;
+/// Redis Sentinel (SPEC §11): a primary, a replica and three sentinels.
+pub mod sentinel;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
