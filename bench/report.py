@@ -25,6 +25,7 @@ PEER_NAMES = {
 }
 SCENARIOS = [
     ("idle", "idle connections (100 channels), server RSS per connection"),
+    ("idle-pub", "idle publishers (one path each; lightrelay: presence and downlink on), server RSS per connection"),
     ("fanout-1k", "fan-out 1 channel × 1,000 subscribers, 100 B, max rate"),
     ("fanout-10k", "fan-out 1 channel × 10,000 subscribers, 100 B, max rate"),
     ("channels", "fan-out 1,000 channels × 10 subscribers, 100 B, max rate"),
@@ -160,6 +161,11 @@ def main(out):
         lambda v, r: None if v["lightrelay"] is None else (
             v["lightrelay"] <= 4
             and (figure("idle", "lightrelay", "redis_kib_per_connection") or 0) < 0.5),
+        lower_is_better=True)
+    target_row(
+        "idle publisher, KiB per connection (server RSS; presence and downlink on)",
+        "idle-pub", "kib_per_connection", "kib", "≤ 4",
+        lambda v, r: None if v["lightrelay"] is None else v["lightrelay"] <= 4,
         lower_is_better=True)
     ingest_ours = figure("ingest-plain", "lightrelay", "per_s")
     target_row(
@@ -389,7 +395,7 @@ def chart(out, run):
     rows = []
     not_counted = []
     for scenario, _ in SCENARIOS:
-        if scenario == "idle":
+        if scenario.startswith("idle"):
             continue
         values = []
         for peer in PEERS:
