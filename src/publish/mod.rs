@@ -89,7 +89,8 @@ impl Publisher {
         metrics: &Metrics,
         shutdown: &CancellationToken,
     ) -> Result<Self, Error> {
-        let history = window::History::new(common.history, common.history_ttl);
+        let sharded = common.redis_mode == crate::server::config::RedisMode::Cluster;
+        let history = window::History::new(common.history, common.history_ttl, sharded);
         let publisher = Publisher::new(connect_publisher(common)?, history);
         for (i, client) in publisher.clients().iter().enumerate() {
             health.watch(

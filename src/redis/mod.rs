@@ -28,6 +28,13 @@
 //!   (in 10.1.0 it sends an empty PSUBSCRIBE after every reconnect, whose error lands on the
 //!   next command, our health PING).
 //!
+//! - Cluster (`--redis-mode cluster`, SPEC §11): pub/sub is sharded ([`sharded`]); fred
+//!   discovers the cluster from the seeds and then from its cached routing table
+//!   (`ClusterDiscoveryPolicy::UseCache`: after a failover the seeds may be the dead ones), and
+//!   follows MOVED/ASK itself (redirections are not attempts: `max_command_attempts = 1`
+//!   still holds). Each check PINGs every primary of fred's routing table on its own
+//!   connection, so `/healthz` names the shard that does not answer.
+//!
 //! Must not: decide what to subscribe to (the hub does) or what to publish (sessions do).
 
 use std::collections::HashMap;
@@ -39,7 +46,7 @@ use crate::lock;
 use std::time::Duration;
 
 use fred::clients::{Pool, SubscriberClient};
-use fred::interfaces::{ClientLike, EventInterface};
+use fred::interfaces::{ClientLike, ClusterInterface, EventInterface};
 use fred::prelude::{Builder, ReconnectPolicy};
 use fred::types::config::{Options, TlsConnector};
 use fred::types::Value;
@@ -72,11 +79,31 @@ enum Purpose {
     Subscribe,
 }
 
+/// Whether this process talks to a Redis Cluster: set once, from `--redis-mode`, when its
+/// first connection is built (every connection of a process shares the mode).
+static SHARDED: AtomicBool = AtomicBool::new(false);
+
+/// Whether pub/sub is sharded (`--redis-mode cluster`): SPUBLISH/SSUBSCRIBE instead of
+/// PUBLISH/SUBSCRIBE, and names that must share a slot are hash-tagged.
+pub(crate) fn sharded() -> bool {
+    SHARDED.load(Ordering::Relaxed)
+}
+
+/// The cluster hash slot of `name` (a key or a shard channel), as Redis computes it.
+pub(crate) fn slot(name: &[u8]) -> u16 {
+    fred::util::redis_keyslot(name)
+}
+
 fn builder(args: &CommonArgs, purpose: Purpose) -> Result<Builder, Error> {
     let mut config = args
         .redis_url
         .config(args.redis_mode)
         .map_err(Error::Config)?;
+    if let fred::types::config::ServerConfig::Clustered { policy, .. } = &mut config.server {
+        SHARDED.store(true, Ordering::Relaxed);
+        // After a failover the seed nodes may be the dead ones: look in the routing table too.
+        *policy = fred::types::config::ClusterDiscoveryPolicy::UseCache;
+    }
     // Keep retrying the first connection too: a relay starts (and listens) while Redis is down.
     config.fail_fast = false;
     // Empty (`LIGHTRELAY_REDIS_CA=` in the defaults file) means not set.
@@ -327,7 +354,7 @@ impl Health {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) where
-        C: ClientLike + EventInterface + Clone + Send + Sync + 'static,
+        C: ClientLike + ClusterInterface + EventInterface + Clone + Send + Sync + 'static,
     {
         let check = Arc::new(Check {
             name,
@@ -365,7 +392,7 @@ async fn ping_loop<C>(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) where
-    C: ClientLike + Clone + Send + Sync + 'static,
+    C: ClientLike + ClusterInterface + Clone + Send + Sync + 'static,
 {
     let timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(5));
     let options = Options {
@@ -381,10 +408,14 @@ async fn ping_loop<C>(
             // fred does not apply `options.timeout` to every command on every kind of
             // connection (a PING on a subscriber waiting on a deaf Redis was seen to hang),
             // so the deadline is enforced here too.
-            let with_options = client.with_options(&options);
-            match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
-                Ok(answer) => answer.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+            if sharded() {
+                ping_every_primary(&client, &options, timeout).await.map(|()| Value::Null)
+            } else {
+                let with_options = client.with_options(&options);
+                match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
+                    Ok(answer) => answer.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+                }
             }
         } else {
             Err("not connected".to_string())
@@ -433,6 +464,42 @@ async fn ping_loop<C>(
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// PING every primary of `client`'s cluster routing table, each on its own connection: `Ok`
+/// when all answer, else the first that did not, named. When one fails, the routing table is
+/// read again (CLUSTER SLOTS), so a failed-over shard is judged on its new primary next time.
+async fn ping_every_primary<C>(client: &C, options: &Options, timeout: Duration) -> Result<(), String>
+where
+    C: ClientLike + ClusterInterface + Clone + Send + Sync + 'static,
+{
+    let primaries = client
+        .cached_cluster_state()
+        .map(|state| state.unique_primary_nodes())
+        .unwrap_or_default();
+    if primaries.is_empty() {
+        return Err("the cluster's routing table is not known yet".into());
+    }
+    let pings = primaries.into_iter().map(|node| async move {
+        let options = Options {
+            cluster_node: Some(node.clone()),
+            ..options.clone()
+        };
+        let answer = match tokio::time::timeout(timeout, client.with_options(&options).ping::<Value>(None)).await {
+            Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+        };
+        answer.map_err(|reason| format!("cluster node {node}: {reason}"))
+    });
+    let answer = futures_util::future::join_all(pings)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, String>>()
+        .map(drop);
+    if answer.is_err() {
+        let _ = tokio::time::timeout(timeout, client.sync_cluster()).await;
+    }
+    answer
 }
 
 /// The kind of a connection error, so that each kind is logged when it first happens, then

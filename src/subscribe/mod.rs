@@ -167,10 +167,14 @@ impl Role for SubscribeRole {
         use fred::interfaces::PubsubInterface;
         let common = &relay.common;
         let client = &relay.role.downlink;
-        let published = tokio::time::timeout(
-            common.redis_timeout,
-            client.publish::<i64, _, _>(channel.to_string(), body),
-        )
+        // In a cluster the device's downlink subscriber listens with SSUBSCRIBE (its hub).
+        let published = tokio::time::timeout(common.redis_timeout, async {
+            if crate::redis::sharded() {
+                client.spublish::<i64, _, _>(channel.to_string(), body).await
+            } else {
+                client.publish::<i64, _, _>(channel.to_string(), body).await
+            }
+        })
         .await;
         let relays = match published {
             Ok(Ok(relays)) => relays,
@@ -250,6 +254,12 @@ impl Role for SubscribeRole {
     ) -> Result<Self::Prepared, String> {
         let role = &relay.role;
         let pattern = is_pattern(channel);
+        if pattern && crate::redis::sharded() {
+            // Sharded pub/sub has no PSUBSCRIBE, and a PSUBSCRIBE sees no SPUBLISH.
+            return Err("a path with '*', '?' or '[' subscribes to a pattern, which Redis Cluster's \
+                 sharded pub/sub cannot serve (--redis-mode cluster)"
+                .into());
+        }
         let asked = Asked::parse(query, pattern)?;
         let outbox = Arc::new(Outbox::new(role.limits, role.slow_consumer));
         let topic = match pattern {
