@@ -544,10 +544,14 @@ async fn report_events<C>(
     loop {
         tokio::select! {
             error = errors.recv() => match error {
-                Ok((error, _server)) => {
+                Ok((error, server)) => {
                     let class = error_class(&error);
                     metrics.redis_error(class);
-                    let text = error.to_string();
+                    // In a cluster, which node failed matters: name it.
+                    let text = match server.filter(|_| sharded()) {
+                        Some(server) => format!("{error} (cluster node {server})"),
+                        None => error.to_string(),
+                    };
                     *lock(&check.last_error) = Some(text.clone());
                     // A lost connection is a verdict now, not at the next PING (up to
                     // --ping-interval later): /healthz and lightrelay_redis_up say so at once,

@@ -222,6 +222,21 @@ impl Cluster {
         }
     }
 
+    /// Until a replica serves the slots of the (killed) primary on `port`, as every live node
+    /// sees it.
+    pub async fn wait_replaced(&self, port: u16) {
+        eventually(|| async {
+            for live in self.live() {
+                if self.slot_owners(live).iter().any(|(_, _, p)| *p == port) {
+                    return Err(format!("node {live} still sees {port} serving slots"));
+                }
+            }
+            Ok(())
+        })
+        .await;
+        self.wait_ok().await;
+    }
+
     /// `CLUSTER FAILOVER` on the replica on `replica`, and wait until it serves its slots.
     pub async fn failover(&self, replica: u16) {
         assert_eq!(self.cli(replica, &["CLUSTER", "FAILOVER"]), "OK");
