@@ -20,7 +20,7 @@ async fn relays(cluster: &Cluster) -> (Server, Server) {
     let extra: Vec<&str> = CLUSTER_MODE
         .iter()
         .copied()
-        .chain(["--ping-interval", "500ms"])
+        .chain(["--ping-interval", "500ms", "--presence-interval", "1s"])
         .collect();
     let subscribe = Server::start(Kind::Subscribe, &url, &extra).await;
     let publish = Server::start(Kind::Publish, &url, &extra).await;
@@ -178,8 +178,8 @@ async fn all_acked_arrived(received: &Received, acked: &[u64], step: &str) {
 
 /// (a) Channels spread over the shards (PUBSUB SHARDNUMSUB on every primary), a
 /// `redis-cli -c SPUBLISH` reaches a WebSocket subscriber, a publisher's messages arrive
-/// exactly once and in order, `?last=N` replays from the channel's stream on its shard, and a
-/// pattern path is refused with 400.
+/// exactly once and in order, `?last=N` replays from the channel's stream on its shard,
+/// presence is written and its events arrive, and a pattern path is refused with 400.
 #[tokio::test]
 async fn channels_spread_over_the_shards_and_arrive_once_in_order() {
     let cluster = Cluster::start().await;
@@ -248,10 +248,33 @@ async fn channels_spread_over_the_shards_and_arrive_once_in_order() {
         }
     }
 
-    // Step 5: a pattern cannot see SPUBLISH: refused before the upgrade, with a reason.
+    // Step 5: presence's keys share a slot (one script), and its events reach the relay's
+    // own /_presence subscribers: the publisher of /order is listed, and a new one joins.
+    let mut events = connect(&subscribe.ws("/_presence")).await;
+    let _joining = connect_ack(&publish.ws("/joining")).await;
+    match next_data(&mut events).await {
+        Message::Text(t) => assert!(
+            t.as_str().contains(r#""event":"join","path":"/joining""#),
+            "step 5: a join event: {t}"
+        ),
+        other => panic!("step 5: expected a join event, got {other:?}"),
+    }
+    eventually(|| async {
+        let (status, body) = http(subscribe.addr, "GET", "/presence/order", &[], b"").await;
+        match status {
+            200 => Ok(()),
+            _ => Err(format!(
+                "step 5: GET /presence/order answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            )),
+        }
+    })
+    .await;
+
+    // Step 6: a pattern cannot see SPUBLISH: refused before the upgrade, with a reason.
     let (status, body) = upgrade_status(subscribe.addr, "/room*").await;
-    assert_eq!(status, 400, "step 5: a pattern path in cluster mode: {body}");
-    assert!(body.contains("cluster"), "step 5: the reason names the cause: {body}");
+    assert_eq!(status, 400, "step 6: a pattern path in cluster mode: {body}");
+    assert!(body.contains("cluster"), "step 6: the reason names the cause: {body}");
 }
 
 /// (b) A primary failed over under traffic, by `CLUSTER FAILOVER` and then by SIGKILL: the

@@ -94,6 +94,29 @@ pub(crate) fn slot(name: &[u8]) -> u16 {
     fred::util::redis_keyslot(name)
 }
 
+/// A hash tag (`{…}`) that puts any name starting with it on `name`'s cluster slot: the
+/// tag `name` itself has, else `{name}` when it holds no `}`, else a short number whose own
+/// slot is `name`'s (found once; every slot is reached by a number below a few hundred
+/// thousand).
+pub(crate) fn slot_tag(name: &str) -> String {
+    let bytes = name.as_bytes();
+    if let Some(open) = name.find('{') {
+        if let Some(close) = name[open + 1..].find('}') {
+            if close > 0 {
+                return name[open..open + close + 2].to_string();
+            }
+        }
+    }
+    if !name.contains('}') {
+        return format!("{{{name}}}");
+    }
+    let want = slot(bytes);
+    (0u32..10_000_000)
+        .map(|n| n.to_string())
+        .find(|n| slot(n.as_bytes()) == want)
+        .map_or_else(|| format!("{{{}}}", name.replace('}', "")), |n| format!("{{{n}}}"))
+}
+
 fn builder(args: &CommonArgs, purpose: Purpose) -> Result<Builder, Error> {
     let mut config = args
         .redis_url
@@ -612,6 +635,32 @@ async fn report_events<C>(
                 Err(RecvError::Closed) => return,
             },
             () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever follows it, a name starting with `slot_tag(name)` is on `name`'s slot (CRC16,
+    /// as Redis computes it), however `name` uses `{` and `}`.
+    #[test]
+    fn a_slot_tag_puts_a_name_on_the_slot_of_the_name_it_was_made_for() {
+        for name in [
+            "lightlevel/_presence",
+            "{lightlevel}/_presence",
+            "light{level}/_presence",
+            "light}level/_presence",
+            "light{}level}/_presence",
+            "}",
+            "{}",
+        ] {
+            let tag = slot_tag(name);
+            for rest in [" instances", " instance gw1:8765", " presence x}{y"] {
+                let key = format!("{tag}{rest}");
+                assert_eq!(slot(key.as_bytes()), slot(name.as_bytes()), "{name}: {key}");
+            }
         }
     }
 }
