@@ -311,6 +311,16 @@ async fn a_failed_over_primary_loses_no_subscription_and_no_acked_message() {
         unhealthy.contains(&replica.to_string()),
         "step 2: /healthz names the unreachable node: {unhealthy}"
     );
+    // Never 200 while no node serves the killed primary's slots.
+    eventually(|| async {
+        let (status, _) = http(subscribe.addr, "GET", "/healthz", &[], b"").await;
+        match status {
+            200 if cluster.served_elsewhere(slot, replica) => Ok(()),
+            200 => panic!("step 2: /healthz 200 while the killed primary's slots are unserved"),
+            _ => Err(format!("step 2: /healthz still {status} after the failover")),
+        }
+    })
+    .await;
     cluster.wait_replaced(replica).await;
     subscribe.wait_health(200).await;
     publish.wait_health(200).await;

@@ -222,6 +222,15 @@ impl Cluster {
         }
     }
 
+    /// Whether some live node sees `slot` served by a node other than `port`.
+    pub fn served_elsewhere(&self, slot: u16, port: u16) -> bool {
+        self.live().into_iter().any(|live| {
+            self.slot_owners(live)
+                .iter()
+                .any(|(a, b, p)| (*a..=*b).contains(&slot) && *p != port)
+        })
+    }
+
     /// Until a replica serves the slots of the (killed) primary on `port`, as every live node
     /// sees it.
     pub async fn wait_replaced(&self, port: u16) {
