@@ -47,9 +47,19 @@
 //!   as the other active matching patterns, with the same channel and payload) are skipped. A client of a pattern and of a
 //!   channel it matches are two clients: each gets the message once, as in Redis.
 //!
+//! - Cluster (`--redis-mode cluster`, SPEC §11): a channel is SSUBSCRIBEd (one channel per
+//!   command) on the primary owning its slot, activated by a PING to that node, and the hub
+//!   remembers which node that was. A reconnect of one node's connection re-subscribes only
+//!   the channels that were on it. Redis drops the subscriptions of a slot that leaves a node
+//!   (failover, migration) with a `sunsubscribe` push that fred 10.1.0 discards, so every
+//!   [`OWNERS_CHECK`] the hub reads the routing table again (CLUSTER SLOTS) and re-subscribes
+//!   the channels whose slot moved, on their new owner (with history, resuming them from
+//!   their stream like any lost subscription). `smessage`s are delivered as `message`s; the
+//!   ids of each shard's scripts are kept per channel, since shards' messages interleave.
+//!   Patterns are refused before the upgrade in this mode (a PSUBSCRIBE sees no SPUBLISH).
+//!
 //! Must not: block on a client (direct writes never wait; a full socket means the frame is
 //! queued); a slow client only fills its own outbox.
-//! Room left: `Topic` is where sharded (SSUBSCRIBE) topics go.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
