@@ -75,7 +75,9 @@ impl Received {
             }
             match self.numbers().last() {
                 Some(&last) if last > n => Ok(()),
-                last => Err(format!("{step}: the subscriber got nothing after {n} (last: {last:?})")),
+                last => Err(format!(
+                    "{step}: the subscriber got nothing after {n} (last: {last:?})"
+                )),
             }
         })
         .await
@@ -173,7 +175,10 @@ async fn all_acked_arrived(received: &Received, acked: &[u64], step: &str) {
         "{step}: out of order at the subscriber: {:?}",
         got.windows(2).find(|w| w[0] > w[1])
     );
-    assert!(received.closed.lock().unwrap().is_none(), "{step}: the subscriber was disconnected");
+    assert!(
+        received.closed.lock().unwrap().is_none(),
+        "{step}: the subscriber was disconnected"
+    );
 }
 
 /// (a) Channels spread over the shards (PUBSUB SHARDNUMSUB on every primary), a
@@ -273,8 +278,14 @@ async fn channels_spread_over_the_shards_and_arrive_once_in_order() {
 
     // Step 6: a pattern cannot see SPUBLISH: refused before the upgrade, with a reason.
     let (status, body) = upgrade_status(subscribe.addr, "/room*").await;
-    assert_eq!(status, 400, "step 6: a pattern path in cluster mode: {body}");
-    assert!(body.contains("cluster"), "step 6: the reason names the cause: {body}");
+    assert_eq!(
+        status, 400,
+        "step 6: a pattern path in cluster mode: {body}"
+    );
+    assert!(
+        body.contains("cluster"),
+        "step 6: the reason names the cause: {body}"
+    );
 }
 
 /// (b) A primary failed over under traffic, by `CLUSTER FAILOVER` and then by SIGKILL: the
@@ -293,9 +304,15 @@ async fn a_failed_over_primary_loses_no_subscription_and_no_acked_message() {
     let owner = cluster.owner(slot);
     let replica = cluster.replica_of(owner);
     cluster.failover(replica).await;
-    assert_eq!(cluster.owner(slot), replica, "step 1: the replica took the slot");
+    assert_eq!(
+        cluster.owner(slot),
+        replica,
+        "step 1: the replica took the slot"
+    );
     let after = publisher.last_acked() + 20;
-    received.wait_beyond(after, "step 1: after CLUSTER FAILOVER").await;
+    received
+        .wait_beyond(after, "step 1: after CLUSTER FAILOVER")
+        .await;
     eventually(|| async {
         match cluster.shardnumsub(replica, &["lightlevel/failover".into()]) {
             0 => Err("step 1: not subscribed on the new primary".to_string()),
@@ -317,7 +334,9 @@ async fn a_failed_over_primary_loses_no_subscription_and_no_acked_message() {
         match status {
             200 if cluster.served_elsewhere(slot, replica) => Ok(()),
             200 => panic!("step 2: /healthz 200 while the killed primary's slots are unserved"),
-            _ => Err(format!("step 2: /healthz still {status} after the failover")),
+            _ => Err(format!(
+                "step 2: /healthz still {status} after the failover"
+            )),
         }
     })
     .await;
@@ -325,7 +344,9 @@ async fn a_failed_over_primary_loses_no_subscription_and_no_acked_message() {
     subscribe.wait_health(200).await;
     publish.wait_health(200).await;
     let after = publisher.last_acked() + 20;
-    received.wait_beyond(after, "step 2: after the SIGKILL").await;
+    received
+        .wait_beyond(after, "step 2: after the SIGKILL")
+        .await;
 
     let acked = publisher.finish().await;
     all_acked_arrived(&received, &acked, "failover and SIGKILL").await;

@@ -1090,7 +1090,8 @@ impl Hub {
             }
         }
         if subscribe {
-            let nodes: HashSet<Server> = done.iter().filter_map(|t| owners.get(t)).cloned().collect();
+            let nodes: HashSet<Server> =
+                done.iter().filter_map(|t| owners.get(t)).cloned().collect();
             for node in nodes {
                 let options = fred::types::config::Options {
                     cluster_node: Some(node.clone()),
@@ -1114,7 +1115,11 @@ impl Hub {
     /// drops such a subscription itself, telling the client with a `sunsubscribe` push that
     /// fred 10.1.0 discards (`router/responses.rs`, `check_pubsub_message`): asking is the
     /// only way to know.
-    async fn moved(&self, redis: &SubscriberClient, owners: &HashMap<Topic, Server>) -> HashSet<Topic> {
+    async fn moved(
+        &self,
+        redis: &SubscriberClient,
+        owners: &HashMap<Topic, Server>,
+    ) -> HashSet<Topic> {
         if owners.is_empty() {
             return HashSet::new();
         }
@@ -1163,11 +1168,9 @@ impl Hub {
                         &mut owners,
                         sharded.then_some(&server),
                     )),
-                    Err(TryRecvError::Lagged(_)) => recovery.reconnected(self.reconnected(
-                        &mut subscribed,
-                        &mut owners,
-                        None,
-                    )),
+                    Err(TryRecvError::Lagged(_)) => {
+                        recovery.reconnected(self.reconnected(&mut subscribed, &mut owners, None))
+                    }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Closed) => return,
                 }

@@ -68,9 +68,12 @@ pub(crate) async fn last(
     }
     let value = bounded(
         patience,
-        reader
-            .with_options(&read_options())
-            .xrevrange(channel.to_bytes(), "+", "-", Some(n as u64)),
+        reader.with_options(&read_options()).xrevrange(
+            channel.to_bytes(),
+            "+",
+            "-",
+            Some(n as u64),
+        ),
     )
     .await?;
     let mut entries = entries_of(value);

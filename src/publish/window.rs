@@ -252,8 +252,8 @@ impl PublishWindow {
         metrics: Metrics,
     ) -> Self {
         let sharded = crate::redis::sharded();
-        let history = (publisher.history.clone())
-            .map(|h| (h, history::ids_channel(&channel, sharded)));
+        let history =
+            (publisher.history.clone()).map(|h| (h, history::ids_channel(&channel, sharded)));
         let slot = crate::redis::slot(&channel.to_bytes());
         PublishWindow {
             sharded,

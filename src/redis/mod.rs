@@ -114,7 +114,10 @@ pub(crate) fn slot_tag(name: &str) -> String {
     (0u32..10_000_000)
         .map(|n| n.to_string())
         .find(|n| slot(n.as_bytes()) == want)
-        .map_or_else(|| format!("{{{}}}", name.replace('}', "")), |n| format!("{{{n}}}"))
+        .map_or_else(
+            || format!("{{{}}}", name.replace('}', "")),
+            |n| format!("{{{n}}}"),
+        )
 }
 
 fn builder(args: &CommonArgs, purpose: Purpose) -> Result<Builder, Error> {
@@ -432,7 +435,9 @@ async fn ping_loop<C>(
             // connection (a PING on a subscriber waiting on a deaf Redis was seen to hang),
             // so the deadline is enforced here too.
             if sharded() {
-                ping_every_primary(&client, &options, timeout).await.map(|()| Value::Null)
+                ping_every_primary(&client, &options, timeout)
+                    .await
+                    .map(|()| Value::Null)
             } else {
                 let with_options = client.with_options(&options);
                 match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
@@ -492,7 +497,11 @@ async fn ping_loop<C>(
 /// PING every primary of `client`'s cluster routing table, each on its own connection: `Ok`
 /// when all answer, else the first that did not, named. When one fails, the routing table is
 /// read again (CLUSTER SLOTS), so a failed-over shard is judged on its new primary next time.
-async fn ping_every_primary<C>(client: &C, options: &Options, timeout: Duration) -> Result<(), String>
+async fn ping_every_primary<C>(
+    client: &C,
+    options: &Options,
+    timeout: Duration,
+) -> Result<(), String>
 where
     C: ClientLike + ClusterInterface + Clone + Send + Sync + 'static,
 {
@@ -508,10 +517,13 @@ where
             cluster_node: Some(node.clone()),
             ..options.clone()
         };
-        let answer = match tokio::time::timeout(timeout, client.with_options(&options).ping::<Value>(None)).await {
-            Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer to PING within {timeout:?}")),
-        };
+        let answer =
+            match tokio::time::timeout(timeout, client.with_options(&options).ping::<Value>(None))
+                .await
+            {
+                Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+            };
         answer.map_err(|reason| format!("cluster node {node}: {reason}"))
     });
     let answer = futures_util::future::join_all(pings)

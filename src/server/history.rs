@@ -123,7 +123,10 @@ pub(crate) fn channel_of_ids(name: &Bytes) -> Option<ChannelName> {
             name.slice(..name.len() - IDS_SUFFIX.len()),
         ));
     }
-    if name.starts_with(b"{") && name.ends_with(WRAPPED_SUFFIX) && name.len() > 1 + WRAPPED_SUFFIX.len() {
+    if name.starts_with(b"{")
+        && name.ends_with(WRAPPED_SUFFIX)
+        && name.len() > 1 + WRAPPED_SUFFIX.len()
+    {
         return Some(ChannelName::from_redis(
             name.slice(1..name.len() - WRAPPED_SUFFIX.len()),
         ));
@@ -252,12 +255,19 @@ mod tests {
                 crate::redis::slot(name),
                 "{shown}: ids channel {ids:?} is on another slot"
             );
-            assert_eq!(channel_of_ids(&ids), Some(channel.clone()), "{shown}: {ids:?}");
+            assert_eq!(
+                channel_of_ids(&ids),
+                Some(channel.clone()),
+                "{shown}: {ids:?}"
+            );
             assert_eq!(channel_of_ids(&channel.to_bytes()), None, "{shown}");
             assert!(seen.insert(ids.clone()), "{shown}: {ids:?} named twice");
         }
         // Known slots (Redis's CLUSTER KEYSLOT): a tag is hashed alone.
-        assert_eq!(crate::redis::slot(b"{office}x"), crate::redis::slot(b"office"));
+        assert_eq!(
+            crate::redis::slot(b"{office}x"),
+            crate::redis::slot(b"office")
+        );
         assert_eq!(crate::redis::slot(b"foo"), 12182);
     }
 }

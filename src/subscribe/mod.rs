@@ -170,7 +170,9 @@ impl Role for SubscribeRole {
         // In a cluster the device's downlink subscriber listens with SSUBSCRIBE (its hub).
         let published = tokio::time::timeout(common.redis_timeout, async {
             if crate::redis::sharded() {
-                client.spublish::<i64, _, _>(channel.to_string(), body).await
+                client
+                    .spublish::<i64, _, _>(channel.to_string(), body)
+                    .await
             } else {
                 client.publish::<i64, _, _>(channel.to_string(), body).await
             }
@@ -256,9 +258,11 @@ impl Role for SubscribeRole {
         let pattern = is_pattern(channel);
         if pattern && crate::redis::sharded() {
             // Sharded pub/sub has no PSUBSCRIBE, and a PSUBSCRIBE sees no SPUBLISH.
-            return Err("a path with '*', '?' or '[' subscribes to a pattern, which Redis Cluster's \
+            return Err(
+                "a path with '*', '?' or '[' subscribes to a pattern, which Redis Cluster's \
                  sharded pub/sub cannot serve (--redis-mode cluster)"
-                .into());
+                    .into(),
+            );
         }
         let asked = Asked::parse(query, pattern)?;
         let outbox = Arc::new(Outbox::new(role.limits, role.slow_consumer));

@@ -34,7 +34,12 @@ impl Cluster {
             let node_dir = dir.join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
             let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string()])
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
                 .args(["--cluster-config-file", "nodes.conf"])
@@ -56,7 +61,12 @@ impl Cluster {
         }
         let cluster = Cluster { nodes, dir };
         let mut create = vec!["--cluster".to_string(), "create".to_string()];
-        create.extend(cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        create.extend(
+            cluster
+                .nodes
+                .iter()
+                .map(|n| format!("127.0.0.1:{}", n.port)),
+        );
         create.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
         let out = Command::new("redis-cli")
             .args(&create)
@@ -193,9 +203,10 @@ impl Cluster {
         self.live()
             .into_iter()
             .find(|&port| {
-                port != primary && self.cli(port, &["CLUSTER", "NODES"]).lines().any(|l| {
-                    l.contains("myself") && l.contains("slave") && l.contains(id.as_str())
-                })
+                port != primary
+                    && self.cli(port, &["CLUSTER", "NODES"]).lines().any(|l| {
+                        l.contains("myself") && l.contains("slave") && l.contains(id.as_str())
+                    })
             })
             .unwrap_or_else(|| panic!("no replica of {primary}"))
     }
@@ -270,11 +281,17 @@ impl Cluster {
         let (from_id, to_id) = (self.id(from), self.id(to));
         let ok = |out: String, what: &str| assert_eq!(out, "OK", "{what}");
         ok(
-            self.cli(to, &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id]),
+            self.cli(
+                to,
+                &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id],
+            ),
             "IMPORTING",
         );
         ok(
-            self.cli(from, &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id]),
+            self.cli(
+                from,
+                &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id],
+            ),
             "MIGRATING",
         );
         for _ in 0..1000 {
