@@ -146,6 +146,8 @@ pub struct Hub {
     /// Replays and resumptions, served by the message reader between two messages.
     requests: mpsc::Sender<Request>,
     requests_rx: Mutex<Option<mpsc::Receiver<Request>>>,
+    /// In a cluster: the connection the slot map is read on ([`Hub::read_slots_on`]).
+    slot_reader: std::sync::OnceLock<Client>,
 }
 
 #[derive(Default)]
@@ -274,6 +276,7 @@ impl Hub {
             history,
             requests,
             requests_rx: Mutex::new(Some(requests_rx)),
+            slot_reader: std::sync::OnceLock::new(),
         })
     }
 
@@ -1110,34 +1113,49 @@ impl Hub {
         (done, failure)
     }
 
-    /// In a cluster: read the routing table again and find the subscribed topics whose slot
-    /// is no longer on the node they were subscribed on (a failover, a slot migration). Redis
-    /// drops such a subscription itself, telling the client with a `sunsubscribe` push that
-    /// fred 10.1.0 discards (`router/responses.rs`, `check_pubsub_message`): asking is the
-    /// only way to know.
+    /// In a cluster, a plain connection to read the slot map on (`CLUSTER SLOTS`: a subscribed
+    /// connection takes no such command). Without one, moved slots are not looked for.
+    pub(crate) fn read_slots_on(&self, client: Client) {
+        let _ = self.slot_reader.set(client);
+    }
+
+    /// In a cluster: read the slot map (CLUSTER SLOTS) and find the subscribed topics whose
+    /// slot is no longer on the node they were subscribed on (a failover, a slot migration).
+    /// Redis drops such a subscription itself, telling the client with a `sunsubscribe` push
+    /// that fred 10.1.0 discards (`router/responses.rs`, `check_pubsub_message`): asking is the
+    /// only way to know. Then fred's routing table is refreshed (its `sync_cluster` opens a
+    /// new connection each time in 10.1.0, so it is called only when something moved).
     async fn moved(
         &self,
         redis: &SubscriberClient,
         owners: &HashMap<Topic, Server>,
     ) -> HashSet<Topic> {
-        if owners.is_empty() {
-            return HashSet::new();
-        }
-        match tokio::time::timeout(Duration::from_secs(2), redis.sync_cluster()).await {
-            Ok(Ok(())) => {}
-            _ => return HashSet::new(),
-        }
-        let Some(state) = redis.cached_cluster_state() else {
+        let Some(reader) = self.slot_reader.get().filter(|_| !owners.is_empty()) else {
             return HashSet::new();
         };
-        owners
+        let map =
+            match tokio::time::timeout(Duration::from_secs(2), reader.cluster_slots::<Value>())
+                .await
+            {
+                Ok(Ok(map)) => slot_map(map),
+                _ => return HashSet::new(),
+            };
+        let moved: HashSet<Topic> = owners
             .iter()
             .filter(|(topic, node)| {
                 let slot = crate::redis::slot(&topic.name().to_bytes());
-                state.get_server(slot) != Some(*node)
+                map.iter()
+                    .find(|(first, last, _, _)| (*first..=*last).contains(&slot))
+                    .is_some_and(|(_, _, host, port)| {
+                        *port != node.port || (!host.is_empty() && **host != *node.host)
+                    })
             })
             .map(|(topic, _)| topic.clone())
-            .collect()
+            .collect();
+        if !moved.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), redis.sync_cluster()).await;
+        }
+        moved
     }
 
     /// Bring Redis subscriptions in line with the hub, one command at a time; after every
@@ -1314,6 +1332,29 @@ impl Hub {
         // Every update under this lock is a single insert/remove; a poisoned lock is consistent.
         crate::lock(&self.state)
     }
+}
+
+/// `CLUSTER SLOTS`'s answer as (first slot, last slot, primary's host, primary's port).
+fn slot_map(value: Value) -> Vec<(u16, u16, String, u16)> {
+    let Value::Array(ranges) = value else {
+        return Vec::new();
+    };
+    ranges
+        .into_iter()
+        .filter_map(|range| {
+            let Value::Array(range) = range else {
+                return None;
+            };
+            let first = u16::try_from(range.first()?.as_i64()?).ok()?;
+            let last = u16::try_from(range.get(1)?.as_i64()?).ok()?;
+            let Value::Array(primary) = range.get(2)? else {
+                return None;
+            };
+            let host = primary.first()?.as_string().unwrap_or_default();
+            let port = u16::try_from(primary.get(1)?.as_i64()?).ok()?;
+            Some((first, last, host, port))
+        })
+        .collect()
 }
 
 /// What a resumption read found.

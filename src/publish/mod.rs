@@ -68,6 +68,9 @@ impl PublishRole {
             shutdown.clone(),
         );
         let hub = Hub::new(metrics.clone(), None);
+        if common.redis_mode == crate::server::config::RedisMode::Cluster {
+            hub.read_slots_on(connect_reader(common)?);
+        }
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         let presence = presence_client(common)?;
         Ok(PublishRole {

@@ -120,6 +120,9 @@ impl SubscribeRole {
             })
             .transpose()?;
         let hub = Hub::new(metrics.clone(), history);
+        if common.redis_mode == crate::server::config::RedisMode::Cluster {
+            hub.read_slots_on(connect_reader(common)?);
+        }
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         let presence = publish::presence_client(common)?;
         // Not one of /healthz's checks: subscribers do not need it, and a POST /down it
