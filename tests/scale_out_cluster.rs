@@ -184,7 +184,8 @@ async fn all_acked_arrived(received: &Received, acked: &[u64], step: &str) {
 /// (a) Channels spread over the shards (PUBSUB SHARDNUMSUB on every primary), a
 /// `redis-cli -c SPUBLISH` reaches a WebSocket subscriber, a publisher's messages arrive
 /// exactly once and in order, `?last=N` replays from the channel's stream on its shard,
-/// presence is written and its events arrive, and a pattern path is refused with 400.
+/// presence is written and its events arrive, a shard's dropped subscriber connection is
+/// subscribed again, and a pattern path is refused with 400.
 #[tokio::test]
 async fn channels_spread_over_the_shards_and_arrive_once_in_order() {
     let cluster = Cluster::start().await;
@@ -284,15 +285,40 @@ async fn channels_spread_over_the_shards_and_arrive_once_in_order() {
     })
     .await;
 
-    // Step 6: a pattern cannot see SPUBLISH: refused before the upgrade, with a reason.
+    // Step 6: one shard drops the relays' subscriber connections (CLIENT KILL): the hub
+    // subscribes that node's channels again on the new connection.
+    let owner = cluster.owner(cluster.slot("lightlevel/office"));
+    let killed = cluster.cli(owner, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_ne!(
+        killed, "0",
+        "step 6: CLIENT KILL found the subscriber connections"
+    );
+    eventually(|| async {
+        match cluster
+            .cli_c(&["SPUBLISH", "lightlevel/office", "43"])
+            .as_str()
+        {
+            "1" => Ok(()),
+            n => Err(format!(
+                "step 6: /office not subscribed again on {owner} ({n} receivers)"
+            )),
+        }
+    })
+    .await;
+    match next_data(&mut office).await {
+        Message::Text(t) => assert_eq!(t.as_str(), "43", "step 6: after CLIENT KILL"),
+        other => panic!("step 6: expected 43, got {other:?}"),
+    }
+
+    // Step 7: a pattern cannot see SPUBLISH: refused before the upgrade, with a reason.
     let (status, body) = upgrade_status(subscribe.addr, "/room*").await;
     assert_eq!(
         status, 400,
-        "step 6: a pattern path in cluster mode: {body}"
+        "step 7: a pattern path in cluster mode: {body}"
     );
     assert!(
         body.contains("cluster"),
-        "step 6: the reason names the cause: {body}"
+        "step 7: the reason names the cause: {body}"
     );
 }
 
