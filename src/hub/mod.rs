@@ -47,9 +47,19 @@
 //!   as the other active matching patterns, with the same channel and payload) are skipped. A client of a pattern and of a
 //!   channel it matches are two clients: each gets the message once, as in Redis.
 //!
+//! - Cluster (`--redis-mode cluster`, SPEC §11): a channel is SSUBSCRIBEd (one channel per
+//!   command) on the primary owning its slot, activated by a PING to that node, and the hub
+//!   remembers which node that was. A reconnect of one node's connection re-subscribes only
+//!   the channels that were on it. Redis drops the subscriptions of a slot that leaves a node
+//!   (failover, migration) with a `sunsubscribe` push that fred 10.1.0 discards, so every
+//!   [`OWNERS_CHECK`] the hub reads the routing table again (CLUSTER SLOTS) and re-subscribes
+//!   the channels whose slot moved, on their new owner (with history, resuming them from
+//!   their stream like any lost subscription). `smessage`s are delivered as `message`s; the
+//!   ids of each shard's scripts are kept per channel, since shards' messages interleave.
+//!   Patterns are refused before the upgrade in this mode (a PSUBSCRIBE sees no SPUBLISH).
+//!
 //! Must not: block on a client (direct writes never wait; a full socket means the frame is
 //! queued); a slow client only fills its own outbox.
-//! Room left: `Topic` is where sharded (SSUBSCRIBE) topics go.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,7 +69,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::ClientLike;
-use fred::interfaces::{EventInterface, PubsubInterface};
+use fred::interfaces::{ClusterInterface, EventInterface, PubsubInterface};
+use fred::types::config::Server;
 use fred::types::{MessageKind, Value};
 use slab::Slab;
 use tokio::runtime::Handle;
@@ -135,6 +146,8 @@ pub struct Hub {
     /// Replays and resumptions, served by the message reader between two messages.
     requests: mpsc::Sender<Request>,
     requests_rx: Mutex<Option<mpsc::Receiver<Request>>>,
+    /// In a cluster: the connection the slot map is read on ([`Hub::read_slots_on`]).
+    slot_reader: std::sync::OnceLock<Client>,
 }
 
 #[derive(Default)]
@@ -245,6 +258,10 @@ struct Arrival {
     done: oneshot::Sender<()>,
 }
 
+/// In a cluster: how often the hub reads the routing table again to find channels whose slot
+/// moved (Redis drops their subscription then, and fred does not say so).
+const OWNERS_CHECK: Duration = Duration::from_millis(500);
+
 /// How many requests the reader serves in one go (reads sharing one round trip).
 const REQUEST_BATCH: usize = 256;
 
@@ -259,6 +276,7 @@ impl Hub {
             history,
             requests,
             requests_rx: Mutex::new(Some(requests_rx)),
+            slot_reader: std::sync::OnceLock::new(),
         })
     }
 
@@ -434,7 +452,11 @@ impl Hub {
         let name: Bytes = message.channel.into_inner();
         if self.history.is_some() {
             if let Some(channel) = history::channel_of_ids(&name) {
-                order.ids(channel, &message.value);
+                if message.kind == MessageKind::SMessage {
+                    order.shard_ids(channel, &message.value);
+                } else {
+                    order.ids(channel, &message.value);
+                }
                 return;
             }
         }
@@ -444,6 +466,13 @@ impl Hub {
         self.metrics.redis_in.add(1, frame.len() as u64);
         let channel = ChannelName::from_redis(name);
         match message.kind {
+            // SPUBLISH (a cluster) is delivered as PUBLISH is.
+            MessageKind::SMessage => {
+                let id = order.shard_message(&channel);
+                let topic = Topic::Channel(channel.clone());
+                self.deliver(&topic, &channel, id, frame, direct, helper, false)
+                    .await;
+            }
             MessageKind::Message => {
                 let id = order.message(&channel, self.history.is_some());
                 let topic = Topic::Channel(channel.clone());
@@ -465,7 +494,6 @@ impl Hub {
                         .await;
                 }
             }
-            _ => {}
         }
     }
 
@@ -940,20 +968,49 @@ impl Hub {
     /// With history, each lost channel holds its live messages back until it has resumed
     /// from its stream. Returns how many topics to re-subscribe.
     fn connection_reset(&self, subscribed: &mut HashSet<Topic>) -> usize {
+        self.subscriptions_lost(subscribed, |_| true)
+    }
+
+    /// fred connected (again) to `server` (in a cluster: one node), or to every node (`None`,
+    /// or outside a cluster): the subscriptions that were on it are gone. Returns how many.
+    fn reconnected(
+        &self,
+        subscribed: &mut HashSet<Topic>,
+        owners: &mut HashMap<Topic, Server>,
+        server: Option<&Server>,
+    ) -> usize {
+        let Some(server) = server else {
+            owners.clear();
+            return self.connection_reset(subscribed);
+        };
+        let lost = self.subscriptions_lost(subscribed, |t| owners.get(t) == Some(server));
+        owners.retain(|_, node| node != server);
+        lost
+    }
+
+    /// The subscribed topics that `lost` picks lost their subscription (their connection was
+    /// re-established, or, in a cluster, their slot moved to another node): each becomes
+    /// inactive and dirty, to be subscribed again; with history, it holds its live messages
+    /// back until it has resumed from its stream. Returns how many.
+    fn subscriptions_lost(
+        &self,
+        subscribed: &mut HashSet<Topic>,
+        lost: impl Fn(&Topic) -> bool,
+    ) -> usize {
+        let gone: Vec<Topic> = subscribed.iter().filter(|t| lost(t)).cloned().collect();
         let mut state = self.lock();
-        for entry in state.topics.values_mut() {
-            entry.active = false;
-        }
-        if self.history.is_some() {
-            for topic in subscribed.iter() {
-                if let (Topic::Channel(_), Some(entry)) = (topic, state.topics.get_mut(topic)) {
+        for topic in &gone {
+            subscribed.remove(topic);
+            if let Some(entry) = state.topics.get_mut(topic) {
+                entry.active = false;
+                if self.history.is_some() && matches!(topic, Topic::Channel(_)) {
                     entry.resume = Some(Floor::Waiting);
                 }
             }
         }
-        let lost = subscribed.len();
-        state.dirty.extend(subscribed.drain());
-        lost
+        let count = gone.len();
+        state.dirty.extend(gone);
+        count
     }
 
     /// The Redis names a topic is subscribed with: itself, and its ids channel (or pattern)
@@ -963,19 +1020,159 @@ impl Hub {
         for topic in topics {
             names.push(topic.name().to_bytes().into());
             if self.history.is_some() {
-                names.push(history::ids_channel(topic.name()).into());
+                names.push(history::ids_channel(topic.name(), false).into());
             }
         }
         names
     }
 
+    /// In a cluster: the shard channels of one channel topic (itself, and with history its ids
+    /// channel, on the same slot), and that slot.
+    fn shard_names(&self, topic: &Topic) -> (u16, Vec<Bytes>) {
+        let name = topic.name().to_bytes();
+        let slot = crate::redis::slot(&name);
+        let mut names = vec![name];
+        if self.history.is_some() {
+            names.push(history::ids_channel(topic.name(), true));
+        }
+        (slot, names)
+    }
+
+    /// In a cluster: SSUBSCRIBE (or SUNSUBSCRIBE) each of `topics` on the node owning its
+    /// slot, one channel per command (fred 10.1.0 matches an SSUBSCRIBE to the first of the
+    /// replies Redis sends, one per channel, and would take the others for later commands'
+    /// answers), then PING each node subscribed on, whose answer comes after Redis ran them.
+    /// Records which node each subscribed topic is on. Returns what went through and, on a
+    /// failure, the error and the topics to try again.
+    async fn shard_subscribe(
+        &self,
+        redis: &SubscriberClient,
+        topics: Vec<Topic>,
+        subscribe: bool,
+        owners: &mut HashMap<Topic, Server>,
+    ) -> (Vec<Topic>, Option<(fred::error::Error, Vec<Topic>)>) {
+        let mut done: Vec<Topic> = Vec::with_capacity(topics.len());
+        let mut failure = None;
+        let mut topics = topics.into_iter();
+        while let Some(topic) = topics.next() {
+            let (slot, names) = self.shard_names(&topic);
+            let mut result = Ok(());
+            for name in names {
+                let name = fred::types::Key::from(name);
+                result = if subscribe {
+                    redis.ssubscribe(name).await
+                } else {
+                    redis.sunsubscribe(name).await
+                };
+                if result.is_err() {
+                    break;
+                }
+            }
+            // After a MOVED fred has read the routing table again: this is the new owner.
+            let owner = redis
+                .cached_cluster_state()
+                .and_then(|state| state.get_server(slot).cloned());
+            match (result, owner, subscribe) {
+                (Ok(()), Some(owner), true) => {
+                    owners.insert(topic.clone(), owner);
+                    done.push(topic);
+                }
+                (Ok(()), _, false) => {
+                    owners.remove(&topic);
+                    done.push(topic);
+                }
+                (result, _, _) => {
+                    let error = result.err().unwrap_or_else(|| {
+                        let why = format!("no node owns slot {slot} yet");
+                        fred::error::Error::new(fred::error::ErrorKind::Cluster, why)
+                    });
+                    let mut left = vec![topic];
+                    left.extend(topics.by_ref());
+                    failure = Some((error, left));
+                }
+            }
+        }
+        if subscribe {
+            let nodes: HashSet<Server> =
+                done.iter().filter_map(|t| owners.get(t)).cloned().collect();
+            for node in nodes {
+                let options = fred::types::config::Options {
+                    cluster_node: Some(node.clone()),
+                    ..Default::default()
+                };
+                if let Err(e) = redis.with_options(&options).ping::<Value>(None).await {
+                    // Not confirmed: subscribed again (a second SSUBSCRIBE is harmless).
+                    let (unconfirmed, confirmed): (Vec<Topic>, Vec<Topic>) =
+                        done.into_iter().partition(|t| owners.get(t) == Some(&node));
+                    done = confirmed;
+                    let (_, left) = failure.get_or_insert_with(|| (e, Vec::new()));
+                    left.extend(unconfirmed);
+                }
+            }
+        }
+        (done, failure)
+    }
+
+    /// In a cluster, a plain connection to read the slot map on (`CLUSTER SLOTS`: a subscribed
+    /// connection takes no such command). Without one, moved slots are not looked for.
+    pub(crate) fn read_slots_on(&self, client: Client) {
+        let _ = self.slot_reader.set(client);
+    }
+
+    /// In a cluster: read the slot map (CLUSTER SLOTS) and find the subscribed topics whose
+    /// slot is no longer on the node they were subscribed on (a failover, a slot migration).
+    /// Redis drops such a subscription itself, telling the client with a `sunsubscribe` push
+    /// that fred 10.1.0 discards (`router/responses.rs`, `check_pubsub_message`): asking is the
+    /// only way to know. Then fred's routing table is refreshed (its `sync_cluster` opens a
+    /// new connection each time in 10.1.0, so it is called only when something moved).
+    async fn moved(
+        &self,
+        redis: &SubscriberClient,
+        owners: &HashMap<Topic, Server>,
+    ) -> HashSet<Topic> {
+        let Some(reader) = self.slot_reader.get().filter(|_| !owners.is_empty()) else {
+            return HashSet::new();
+        };
+        let map =
+            match tokio::time::timeout(Duration::from_secs(2), reader.cluster_slots::<Value>())
+                .await
+            {
+                Ok(Ok(map)) => slot_map(map),
+                _ => return HashSet::new(),
+            };
+        let moved: HashSet<Topic> = owners
+            .iter()
+            .filter(|(topic, node)| {
+                let slot = crate::redis::slot(&topic.name().to_bytes());
+                map.iter()
+                    .find(|(first, last, _, _)| (*first..=*last).contains(&slot))
+                    .is_some_and(|(_, _, host, port)| {
+                        *port != node.port || (!host.is_empty() && **host != *node.host)
+                    })
+            })
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        if !moved.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), redis.sync_cluster()).await;
+        }
+        moved
+    }
+
     /// Bring Redis subscriptions in line with the hub, one command at a time; after every
     /// reconnect of the subscriber connection, subscribe everything again.
+    /// In a cluster (`--redis-mode cluster`), each channel is SSUBSCRIBEd on the node owning
+    /// its slot; a reconnect of one node's connection re-subscribes the channels that were on
+    /// it, and every [`OWNERS_CHECK`] the routing table is read again and the channels whose
+    /// slot moved (failover, migration) are subscribed on their new owner.
     async fn reconcile(&self, redis: SubscriberClient) {
         let mut subscribed: HashSet<Topic> = HashSet::new();
         let mut reconnects = redis.reconnect_rx();
         let mut errors = redis.error_rx();
         let mut recovery = Recovery::default();
+        let sharded = crate::redis::sharded();
+        // In a cluster: the node each subscribed channel is subscribed on.
+        let mut owners: HashMap<Topic, Server> = HashMap::new();
+        let mut next_check = Instant::now() + OWNERS_CHECK;
         loop {
             use tokio::sync::broadcast::error::TryRecvError;
             while let Ok(_) | Err(TryRecvError::Lagged(_)) = errors.try_recv() {
@@ -984,12 +1181,33 @@ impl Hub {
             loop {
                 match reconnects.try_recv() {
                     // A missed event is handled like one: subscribing again is harmless.
-                    Ok(_) | Err(TryRecvError::Lagged(_)) => {
-                        recovery.reconnected(self.connection_reset(&mut subscribed));
+                    Ok(server) => recovery.reconnected(self.reconnected(
+                        &mut subscribed,
+                        &mut owners,
+                        sharded.then_some(&server),
+                    )),
+                    Err(TryRecvError::Lagged(_)) => {
+                        recovery.reconnected(self.reconnected(&mut subscribed, &mut owners, None))
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Closed) => return,
                 }
+            }
+            if sharded && Instant::now() >= next_check {
+                let moved = self.moved(&redis, &owners).await;
+                if !moved.is_empty() {
+                    tracing::warn!(
+                        channels = moved.len(),
+                        "the slots of subscribed channels moved to another node (failover or \
+                         migration): subscribing them on their new owner"
+                    );
+                    owners.retain(|t, _| !moved.contains(t));
+                    recovery.lost();
+                    recovery.reconnected(
+                        self.subscriptions_lost(&mut subscribed, |t| moved.contains(t)),
+                    );
+                }
+                next_check = Instant::now() + OWNERS_CHECK;
             }
             let work: Vec<(Topic, bool)> = {
                 let mut state = self.lock();
@@ -1008,10 +1226,18 @@ impl Hub {
                 recovery.done(&self.metrics, self.history.is_some());
                 tokio::select! {
                     () = self.dirty.notified() => {}
+                    () = tokio::time::sleep_until(next_check), if sharded && !owners.is_empty() => {}
                     event = reconnects.recv() => match event {
-                        Ok(_) | Err(RecvError::Lagged(_)) => {
-                            recovery.reconnected(self.connection_reset(&mut subscribed));
-                        }
+                        Ok(server) => recovery.reconnected(self.reconnected(
+                            &mut subscribed,
+                            &mut owners,
+                            sharded.then_some(&server),
+                        )),
+                        Err(RecvError::Lagged(_)) => recovery.reconnected(self.reconnected(
+                            &mut subscribed,
+                            &mut owners,
+                            None,
+                        )),
                         Err(RecvError::Closed) => return,
                     },
                     event = errors.recv() => match event {
@@ -1030,6 +1256,30 @@ impl Hub {
                     .partition(|t| matches!(t, Topic::Pattern(_)));
                 for (topics, pattern) in [(channels, false), (patterns, true)] {
                     if topics.is_empty() {
+                        continue;
+                    }
+                    if sharded && !pattern {
+                        let (done, failure) = self
+                            .shard_subscribe(&redis, topics, subscribe, &mut owners)
+                            .await;
+                        if subscribe && !done.is_empty() {
+                            self.activate(&done);
+                            if self.history.is_some() {
+                                let _ = self.requests.send(Request::Activated(done.clone())).await;
+                            }
+                        }
+                        for t in done {
+                            if subscribe {
+                                subscribed.insert(t);
+                            } else {
+                                subscribed.remove(&t);
+                            }
+                        }
+                        if let Some((e, left)) = failure {
+                            tracing::warn!(error = %e, subscribe, "Redis (un)subscribe (sharded) failed; will retry");
+                            self.lock().dirty.extend(left);
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
                         continue;
                     }
                     let names = self.redis_names(&topics);
@@ -1084,6 +1334,29 @@ impl Hub {
     }
 }
 
+/// `CLUSTER SLOTS`'s answer as (first slot, last slot, primary's host, primary's port).
+fn slot_map(value: Value) -> Vec<(u16, u16, String, u16)> {
+    let Value::Array(ranges) = value else {
+        return Vec::new();
+    };
+    ranges
+        .into_iter()
+        .filter_map(|range| {
+            let Value::Array(range) = range else {
+                return None;
+            };
+            let first = u16::try_from(range.first()?.as_i64()?).ok()?;
+            let last = u16::try_from(range.get(1)?.as_i64()?).ok()?;
+            let Value::Array(primary) = range.get(2)? else {
+                return None;
+            };
+            let host = primary.first()?.as_string().unwrap_or_default();
+            let port = u16::try_from(primary.get(1)?.as_i64()?).ok()?;
+            Some((first, last, host, port))
+        })
+        .collect()
+}
+
 /// What a resumption read found.
 enum Resumed {
     After(retained::After),
@@ -1109,9 +1382,31 @@ struct Order {
     /// Copies of a pattern message still to come (one per further matching pattern): a
     /// copy has the same channel and the same payload.
     copies: Option<(ChannelName, Message, usize)>,
+    /// In a cluster: the ids announced for each channel. A script's ids and messages come in
+    /// order from their shard's connection, but the shards' connections interleave.
+    shards: HashMap<ChannelName, std::collections::VecDeque<StreamId>>,
 }
 
 impl Order {
+    /// An ids message (SPUBLISHed, in a cluster) for `channel`.
+    fn shard_ids(&mut self, channel: ChannelName, value: &Value) {
+        let Some(text) = value.as_str() else {
+            return;
+        };
+        let ids = text.split(' ').filter_map(|id| id.parse().ok()).collect();
+        self.shards.insert(channel, ids);
+    }
+
+    /// The id of an `smessage` on `channel`, if its ids message announced it.
+    fn shard_message(&mut self, channel: &ChannelName) -> Option<StreamId> {
+        let ids = self.shards.get_mut(channel)?;
+        let id = ids.pop_front();
+        if ids.is_empty() {
+            self.shards.remove(channel);
+        }
+        id
+    }
+
     /// An ids message for `channel`.
     fn ids(&mut self, channel: ChannelName, value: &Value) {
         let Some(text) = value.as_str() else {

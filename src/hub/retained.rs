@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::clients::Client;
-use fred::interfaces::StreamsInterface;
+use fred::interfaces::{ClientLike, StreamsInterface};
 use fred::types::Value;
 
 use crate::server::channel::ChannelName;
@@ -46,6 +46,16 @@ async fn bounded(
         })
 }
 
+/// A read may be written more than once: it changes nothing. fred 10.1.0 counts the write
+/// after a MOVED or ASK (a slot that moved, in a cluster) as an attempt (`router/commands.rs`,
+/// `write_command`), so with the connections' single attempt a redirected read would fail.
+fn read_options() -> fred::types::config::Options {
+    fred::types::config::Options {
+        max_attempts: Some(3),
+        ..Default::default()
+    }
+}
+
 /// The last `n` entries of `channel`'s stream, oldest first.
 pub(crate) async fn last(
     reader: &Client,
@@ -58,7 +68,12 @@ pub(crate) async fn last(
     }
     let value = bounded(
         patience,
-        reader.xrevrange(channel.to_bytes(), "+", "-", Some(n as u64)),
+        reader.with_options(&read_options()).xrevrange(
+            channel.to_bytes(),
+            "+",
+            "-",
+            Some(n as u64),
+        ),
     )
     .await?;
     let mut entries = entries_of(value);
@@ -77,7 +92,7 @@ pub(crate) async fn after(
 ) -> Result<After, fred::error::Error> {
     let value = bounded(
         patience,
-        reader.xrevrange(
+        reader.with_options(&read_options()).xrevrange(
             channel.to_bytes(),
             "+",
             after.to_string(),

@@ -33,7 +33,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     instance_key, instances_key, now_ms, presence_key, Entry, Fleet, Instance, ALIVE_INTERVALS,
-    EVENTS_PATH,
 };
 use crate::lock;
 
@@ -236,7 +235,7 @@ impl Beat {
     fn new(_presence: &Presence) -> Self {
         use sha1::Digest;
         Beat {
-            sha: sha1::Sha1::digest(SCRIPT.as_bytes())
+            sha: sha1::Sha1::digest(script().as_bytes())
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect(),
@@ -323,7 +322,7 @@ impl Beat {
             serde_json::to_string(&presence.instance)
                 .unwrap_or_default()
                 .into(),
-            format!("{}{EVENTS_PATH}", presence.prefix).into(),
+            super::events_channel(&presence.prefix).into(),
             if self.full { "1" } else { "0" }.into(),
             sets.into(),
             joins.into(),
@@ -355,13 +354,15 @@ impl Beat {
     /// One EVALSHA (with SCRIPT LOAD before it when needed, in the same pipeline); again with
     /// the load if Redis answered NOSCRIPT. The hash's length.
     async fn send(&mut self, presence: &Presence, args: Vec<Value>) -> Result<i64, String> {
+        // In a cluster: the node of the keys' slot (fred would hash `LOAD` or the SHA1).
+        let slot = crate::redis::slot(instances_key(&presence.prefix).as_bytes());
         for _ in 0..2 {
             let pipeline = presence.client.pipeline();
             if self.load {
-                let load = vec![Value::from_static_str("LOAD"), SCRIPT.into()];
-                let _: Result<Value, _> = pipeline.custom(script_command(), load).await;
+                let load = vec![Value::from_static_str("LOAD"), script().into()];
+                let _: Result<Value, _> = pipeline.custom(script_command(slot), load).await;
             }
-            let _: Result<Value, _> = pipeline.custom(evalsha_command(), args.clone()).await;
+            let _: Result<Value, _> = pipeline.custom(evalsha_command(slot), args.clone()).await;
             let mut answers = pipeline.try_all::<Value>().await;
             match answers.pop() {
                 Some(Ok(value)) => {
@@ -394,12 +395,22 @@ impl Beat {
     }
 }
 
-fn evalsha_command() -> CustomCommand {
-    CustomCommand::new_static("EVALSHA", None, false)
+fn evalsha_command(slot: u16) -> CustomCommand {
+    CustomCommand::new_static("EVALSHA", fred::types::ClusterHash::Custom(slot), false)
 }
 
-fn script_command() -> CustomCommand {
-    CustomCommand::new_static("SCRIPT", None, false)
+fn script_command(slot: u16) -> CustomCommand {
+    CustomCommand::new_static("SCRIPT", fred::types::ClusterHash::Custom(slot), false)
+}
+
+/// The script as this process runs it: in a cluster the events are SPUBLISHed (see the
+/// layout in `presence`).
+fn script() -> String {
+    if crate::redis::sharded() {
+        SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+    } else {
+        SCRIPT.to_string()
+    }
 }
 
 /// The default instance id: this host's name and the port it listens on.

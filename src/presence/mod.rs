@@ -16,6 +16,11 @@
 //! - Events: `PREFIX/_presence` (a channel a dashboard can subscribe to through the relay,
 //!   `ws://HOST/_presence`), one JSON message per join or leave:
 //!   `{"event":"join"|"leave","path":"/x","instance":"ID","at":MS}`.
+//! - In a cluster (`--redis-mode cluster`) the script's keys and its channel must share a
+//!   slot: every key starts with the hash tag `{PREFIX/_presence}` instead of PREFIX
+//!   (`{lightlevel/_presence} instances`, …), and the events are SPUBLISHed, so that the
+//!   relays' own `/_presence` subscribers (SSUBSCRIBEd, like every channel in a cluster) get
+//!   them; `redis-cli -c SSUBSCRIBE lightlevel/_presence` shows them.
 //!
 //! Must not: write presence on the hot path (a connection only marks its path in memory; the
 //! heartbeat writes what changed, once per interval, in one command).
@@ -34,16 +39,32 @@ pub(crate) const EVENTS_PATH: &str = "/_presence";
 /// An instance's heartbeats are this many intervals apart at most before it counts as gone.
 pub(crate) const ALIVE_INTERVALS: u32 = 3;
 
+/// What every key starts with: PREFIX; in a cluster, a hash tag that puts every key on the
+/// slot of the events channel, so that the heartbeat script's keys and the channel it
+/// SPUBLISHes on are on one slot (`{PREFIX/_presence}` for a plain PREFIX).
+fn key_base(prefix: &str) -> String {
+    if crate::redis::sharded() {
+        crate::redis::slot_tag(&events_channel(prefix))
+    } else {
+        prefix.to_string()
+    }
+}
+
+/// The channel joins and leaves are published on: `PREFIX/_presence`.
+pub(crate) fn events_channel(prefix: &str) -> String {
+    format!("{prefix}{EVENTS_PATH}")
+}
+
 pub(crate) fn instances_key(prefix: &str) -> String {
-    format!("{prefix} instances")
+    format!("{} instances", key_base(prefix))
 }
 
 pub(crate) fn instance_key(prefix: &str, id: &str) -> String {
-    format!("{prefix} instance {id}")
+    format!("{} instance {id}", key_base(prefix))
 }
 
 pub(crate) fn presence_key(prefix: &str, id: &str) -> String {
-    format!("{prefix} presence {id}")
+    format!("{} presence {id}", key_base(prefix))
 }
 
 /// What an instance says about itself (`PREFIX instance ID`).

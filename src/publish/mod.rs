@@ -70,6 +70,9 @@ impl PublishRole {
             shutdown.clone(),
         );
         let hub = Hub::new(metrics.clone(), None);
+        if common.redis_mode == crate::server::config::RedisMode::Cluster {
+            hub.read_slots_on(connect_reader(common)?);
+        }
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         let presence = presence_client(common)?;
         let windows = Windows::new(
@@ -98,7 +101,8 @@ impl Publisher {
         metrics: &Metrics,
         shutdown: &CancellationToken,
     ) -> Result<Self, Error> {
-        let history = window::History::new(common.history, common.history_ttl);
+        let sharded = common.redis_mode == crate::server::config::RedisMode::Cluster;
+        let history = window::History::new(common.history, common.history_ttl, sharded);
         let publisher = Publisher::new(connect_publisher(common)?, history);
         for (i, client) in publisher.clients().iter().enumerate() {
             health.watch(

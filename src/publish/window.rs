@@ -19,6 +19,10 @@
 //! window waits for what it has in flight, loads the script and sends again, in order, every
 //! batch that met NOSCRIPT and every batch held meanwhile (a later batch that did run first
 //! is logged).
+//! In a cluster (`--redis-mode cluster`, SPEC §11) a batch is SPUBLISHes, or the EVALSHA of
+//! the SPUBLISHing script, and SCRIPT LOAD and EVALSHA go to the node owning the channel's
+//! slot: one channel is one slot, one shard, one connection, so order holds as on one Redis.
+//! fred follows MOVED/ASK for each command (a migrated slot), in the order they come back.
 //! An auth check sits before a window is created, in the HTTP layer.
 
 use std::collections::VecDeque;
@@ -33,7 +37,7 @@ use bytes::Bytes;
 use fred::bytes_utils::Str;
 use fred::clients::{Client, Pool};
 use fred::interfaces::{ClientLike, PubsubInterface};
-use fred::types::{CustomCommand, Value};
+use fred::types::{ClusterHash, CustomCommand, Value};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 use tokio::time::Instant;
@@ -74,9 +78,11 @@ pub(crate) struct History {
 
 impl History {
     /// `--history N` / `--history-ttl D`; `None` when history is off (N = 0).
-    pub fn new(keep: u32, ttl: Duration) -> Option<Arc<History>> {
+    /// `sharded` (`--redis-mode cluster`): the script SPUBLISHes.
+    pub fn new(keep: u32, ttl: Duration, sharded: bool) -> Option<Arc<History>> {
         use sha1::Digest;
-        let sha: String = sha1::Sha1::digest(history::SCRIPT.as_bytes())
+        let script = history::script(sharded);
+        let sha: String = sha1::Sha1::digest(script.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
@@ -84,7 +90,7 @@ impl History {
         (keep > 0).then(|| {
             Arc::new(History {
                 sha: Str::from(sha),
-                script: Str::from(history::SCRIPT),
+                script: Str::from(script.clone()),
                 maxlen: Value::Integer(i64::from(keep)),
                 ttl_ms: Value::Integer(ttl_ms),
                 logged: AtomicU64::new(0),
@@ -158,12 +164,15 @@ enum BatchState {
 /// sent again.
 const MAX_RESENDS: u8 = 8;
 
-fn evalsha_command() -> CustomCommand {
-    CustomCommand::new_static("EVALSHA", None, false)
+/// EVALSHA, routed (in a cluster) to the shard of `slot`, its key's.
+fn evalsha_command(slot: u16) -> CustomCommand {
+    CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false)
 }
 
-fn script_command() -> CustomCommand {
-    CustomCommand::new_static("SCRIPT", None, false)
+/// SCRIPT (LOAD), routed (in a cluster) to the shard of `slot`, where the EVALSHA behind it
+/// goes: each node has its own script cache.
+fn script_command(slot: u16) -> CustomCommand {
+    CustomCommand::new_static("SCRIPT", ClusterHash::Custom(slot), false)
 }
 
 /// Redis's answer to an EVALSHA of a script it does not have: nothing ran.
@@ -209,6 +218,11 @@ pub(crate) struct PublishWindow {
     channel: Str,
     /// With `--history`: the script, and the channel its ids go out on first.
     history: Option<(Arc<History>, Bytes)>,
+    /// In a cluster: SPUBLISH, not PUBLISH.
+    sharded: bool,
+    /// The channel's cluster slot: where SCRIPT LOAD and EVALSHA go (fred would hash their
+    /// first argument, `LOAD` or the SHA1, and send them to another shard).
+    slot: u16,
     /// A batch met NOSCRIPT: new batches are held until what is in flight has answered,
     /// then the script is loaded and every held batch sent, in order.
     reloading: bool,
@@ -234,8 +248,13 @@ impl PublishWindow {
         timeout: Duration,
         metrics: Metrics,
     ) -> Self {
-        let history = (publisher.history.clone()).map(|h| (h, history::ids_channel(&channel)));
+        let sharded = crate::redis::sharded();
+        let history =
+            (publisher.history.clone()).map(|h| (h, history::ids_channel(&channel, sharded)));
+        let slot = crate::redis::slot(&channel.to_bytes());
         PublishWindow {
+            sharded,
+            slot,
             client: publisher.client_for(&channel),
             channel: Str::from(channel.to_string()),
             history,
@@ -314,9 +333,20 @@ impl PublishWindow {
             )
         }
         let mut sending: BatchFuture = match &self.history {
-            None if payloads.iter().all(|payload| {
-                queued(pipeline.publish::<Value, _, _>(channel.clone(), payload.clone()))
-            }) =>
+            // In a cluster: SPUBLISH, which fred routes by the channel (its first key) to the
+            // shard owning its slot, so the whole batch, and every batch of this channel,
+            // goes to one node on one connection, in order.
+            None if self.sharded
+                && payloads.iter().all(|payload| {
+                    queued(pipeline.spublish::<Value, _, _>(channel.clone(), payload.clone()))
+                }) =>
+            {
+                Box::pin(async move { pipeline.try_all::<i64>().await })
+            }
+            None if !self.sharded
+                && payloads.iter().all(|payload| {
+                    queued(pipeline.publish::<Value, _, _>(channel.clone(), payload.clone()))
+                }) =>
             {
                 Box::pin(async move { pipeline.try_all::<i64>().await })
             }
@@ -335,9 +365,11 @@ impl PublishWindow {
                         Value::from_static_str("LOAD"),
                         history.script.clone().into(),
                     ];
-                    queued(pipeline.custom::<Value, _>(script_command(), load.to_vec()))
+                    queued(pipeline.custom::<Value, _>(script_command(self.slot), load.to_vec()))
                 };
-                if load_queued && queued(pipeline.custom::<Value, _>(evalsha_command(), args)) {
+                if load_queued
+                    && queued(pipeline.custom::<Value, _>(evalsha_command(self.slot), args))
+                {
                     // The EVALSHA's answer is the last; SCRIPT LOAD's, if any, tells nothing
                     // the EVALSHA's does not.
                     Box::pin(async move { split_counts(pipeline.try_all::<Value>().await.pop()) })

@@ -33,6 +33,13 @@
 //!   (in 10.1.0 it sends an empty PSUBSCRIBE after every reconnect, whose error lands on the
 //!   next command, our health PING).
 //!
+//! - Cluster (`--redis-mode cluster`, SPEC §11): pub/sub is sharded ([`sharded`]); fred
+//!   discovers the cluster from the seeds and then from its cached routing table
+//!   (`ClusterDiscoveryPolicy::UseCache`: after a failover the seeds may be the dead ones), and
+//!   follows MOVED/ASK itself (redirections are not attempts: `max_command_attempts = 1`
+//!   still holds). Each check PINGs every primary of fred's routing table on its own
+//!   connection, so `/healthz` names the shard that does not answer.
+//!
 //! Must not: decide what to subscribe to (the hub does) or what to publish (sessions do).
 
 use std::collections::HashMap;
@@ -44,7 +51,7 @@ use crate::lock;
 use std::time::Duration;
 
 use fred::clients::{Pool, SubscriberClient};
-use fred::interfaces::{ClientLike, EventInterface};
+use fred::interfaces::{ClientLike, ClusterInterface, EventInterface};
 use fred::prelude::{Builder, ReconnectPolicy};
 use fred::types::config::{Options, TlsConnector};
 use fred::types::Value;
@@ -77,11 +84,57 @@ enum Purpose {
     Subscribe,
 }
 
+/// Whether this process talks to a Redis Cluster: set once, from `--redis-mode`, when its
+/// first connection is built (every connection of a process shares the mode).
+static SHARDED: AtomicBool = AtomicBool::new(false);
+
+/// Whether pub/sub is sharded (`--redis-mode cluster`): SPUBLISH/SSUBSCRIBE instead of
+/// PUBLISH/SUBSCRIBE, and names that must share a slot are hash-tagged.
+pub(crate) fn sharded() -> bool {
+    SHARDED.load(Ordering::Relaxed)
+}
+
+/// The cluster hash slot of `name` (a key or a shard channel), as Redis computes it.
+pub(crate) fn slot(name: &[u8]) -> u16 {
+    fred::util::redis_keyslot(name)
+}
+
+/// A hash tag (`{…}`) that puts any name starting with it on `name`'s cluster slot: the
+/// tag `name` itself has, else `{name}` when it holds no `}`, else a short number whose own
+/// slot is `name`'s (found once; every slot is reached by a number below a few hundred
+/// thousand).
+pub(crate) fn slot_tag(name: &str) -> String {
+    let bytes = name.as_bytes();
+    if let Some(open) = name.find('{') {
+        if let Some(close) = name[open + 1..].find('}') {
+            if close > 0 {
+                return name[open..open + close + 2].to_string();
+            }
+        }
+    }
+    if !name.contains('}') {
+        return format!("{{{name}}}");
+    }
+    let want = slot(bytes);
+    (0u32..10_000_000)
+        .map(|n| n.to_string())
+        .find(|n| slot(n.as_bytes()) == want)
+        .map_or_else(
+            || format!("{{{}}}", name.replace('}', "")),
+            |n| format!("{{{n}}}"),
+        )
+}
+
 fn builder(args: &CommonArgs, purpose: Purpose) -> Result<Builder, Error> {
     let mut config = args
         .redis_url
         .config(args.redis_mode)
         .map_err(Error::Config)?;
+    if let fred::types::config::ServerConfig::Clustered { policy, .. } = &mut config.server {
+        SHARDED.store(true, Ordering::Relaxed);
+        // After a failover the seed nodes may be the dead ones: look in the routing table too.
+        *policy = fred::types::config::ClusterDiscoveryPolicy::UseCache;
+    }
     // Keep retrying the first connection too: a relay starts (and listens) while Redis is down.
     config.fail_fast = false;
     // Empty (`LIGHTRELAY_REDIS_CA=` in the defaults file) means not set.
@@ -359,7 +412,7 @@ impl Health {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) where
-        C: ClientLike + EventInterface + Clone + Send + Sync + 'static,
+        C: ClientLike + ClusterInterface + EventInterface + Clone + Send + Sync + 'static,
     {
         // The command connections are the ones watched with `Wait` (subscribers reconnect).
         let probe = match on_deaf {
@@ -403,7 +456,7 @@ async fn ping_loop<C>(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) where
-    C: ClientLike + Clone + Send + Sync + 'static,
+    C: ClientLike + ClusterInterface + Clone + Send + Sync + 'static,
 {
     let timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(5));
     let options = Options {
@@ -430,6 +483,7 @@ async fn ping_loop<C>(
             // so the deadline is enforced here too.
             let with_options = client.with_options(&options);
             match probe {
+                Probe::Ping if sharded() => ping_every_primary(&client, &options, timeout).await,
                 Probe::Ping => {
                     match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
                         Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
@@ -544,6 +598,49 @@ fn replica_reason<C: ClientLike>(role: &Value, client: &C) -> String {
     )
 }
 
+/// PING every primary of `client`'s cluster routing table, each on its own connection: `Ok`
+/// when all answer, else the first that did not, named. When one fails, the routing table is
+/// read again (CLUSTER SLOTS), so a failed-over shard is judged on its new primary next time.
+async fn ping_every_primary<C>(
+    client: &C,
+    options: &Options,
+    timeout: Duration,
+) -> Result<(), String>
+where
+    C: ClientLike + ClusterInterface + Clone + Send + Sync + 'static,
+{
+    let primaries = client
+        .cached_cluster_state()
+        .map(|state| state.unique_primary_nodes())
+        .unwrap_or_default();
+    if primaries.is_empty() {
+        return Err("the cluster's routing table is not known yet".into());
+    }
+    let pings = primaries.into_iter().map(|node| async move {
+        let options = Options {
+            cluster_node: Some(node.clone()),
+            ..options.clone()
+        };
+        let answer =
+            match tokio::time::timeout(timeout, client.with_options(&options).ping::<Value>(None))
+                .await
+            {
+                Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+            };
+        answer.map_err(|reason| format!("cluster node {node}: {reason}"))
+    });
+    let answer = futures_util::future::join_all(pings)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, String>>()
+        .map(drop);
+    if answer.is_err() {
+        let _ = tokio::time::timeout(timeout, client.sync_cluster()).await;
+    }
+    answer
+}
+
 /// The kind of a connection error, so that each kind is logged when it first happens, then
 /// again with back-off, never as a flood.
 fn error_class(error: &fred::error::Error) -> RedisErrorKind {
@@ -586,10 +683,14 @@ async fn report_events<C>(
     loop {
         tokio::select! {
             error = errors.recv() => match error {
-                Ok((error, _server)) => {
+                Ok((error, server)) => {
                     let class = error_class(&error);
                     metrics.redis_error(class);
-                    let text = error.to_string();
+                    // In a cluster, which node failed matters: name it.
+                    let text = match server.filter(|_| sharded()) {
+                        Some(server) => format!("{error} (cluster node {server})"),
+                        None => error.to_string(),
+                    };
                     *lock(&check.last_error) = Some(text.clone());
                     // A lost connection is a verdict now, not at the next PING (up to
                     // --ping-interval later): /healthz and lightrelay_redis_up say so at once,
@@ -650,6 +751,32 @@ async fn report_events<C>(
                 Err(RecvError::Closed) => return,
             },
             () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever follows it, a name starting with `slot_tag(name)` is on `name`'s slot (CRC16,
+    /// as Redis computes it), however `name` uses `{` and `}`.
+    #[test]
+    fn a_slot_tag_puts_a_name_on_the_slot_of_the_name_it_was_made_for() {
+        for name in [
+            "lightlevel/_presence",
+            "{lightlevel}/_presence",
+            "light{level}/_presence",
+            "light}level/_presence",
+            "light{}level}/_presence",
+            "}",
+            "{}",
+        ] {
+            let tag = slot_tag(name);
+            for rest in [" instances", " instance gw1:8765", " presence x}{y"] {
+                let key = format!("{tag}{rest}");
+                assert_eq!(slot(key.as_bytes()), slot(name.as_bytes()), "{name}: {key}");
+            }
         }
     }
 }

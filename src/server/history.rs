@@ -13,6 +13,9 @@
 //! message's id without changing what `redis-cli SUBSCRIBE` shows. A message published on
 //! the channel without a preceding ids message (a plain `redis-cli PUBLISH`) has no id.
 //!
+//! In a cluster (SPEC §11) the script SPUBLISHes ([`script`]) and the ids channel is named
+//! so that it hashes to the channel's slot ([`ids_channel`]): one script, one slot, one shard.
+//!
 //! Must not: talk to Redis or know about connections; it only names and parses.
 
 use std::fmt;
@@ -49,19 +52,88 @@ end
 return counts
 "#;
 
-/// The ids channel of `channel`.
-pub(crate) fn ids_channel(channel: &ChannelName) -> Bytes {
+/// The script in cluster mode (SPEC §11): the same, with SPUBLISH (sharded pub/sub), so the
+/// ids and the messages go out on the shard that owns the channel's slot, where its
+/// subscribers are. The ids channel shares the channel's slot ([`ids_channel`]).
+pub(crate) fn script(sharded: bool) -> String {
+    if sharded {
+        SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+    } else {
+        SCRIPT.to_string()
+    }
+}
+
+/// What follows `{C}` in the ids channel of a channel `C` that has no hash tag of its own
+/// (cluster mode): not ` ids`, so that it never equals the ids channel of a channel that is
+/// itself `{C}`.
+const WRAPPED_SUFFIX: &[u8] = b"} sids";
+
+/// What follows `C` in the ids channel of a channel that holds a `}` but no hash tag
+/// (cluster mode), before the two bytes that bring its slot to `C`'s.
+const PADDED_SUFFIX: &[u8] = b" xids";
+
+/// The hash tag Redis hashes in `name`, if it has one: between the first `{` and the first
+/// `}` after it, when that is not empty.
+fn hash_tag(name: &[u8]) -> Option<&[u8]> {
+    let open = name.iter().position(|&b| b == b'{')?;
+    let close = name[open + 1..].iter().position(|&b| b == b'}')?;
+    (close > 0).then(|| &name[open + 1..open + 1 + close])
+}
+
+/// The ids channel of `channel`: `C + " ids"` on one Redis. In a cluster (`sharded`) the
+/// script publishes it on the channel's slot, so it must hash to that slot: `C + " ids"`
+/// when `C` has a hash tag (it keeps it); else `{C} sids` when `C` holds no `}`; else
+/// `C + " xids"` and two bytes (neither `{` nor `}`) that bring its CRC16 slot to `C`'s.
+pub(crate) fn ids_channel(channel: &ChannelName, sharded: bool) -> Bytes {
     let name = channel.to_bytes();
-    let mut out = BytesMut::with_capacity(name.len() + IDS_SUFFIX.len());
-    out.put_slice(&name);
-    out.put_slice(IDS_SUFFIX);
+    let mut out = BytesMut::with_capacity(name.len() + 8);
+    if !sharded || hash_tag(&name).is_some() {
+        out.put_slice(&name);
+        out.put_slice(IDS_SUFFIX);
+    } else if !name.contains(&b'}') {
+        out.put_u8(b'{');
+        out.put_slice(&name);
+        out.put_slice(WRAPPED_SUFFIX);
+    } else {
+        out.put_slice(&name);
+        out.put_slice(PADDED_SUFFIX);
+        let want = crate::redis::slot(&name);
+        let len = out.len();
+        out.put_slice(b"  ");
+        // CRC16 over two appended bytes reaches every value: the search always ends, at
+        // worst after 64,516 checksums of a short name (only such odd names pay it).
+        'search: for a in (0..=255u8).filter(|b| !b"{}".contains(b)) {
+            for b in (0..=255u8).filter(|b| !b"{}".contains(b)) {
+                out[len] = a;
+                out[len + 1] = b;
+                if crate::redis::slot(&out) == want {
+                    break 'search;
+                }
+            }
+        }
+    }
     out.freeze()
 }
 
-/// The channel whose ids channel is `name`, if `name` is one.
+/// The channel whose ids channel is `name`, if `name` is one (of either mode: the three forms
+/// of [`ids_channel`] end differently, and no channel made from a path holds a space).
 pub(crate) fn channel_of_ids(name: &Bytes) -> Option<ChannelName> {
-    name.ends_with(IDS_SUFFIX)
-        .then(|| ChannelName::from_redis(name.slice(..name.len() - IDS_SUFFIX.len())))
+    if name.ends_with(IDS_SUFFIX) {
+        return Some(ChannelName::from_redis(
+            name.slice(..name.len() - IDS_SUFFIX.len()),
+        ));
+    }
+    if name.starts_with(b"{")
+        && name.ends_with(WRAPPED_SUFFIX)
+        && name.len() > 1 + WRAPPED_SUFFIX.len()
+    {
+        return Some(ChannelName::from_redis(
+            name.slice(1..name.len() - WRAPPED_SUFFIX.len()),
+        ));
+    }
+    let padded = PADDED_SUFFIX.len() + 2;
+    (name.len() > padded && &name[name.len() - padded..name.len() - 2] == PADDED_SUFFIX)
+        .then(|| ChannelName::from_redis(name.slice(..name.len() - padded)))
 }
 
 /// A Redis stream entry id, `MS-SEQ`, ordered as Redis orders them.
@@ -140,10 +212,62 @@ mod tests {
     #[test]
     fn an_ids_channel_names_its_channel_and_no_path_can_name_one() {
         let channel = ChannelName::from_target("lightlevel", "/office", 256).unwrap();
-        let ids = ids_channel(&channel);
+        let ids = ids_channel(&channel, false);
         assert_eq!(&ids[..], b"lightlevel/office ids");
         assert_eq!(channel_of_ids(&ids), Some(channel.clone()));
         assert_eq!(channel_of_ids(&channel.to_bytes()), None);
         assert!(ChannelName::from_target("lightlevel", "/office ids", 256).is_err());
+    }
+
+    /// In a cluster the script's keys and the channels it SPUBLISHes must share a slot: the
+    /// ids channel of every channel, however it uses `{` and `}`, hashes to the channel's
+    /// slot (CRC16, as Redis computes it), names its channel back, and differs from every
+    /// other channel's ids channel.
+    #[test]
+    fn in_a_cluster_an_ids_channel_hashes_to_its_channels_slot() {
+        let names: &[&[u8]] = &[
+            b"lightlevel/office",
+            b"lightlevel/{office}",
+            b"{office}",
+            b"lightlevel/{office}/{desk}",
+            b"lightlevel/{}office",
+            b"lightlevel/{}",
+            b"lightlevel/}office",
+            b"lightlevel/}{office",
+            b"lightlevel/{office",
+            b"lightlevel/office}",
+            b"lightlevel/{}}",
+            b"}",
+            b"{",
+            b"{}",
+            b"{} s",
+            b"a{b}c}d",
+            b"x}",
+            b"x} s",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for &name in names {
+            let channel = ChannelName::from_redis(Bytes::from_static(name));
+            let ids = ids_channel(&channel, true);
+            let shown = String::from_utf8_lossy(name);
+            assert_eq!(
+                crate::redis::slot(&ids),
+                crate::redis::slot(name),
+                "{shown}: ids channel {ids:?} is on another slot"
+            );
+            assert_eq!(
+                channel_of_ids(&ids),
+                Some(channel.clone()),
+                "{shown}: {ids:?}"
+            );
+            assert_eq!(channel_of_ids(&channel.to_bytes()), None, "{shown}");
+            assert!(seen.insert(ids.clone()), "{shown}: {ids:?} named twice");
+        }
+        // Known slots (Redis's CLUSTER KEYSLOT): a tag is hashed alone.
+        assert_eq!(
+            crate::redis::slot(b"{office}x"),
+            crate::redis::slot(b"office")
+        );
+        assert_eq!(crate::redis::slot(b"foo"), 12182);
     }
 }

@@ -122,6 +122,9 @@ impl SubscribeRole {
             })
             .transpose()?;
         let hub = Hub::new(metrics.clone(), history);
+        if common.redis_mode == crate::server::config::RedisMode::Cluster {
+            hub.read_slots_on(connect_reader(common)?);
+        }
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         let presence = publish::presence_client(common)?;
         // Not one of /healthz's checks: subscribers do not need it, and a POST /down it
@@ -175,10 +178,16 @@ impl Role for SubscribeRole {
         use fred::interfaces::PubsubInterface;
         let common = &relay.common;
         let client = &relay.role.downlink;
-        let published = tokio::time::timeout(
-            common.redis_timeout,
-            client.publish::<i64, _, _>(channel.to_string(), body),
-        )
+        // In a cluster the device's downlink subscriber listens with SSUBSCRIBE (its hub).
+        let published = tokio::time::timeout(common.redis_timeout, async {
+            if crate::redis::sharded() {
+                client
+                    .spublish::<i64, _, _>(channel.to_string(), body)
+                    .await
+            } else {
+                client.publish::<i64, _, _>(channel.to_string(), body).await
+            }
+        })
         .await;
         let relays = match published {
             Ok(Ok(relays)) => relays,
@@ -258,6 +267,14 @@ impl Role for SubscribeRole {
     ) -> Result<Self::Prepared, String> {
         let role = &relay.role;
         let pattern = is_pattern(channel);
+        if pattern && crate::redis::sharded() {
+            // Sharded pub/sub has no PSUBSCRIBE, and a PSUBSCRIBE sees no SPUBLISH.
+            return Err(
+                "a path with '*', '?' or '[' subscribes to a pattern, which Redis Cluster's \
+                 sharded pub/sub cannot serve (--redis-mode cluster)"
+                    .into(),
+            );
+        }
         let asked = Asked::parse(query, pattern)?;
         let outbox = Arc::new(Outbox::new(role.limits, role.slow_consumer));
         let topic = match pattern {

@@ -6,6 +6,8 @@
 
 /// Token tests (SPEC §8): keys, tokens, requests that carry them.
 pub mod auth;
+/// A real Redis Cluster (SPEC §11): six nodes, failover, slot migration.
+pub mod cluster;
 pub mod nginx;
 /// Redis Sentinel (SPEC §11): a primary, a replica and three sentinels.
 pub mod sentinel;
