@@ -1,7 +1,8 @@
 //! A real nginx serving the shipped sites (`nginx/`) on free 127.0.0.1 ports in front of our
 //! servers, for the tests that need the proxy in the path (`deploy_nginx`, `limits`). Its
 //! nginx.conf includes the shipped files after substituting only ports, upstream addresses,
-//! paths and certificate files (and, when asked, the proxy timeouts).
+//! paths and certificate files (and, when asked, the proxy timeouts). An upstream may list
+//! several processes ([`Nginx::start_fleet`], SPEC §11), as a second `@PORT` unit would.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
