@@ -231,9 +231,10 @@ async fn through_nginx_upstreams_of_two_processes_each_connections_land_on_both_
     // least_conn spread them: both subscribe processes hold some, and together all six.
     let spread = eventually(|| async {
         let now = connections(&subscribers).await;
-        match now.iter().sum::<f64>() {
-            sum if sum == 6.0 => Ok(now),
-            _ => Err(format!("subscribe processes' connection gauges: {now:?}")),
+        if now.iter().sum::<f64>() == 6.0 {
+            Ok(now)
+        } else {
+            Err(format!("subscribe processes' connection gauges: {now:?}"))
         }
     })
     .await;
@@ -260,9 +261,10 @@ async fn through_nginx_upstreams_of_two_processes_each_connections_land_on_both_
     }
     let spread = eventually(|| async {
         let now = connections(&publishers).await;
-        match now.iter().sum::<f64>() {
-            sum if sum == 4.0 => Ok(now),
-            _ => Err(format!("publish processes' connection gauges: {now:?}")),
+        if now.iter().sum::<f64>() == 4.0 {
+            Ok(now)
+        } else {
+            Err(format!("publish processes' connection gauges: {now:?}"))
         }
     })
     .await;
