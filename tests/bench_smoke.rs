@@ -132,12 +132,19 @@ async fn fanout_over_two_subscribe_servers_deals_each_channels_subscribers_to_bo
     assert_eq!(output.status.code(), Some(0));
     assert_delivered_all(&report);
     assert_eq!(u(&report, "connections"), 12);
-    assert_eq!(report["servers"].as_array().unwrap().len(), 2, "both servers sampled");
+    assert_eq!(
+        report["servers"].as_array().unwrap().len(),
+        2,
+        "both servers sampled"
+    );
     // Three of each channel's six subscribers on each server: each wrote the same frames.
     let out = "lightrelay_messages_total{direction=\"ws_out\"}";
     let (a, b) = (one.metric(out).await, two.metric(out).await);
     assert!(a > 0.0 && a == b, "frames written: {a} and {b}");
-    assert!(a + b >= u(&report, "delivered") as f64, "{a} + {b}: {report}");
+    assert!(
+        a + b >= u(&report, "delivered") as f64,
+        "{a} + {b}: {report}"
+    );
 }
 
 #[tokio::test]
