@@ -103,6 +103,51 @@ async fn fanout_through_redis_delivers_everything_and_samples_the_server() {
 }
 
 #[tokio::test]
+async fn fanout_over_two_subscribe_servers_deals_each_channels_subscribers_to_both() {
+    // SPEC §11's scale-out row: the same load split over two subscribe processes on one Redis.
+    let redis = Redis::start().await;
+    let one = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let two = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let (output, report) = bench(strings(&[
+        "fanout",
+        "--subscribe",
+        &one.ws("/smoke/{i}"),
+        "--also-subscribe",
+        &two.ws("/smoke/{i}"),
+        "--publish",
+        &format!("{}/lightlevel/smoke/{{i}}", redis.url()),
+        "--channels",
+        "2",
+        "--subscribers",
+        "6",
+        "--duration",
+        "1",
+        "--pid",
+        &one.pid().to_string(),
+        "--pid",
+        &two.pid().to_string(),
+    ]))
+    .await;
+    assert!(report["ok"].as_bool().unwrap(), "{}", report["problems"]);
+    assert_eq!(output.status.code(), Some(0));
+    assert_delivered_all(&report);
+    assert_eq!(u(&report, "connections"), 12);
+    assert_eq!(
+        report["servers"].as_array().unwrap().len(),
+        2,
+        "both servers sampled"
+    );
+    // Three of each channel's six subscribers on each server: each wrote the same frames.
+    let out = "lightrelay_messages_total{direction=\"ws_out\"}";
+    let (a, b) = (one.metric(out).await, two.metric(out).await);
+    assert!(a > 0.0 && a == b, "frames written: {a} and {b}");
+    assert!(
+        a + b >= u(&report, "delivered") as f64,
+        "{a} + {b}: {report}"
+    );
+}
+
+#[tokio::test]
 async fn latency_at_a_fixed_rate_through_the_websocket_publisher() {
     let redis = Redis::start().await;
     let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;

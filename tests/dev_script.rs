@@ -163,3 +163,164 @@ fn bin_dev_names_python3_among_missing_prerequisites() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// bin/dev started in its own process group; the group gets SIGTERM, then SIGKILL, if a test
+/// ends (or fails) with it still running.
+struct Running {
+    child: std::process::Child,
+    /// Where its stdout (`out`) and stderr (`err`) go.
+    dir: std::path::PathBuf,
+}
+
+impl Running {
+    /// What it printed so far: its stdout, then its (and its servers') stderr.
+    fn said(&self) -> String {
+        let read = |name| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        format!("{}{}", read("out"), read("err"))
+    }
+
+    /// Wait (at most `limit`) until bin/dev has printed `what`; fails if it exits first.
+    fn wait_for(&mut self, what: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let said = self.said();
+            if said.contains(what) {
+                return said;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("bin/dev exited ({status}) before saying {what:?}:\n{said}");
+            }
+            assert!(
+                start.elapsed() < limit,
+                "bin/dev did not say {what:?} within {limit:?}:\n{said}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.try_wait().unwrap().is_none() {
+            let group = format!("-{}", self.child.id());
+            let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+            let stop = Instant::now();
+            while self.child.try_wait().unwrap().is_none()
+                && stop.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bin_dev_cluster_runs_the_servers_on_a_three_primary_cluster_and_tears_it_down() {
+    use std::os::unix::process::CommandExt;
+    let dir = common::temp_dir("dev-cluster");
+    let (publish, subscribe) = (common::quiet_port(), common::quiet_port());
+    let child = Command::new(Path::new(REPO).join("bin/dev"))
+        .arg("--cluster")
+        .env(
+            "LIGHTRELAY_DEV_BIN_DIR",
+            Path::new(PUBLISH).parent().unwrap(),
+        )
+        .env("LIGHTRELAY_DEV_PUBLISH_PORT", publish.to_string())
+        .env("LIGHTRELAY_DEV_SUBSCRIBE_PORT", subscribe.to_string())
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("out")).unwrap())
+        .stderr(std::fs::File::create(dir.join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut dev = Running { child, dir };
+    let said = dev.wait_for("lightrelay is running", Duration::from_secs(60));
+
+    // `==> redis cluster: 127.0.0.1:P1 127.0.0.1:P2 127.0.0.1:P3 (3 primaries, …, in DIR)`
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("==> redis cluster: "))
+        .unwrap_or_else(|| panic!("bin/dev did not name its cluster:\n{said}"));
+    let nodes: Vec<u16> = line
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("127.0.0.1:")?.parse().ok())
+        .collect();
+    assert_eq!(nodes.len(), 3, "three nodes in: {line}");
+    let state = line
+        .rsplit_once(" in ")
+        .map(|(_, d)| d.trim_end_matches(')').to_string())
+        .unwrap();
+    for &port in &nodes {
+        let info = redis_cli(port, &["cluster", "info"]);
+        for expected in [
+            "cluster_state:ok",
+            "cluster_slots_assigned:16384",
+            "cluster_known_nodes:3",
+            "cluster_size:3",
+        ] {
+            assert!(
+                info.contains(expected),
+                "node {port}: no {expected} in CLUSTER INFO:\n{info}"
+            );
+        }
+    }
+    // Both servers were given the three nodes as seeds, and the way to watch says SSUBSCRIBE.
+    let seeds = format!(
+        "redis://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+        nodes[0], nodes[1], nodes[2]
+    );
+    for role in ["publish", "subscribe"] {
+        assert!(
+            dev.said()
+                .contains(&format!("redis={seeds} role=\"{role}\"")),
+            "the {role} server does not run on the cluster's seeds:\n{}",
+            dev.said()
+        );
+    }
+    assert!(
+        said.contains(&format!(
+            "redis-cli -c -p {} ssubscribe lightlevel/office",
+            nodes[0]
+        )),
+        "{said}"
+    );
+
+    // SIGTERM to bin/dev alone: its trap stops every node it started and removes their data.
+    let status = Command::new("kill")
+        .args(["-TERM", &dev.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = Instant::now();
+    while dev.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "bin/dev did not stop on SIGTERM:\n{}",
+            dev.said()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for &port in &nodes {
+        // The node and its cluster bus are gone.
+        common_eventually_free(port);
+        common_eventually_free(port + 10_000);
+    }
+    assert!(
+        !Path::new(&state).exists(),
+        "bin/dev left the cluster's data in {state}"
+    );
+}

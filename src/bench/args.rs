@@ -86,6 +86,10 @@ pub struct FanoutArgs {
     /// the bench send text and read each envelope's data.
     #[arg(long, value_name = "URL")]
     pub subscribe: String,
+    /// More subscribe servers (SPEC §11, many instances on one Redis): each channel's
+    /// subscribers are dealt in turn to --subscribe and these URLs (same form).
+    #[arg(long, value_name = "URL")]
+    pub also_subscribe: Vec<String>,
     /// Where messages go in: redis://HOST:PORT/CHANNEL (PUBLISH, pipelined), ws://HOST:PORT/PATH
     /// (binary frames) or http://HOST:PORT/PATH (POST, keep-alive, pipelined); `{i}` as above.
     #[arg(long, value_name = "URL")]

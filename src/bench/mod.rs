@@ -216,6 +216,15 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
     if sub.scheme != "ws" {
         return Err(BenchError::NotWs(a.subscribe.clone()));
     }
+    let mut also = Vec::with_capacity(a.also_subscribe.len());
+    for url in &a.also_subscribe {
+        needs_placeholder(url, a.channels, "--channels")?;
+        let more = wire::target(url).await?;
+        if more.scheme != "ws" {
+            return Err(BenchError::NotWs(url.clone()));
+        }
+        also.push(more);
+    }
     // `format=json` subscribers get envelopes: messages are then written as text, read from
     // the envelope's data field.
     let layout = Layout::for_subscribe_url(&a.subscribe);
@@ -233,6 +242,7 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
     let subscribers = subscribers::open(
         subscribers::Plan {
             target: &sub,
+            also: &also,
             channels,
             connections: channels * per_channel,
             concurrency: m.connect_concurrency as usize,
@@ -569,6 +579,7 @@ async fn idle(a: IdleArgs) -> Result<Report, BenchError> {
     let subscribers = subscribers::open(
         subscribers::Plan {
             target: &sub,
+            also: &[],
             channels,
             connections: a.connections as usize,
             concurrency: m.connect_concurrency as usize,

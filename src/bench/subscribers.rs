@@ -1,7 +1,7 @@
 //! The subscribing side of a run: many WebSocket connections, each read by a lean task.
 //!
 //! Owns: opening `N` subscriber connections in batches of bounded concurrency (connection `i`
-//! listens to channel `i % channels`), and each connection's receive loop: one reusable read
+//! listens to channel `i % channels`, on subscribe server `(i / channels) % servers`), and each connection's receive loop: one reusable read
 //! buffer, the streaming [`FrameReader`] (keeping a `format=json` envelope's head when the
 //! plan's layout is [`Layout::Envelope`]), pongs for pings, and one flush of counts and
 //! latencies per read into [`Shared`]. No allocation per message.
@@ -58,6 +58,8 @@ impl Drop for Subscribers {
 pub struct Plan<'a> {
     /// The subscribe URL, `{i}` standing for the channel number.
     pub target: &'a Target,
+    /// More subscribe servers: a channel's subscribers are dealt in turn to `target` and these.
+    pub also: &'a [Target],
     pub channels: usize,
     pub connections: usize,
     /// Connections being opened at once.
@@ -74,15 +76,16 @@ pub struct Plan<'a> {
 
 /// Open every connection, `concurrency` at a time; the first failure fails the run.
 pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, WireError> {
-    let targets: Vec<Target> = (0..plan.channels)
-        .map(|c| plan.target.for_channel(c))
+    let servers: Vec<Vec<Target>> = std::iter::once(plan.target)
+        .chain(plan.also)
+        .map(|server| (0..plan.channels).map(|c| server.for_channel(c)).collect())
         .collect();
     let mut subscribers = Subscribers {
         tasks: Vec::with_capacity(plan.connections),
     };
     let mut opening = stream::iter(0..plan.connections)
         .map(|i| {
-            let target = &targets[i % plan.channels];
+            let target = &servers[(i / plan.channels) % servers.len()][i % plan.channels];
             let ask = wire::Ask {
                 protocol: None,
                 token: plan.token,

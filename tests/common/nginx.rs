@@ -1,7 +1,8 @@
 //! A real nginx serving the shipped sites (`nginx/`) on free 127.0.0.1 ports in front of our
 //! servers, for the tests that need the proxy in the path (`deploy_nginx`, `limits`). Its
 //! nginx.conf includes the shipped files after substituting only ports, upstream addresses,
-//! paths and certificate files (and, when asked, the proxy timeouts).
+//! paths and certificate files (and, when asked, the proxy timeouts). An upstream may list
+//! several processes ([`Nginx::start_fleet`], SPEC §11), as a second `@PORT` unit would.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,17 @@ impl Nginx {
         sites: &[Site],
         timeout: Option<&str>,
     ) -> Nginx {
+        Nginx::configure_fleet(&[upstreams.0], &[upstreams.1], sites, timeout)
+    }
+
+    /// As [`Nginx::configure`], with several processes in each upstream (SPEC §11): every
+    /// address becomes one `server` line, as a second `@PORT` unit would.
+    pub fn configure_fleet(
+        publish: &[SocketAddr],
+        subscribe: &[SocketAddr],
+        sites: &[Site],
+        timeout: Option<&str>,
+    ) -> Nginx {
         let dir = std::env::temp_dir().join(format!(
             "lightrelay-test-nginx-{}-{}",
             std::process::id(),
@@ -94,8 +106,8 @@ impl Nginx {
         let upstream_conf = substitute(
             "lightrelay-upstreams.conf",
             &[
-                ("server 127.0.0.1:8765;", format!("server {};", upstreams.0)),
-                ("server 127.0.0.1:8767;", format!("server {};", upstreams.1)),
+                ("server 127.0.0.1:8765;", server_lines(publish)),
+                ("server 127.0.0.1:8767;", server_lines(subscribe)),
             ],
         );
         std::fs::write(nginx.dir.join("lightrelay-upstreams.conf"), upstream_conf).unwrap();
@@ -194,7 +206,17 @@ impl Nginx {
         sites: &[Site],
         timeout: Option<&str>,
     ) -> Nginx {
-        let mut nginx = Nginx::configure(upstreams, sites, timeout);
+        Nginx::start_fleet(&[upstreams.0], &[upstreams.1], sites, timeout).await
+    }
+
+    /// As [`Nginx::start`], with several processes in each upstream.
+    pub async fn start_fleet(
+        publish: &[SocketAddr],
+        subscribe: &[SocketAddr],
+        sites: &[Site],
+        timeout: Option<&str>,
+    ) -> Nginx {
+        let mut nginx = Nginx::configure_fleet(publish, subscribe, sites, timeout);
         let log = std::fs::File::create(nginx.dir.join("stderr.log")).unwrap();
         let child = nginx
             .command(&[])
@@ -365,6 +387,16 @@ impl Drop for Nginx {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// One `server ADDR;` line per process of an upstream.
+fn server_lines(addrs: &[SocketAddr]) -> String {
+    assert!(!addrs.is_empty(), "an upstream needs at least one server");
+    addrs
+        .iter()
+        .map(|addr| format!("server {addr};"))
+        .collect::<Vec<_>>()
+        .join("\n    ")
 }
 
 /// Send a raw request, read to the end; returns (head, body).
