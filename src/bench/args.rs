@@ -132,6 +132,11 @@ pub struct IngestArgs {
     pub redis: Option<String>,
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub publishers: u32,
+    /// The server writes lightrelay's history (SPEC §9): each EVALSHA also PUBLISHed its
+    /// batch's ids, which are not messages (with --redis). Without it every PUBLISH Redis ran
+    /// is counted, scripts' too (nchan publishes from its own scripts).
+    #[arg(long)]
+    pub history: bool,
     /// Offer the lightrelay.ack subprotocol, keeping --pipeline messages unacknowledged per connection.
     #[arg(long)]
     pub ack: bool,

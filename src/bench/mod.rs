@@ -404,10 +404,10 @@ async fn run_lanes(
 }
 
 /// PUBLISH calls Redis has executed (INFO commandstats), including those made by scripts.
-/// With history (SPEC §9) each EVALSHA of the batch script that ran also PUBLISHes the
+/// With history (SPEC §9, `--history`) each EVALSHA of the batch script that ran also PUBLISHes the
 /// batch's ids (Redis counts a script's commands in commandstats): those are not messages.
 /// An EVALSHA that met NOSCRIPT (a failed call) ran nothing.
-async fn publish_calls(client: &fred::clients::Client) -> Result<u64, BenchError> {
+async fn publish_calls(client: &fred::clients::Client, history: bool) -> Result<u64, BenchError> {
     let info: String = client
         .info(Some(InfoKind::CommandStats))
         .await
@@ -422,6 +422,9 @@ async fn publish_calls(client: &fred::clients::Client) -> Result<u64, BenchError
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
+    if !history {
+        return Ok(stat("publish", "calls"));
+    }
     let ids = stat("evalsha", "calls").saturating_sub(stat("evalsha", "failed_calls"));
     Ok(stat("publish", "calls").saturating_sub(ids))
 }
@@ -463,7 +466,7 @@ async fn ingest(a: IngestArgs) -> Result<Report, BenchError> {
     // that takes minutes to drain).
     let reached = Arc::new(AtomicU64::new(0));
     let base = match &counter {
-        Some(c) => publish_calls(c).await?,
+        Some(c) => publish_calls(c, a.history).await?,
         None => 0,
     };
     let meter = Meter::start(m)?;
@@ -487,7 +490,7 @@ async fn ingest(a: IngestArgs) -> Result<Report, BenchError> {
             let end = pace.until;
             Some(tokio::spawn(async move {
                 while Instant::now() < end {
-                    if let Ok(n) = publish_calls(&c).await {
+                    if let Ok(n) = publish_calls(&c, a.history).await {
                         reached.store(n.saturating_sub(base), Ordering::Relaxed);
                         for lane in &shared.lanes {
                             lane.poke();
@@ -505,7 +508,9 @@ async fn ingest(a: IngestArgs) -> Result<Report, BenchError> {
         tokio::spawn(async move {
             tokio::time::sleep_until(stop).await;
             match &counter {
-                Some(c) => publish_calls(c).await.map(|n| Some(n.saturating_sub(base))),
+                Some(c) => publish_calls(c, a.history)
+                    .await
+                    .map(|n| Some(n.saturating_sub(base))),
                 None => Ok(None),
             }
         })
@@ -518,7 +523,7 @@ async fn ingest(a: IngestArgs) -> Result<Report, BenchError> {
     if let Some(c) = &counter {
         let mut last = (0, Instant::now());
         for _ in 0..(m.drain.as_millis() / 20 + 1) {
-            delivered = publish_calls(c).await?.saturating_sub(base);
+            delivered = publish_calls(c, a.history).await?.saturating_sub(base);
             if delivered >= sent || Instant::now() >= pace.until {
                 break;
             }

@@ -22,7 +22,9 @@
 //! In a cluster (`--redis-mode cluster`, SPEC §11) a batch is SPUBLISHes, or the EVALSHA of
 //! the SPUBLISHing script, and SCRIPT LOAD and EVALSHA go to the node owning the channel's
 //! slot: one channel is one slot, one shard, one connection, so order holds as on one Redis.
-//! fred follows MOVED/ASK for each command (a migrated slot), in the order they come back.
+//! A batch that meets MOVED/ASK (its slot is migrating) fails: fred counts following the
+//! redirect as a second attempt, and commands are written once, so its client is closed with
+//! 1013 and resends; nothing unacknowledged is taken for delivered.
 //! An auth check sits before a window is created, in the HTTP layer.
 
 use std::collections::VecDeque;
