@@ -13,6 +13,58 @@
 //! between the two servers is a [`Role`], implemented in `crate::publish` and
 //! `crate::subscribe`, which sit above this module.
 
+/// `AsyncWrite` for a wrapper around a client's stream that changes only what is read (the
+/// request-line guard, the read-ahead, the frame watch): every write goes straight through to
+/// the stream in its `$field`. `generic Name` for `Name<S>` over any stream `S`.
+macro_rules! write_through {
+    (generic $name:ident, $field:ident) => {
+        impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $name<S> {
+            $crate::server::write_through!(@methods $field);
+        }
+    };
+    ($name:ty, $field:ident) => {
+        impl tokio::io::AsyncWrite for $name {
+            $crate::server::write_through!(@methods $field);
+        }
+    };
+    (@methods $field:ident) => {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.get_mut().$field).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.get_mut().$field).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.$field.is_write_vectored()
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().$field).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().$field).poll_shutdown(cx)
+        }
+    };
+}
+pub(crate) use write_through;
+
 pub(crate) mod channel;
 pub mod config;
 pub(crate) mod frames;
