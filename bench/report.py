@@ -27,6 +27,8 @@ SCENARIOS = [
     ("idle", "idle connections (100 channels), server RSS per connection"),
     ("idle-pub", "idle publishers (one path each; lightrelay: presence and downlink on), server RSS per connection"),
     ("fanout-1k", "fan-out 1 channel × 1,000 subscribers, 100 B, max rate"),
+    ("fanout-w10", "fan-out 1 × 1,000, 100 B, max rate, 10 messages in flight per channel"),
+    ("fanout-w1", "fan-out 1 × 1,000, 100 B, max rate, 1 message in flight per channel"),
     ("fanout-10k", "fan-out 1 channel × 10,000 subscribers, 100 B, max rate"),
     ("channels", "fan-out 1,000 channels × 10 subscribers, 100 B, max rate"),
     ("latency", "20 messages/s to 1,000 subscribers, 100 B"),
