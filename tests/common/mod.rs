@@ -267,7 +267,11 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Server {
-        let port = free_port();
+        // Below the ephemeral range: a port `free_port` found free can be handed to another
+        // test's bind(0) (an nginx of deploy_nginx.rs, say) before this server binds it; then
+        // the server exits and the test talks to the other one (seen in CI: a `pub` answered
+        // 101 with no role header, then not at all).
+        let port = quiet_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = server_command(kind)
             .args(["--listen", &addr.to_string(), "--redis-url", redis_url])
