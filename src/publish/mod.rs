@@ -75,12 +75,7 @@ impl PublishRole {
         }
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         let presence = presence_client(common)?;
-        let windows = Windows::new(
-            publisher.clone(),
-            common.publish_window as usize,
-            common.redis_timeout,
-            metrics.clone(),
-        );
+        let windows = Windows::new(publisher.clone(), common, metrics);
         Ok(PublishRole {
             publisher,
             windows,

@@ -571,17 +571,17 @@ pub(crate) struct Windows {
 }
 
 impl Windows {
+    /// `--publish-window` and `--redis-timeout` from `common`, for every window of `publisher`.
     pub fn new(
         publisher: Publisher,
-        capacity: usize,
-        timeout: Duration,
-        metrics: Metrics,
+        common: &crate::server::config::CommonArgs,
+        metrics: &Metrics,
     ) -> Arc<Self> {
         Arc::new(Windows {
             publisher,
-            capacity,
-            timeout,
-            metrics,
+            capacity: common.publish_window as usize,
+            timeout: common.redis_timeout,
+            metrics: metrics.clone(),
         })
     }
 

@@ -130,14 +130,9 @@ impl SubscribeRole {
         // Not one of /healthz's checks: subscribers do not need it, and a POST /down it
         // cannot serve is answered 503 within --redis-timeout.
         let downlink = connect_reader(common)?;
-        let windows = publisher.as_ref().map(|publisher| {
-            publish::Windows::new(
-                publisher.clone(),
-                common.publish_window as usize,
-                common.redis_timeout,
-                metrics.clone(),
-            )
-        });
+        let windows = publisher
+            .as_ref()
+            .map(|publisher| publish::Windows::new(publisher.clone(), common, metrics));
         Ok(SubscribeRole {
             windows,
             presence,
