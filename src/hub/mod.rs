@@ -202,12 +202,28 @@ struct Entry {
     last_id: Option<StreamId>,
     /// Set while the topic resumes after a lost subscription (history on).
     resume: Option<Floor>,
+    /// How many times the topic lost its subscription. A resume read for one loss must not
+    /// end the resume of a later one: the reader awaits its XRANGE while the reconciler may
+    /// see the topic lost again (in a cluster, a moved slot then fred's new connection to the
+    /// new owner), and what was published in that second gap is only in the stream.
+    losses: u64,
     /// Messages that arrived for the topic since it was first joined (`/status.json`'s
     /// rates; counted under the lock `deliver` takes anyway).
     messages: u64,
 }
 
 impl Entry {
+    /// A resume read ended, passing live messages from `floor` on. `losses` is the count of
+    /// lost subscriptions when the read started, if the topic was subscribed then. If it was
+    /// not, or the subscription was lost again since, the read may have missed what was
+    /// published in that later gap: the topic keeps waiting for the next resume (the one its
+    /// next confirmed subscription asks for).
+    fn resumed(&mut self, losses: Option<u64>, floor: Option<Floor>) {
+        if losses == Some(self.losses) {
+            self.resume = floor;
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.raw.is_empty() && self.json.is_empty() && self.binary.is_empty()
     }
@@ -833,7 +849,7 @@ impl Hub {
         let Some(history) = &self.history else {
             return;
         };
-        let work: Vec<(Topic, Option<StreamId>, bool)> = {
+        let work: Vec<(Topic, Option<StreamId>, bool, Option<u64>)> = {
             let state = self.lock();
             topics
                 .into_iter()
@@ -845,6 +861,9 @@ impl Hub {
                         topic,
                         entry.last_id,
                         resuming,
+                        // The read covers the gap only if it starts after the subscription
+                        // was confirmed again since the last loss.
+                        entry.active.then_some(entry.losses),
                     ))
                 })
                 .collect()
@@ -852,7 +871,7 @@ impl Hub {
         let reader = &history.reader;
         let (limit, patience) = (history.limit, history.patience);
         let reads = futures_util::future::join_all(work.into_iter().map(
-            |(topic, last_id, resuming)| async move {
+            |(topic, last_id, resuming, losses)| async move {
                 let channel = topic.name().clone();
                 let read = match (resuming, last_id) {
                     (true, Some(after)) => {
@@ -865,11 +884,11 @@ impl Hub {
                         .await
                         .map(Resumed::Anchor),
                 };
-                (topic, last_id, read)
+                (topic, last_id, losses, read)
             },
         ))
         .await;
-        for (topic, last_id, read) in reads {
+        for (topic, last_id, losses, read) in reads {
             let channel = topic.name().clone();
             match read {
                 Ok(Resumed::Anchor(newest)) => {
@@ -899,18 +918,18 @@ impl Hub {
                         tracing::info!(%channel, messages = count, "resumed from history after a lost subscription");
                     }
                     if let Some(entry) = self.lock().topics.get_mut(&topic) {
-                        entry.resume = newest.map(Floor::UpTo);
+                        entry.resumed(losses, newest.map(Floor::UpTo));
                     }
                 }
                 Ok(Resumed::NothingToResume) => {
                     if let Some(entry) = self.lock().topics.get_mut(&topic) {
-                        entry.resume = None;
+                        entry.resumed(losses, None);
                     }
                 }
                 Err(e) => {
                     tracing::warn!(%channel, error = %e, "could not read history to resume a lost subscription; what was published meanwhile did not reach this relay");
                     if let Some(entry) = self.lock().topics.get_mut(&topic) {
-                        entry.resume = None;
+                        entry.resumed(losses, None);
                     }
                 }
             }
@@ -1007,6 +1026,7 @@ impl Hub {
                 entry.active = false;
                 if self.history.is_some() && matches!(topic, Topic::Channel(_)) {
                     entry.resume = Some(Floor::Waiting);
+                    entry.losses += 1;
                 }
             }
         }
@@ -1634,6 +1654,45 @@ mod tests {
         assert!(Floor::UpTo(id).holds_back(Some("4-9".parse().unwrap())));
         assert!(!Floor::UpTo(id).holds_back(Some("5-1".parse().unwrap())));
         assert!(!Floor::UpTo(id).holds_back(None));
+    }
+
+    /// A resume read that started before the subscription was lost again (or before it was
+    /// confirmed) cannot have seen what was published in the later gap: it must leave the
+    /// topic waiting for the next resume. Seen in CI: a cluster failover moved the slot, fred
+    /// then reconnected to the new owner while the first resume's XRANGE was in flight, and
+    /// that resume's end let live messages through, so no second resume read the gap.
+    #[test]
+    fn only_a_resume_read_after_the_latest_confirmed_subscription_ends_the_wait() {
+        let mut entry = Entry {
+            active: true,
+            resume: Some(Floor::Waiting),
+            losses: 1,
+            ..Entry::default()
+        };
+        let upto = Some(Floor::UpTo("7-0".parse().unwrap()));
+        // Read started while subscribed after loss 1; lost again before it ended.
+        let started = entry.active.then_some(entry.losses);
+        entry.losses += 1;
+        entry.active = false;
+        entry.resumed(started, upto);
+        assert_eq!(
+            entry.resume,
+            Some(Floor::Waiting),
+            "a later loss keeps the wait"
+        );
+        // Read started while the subscription was not confirmed yet.
+        let started = entry.active.then_some(entry.losses);
+        entry.active = true;
+        entry.resumed(started, upto);
+        assert_eq!(
+            entry.resume,
+            Some(Floor::Waiting),
+            "an unconfirmed read keeps it"
+        );
+        // Read started after the latest confirmed subscription: the seam is its newest id.
+        let started = entry.active.then_some(entry.losses);
+        entry.resumed(started, upto);
+        assert_eq!(entry.resume, upto);
     }
 
     /// Only the first join and the last leave of a topic give the reconciler work: one
