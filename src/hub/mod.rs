@@ -1048,15 +1048,20 @@ impl Hub {
         names
     }
 
-    /// In a cluster: the shard channels of one channel topic (itself, and with history its ids
-    /// channel, on the same slot), and that slot.
+    /// In a cluster: the shard channels of one channel topic, in the order to subscribe them
+    /// (with history its ids channel, on the same slot, then itself), and that slot.
+    /// They take one SSUBSCRIBE each, so a message can be published between the two: were
+    /// the channel subscribed first, that message would come without its ids message, pass
+    /// a resume's seam as a plain SPUBLISH does, ahead of the resumed ones, and come again
+    /// with them. The ids channel first means every message that arrives had its ids arrive.
     fn shard_names(&self, topic: &Topic) -> (u16, Vec<Bytes>) {
         let name = topic.name().to_bytes();
         let slot = crate::redis::slot(&name);
-        let mut names = vec![name];
+        let mut names = Vec::with_capacity(2);
         if self.history.is_some() {
             names.push(history::ids_channel(topic.name(), true));
         }
+        names.push(name);
         (slot, names)
     }
 
