@@ -111,6 +111,59 @@ def counted(run):
     return run is not None and run.get("ok")
 
 
+def cores_rows(out):
+    """The cores runs bin/bench made last: (scenario, threads, window, server CPUs, others' CPUs)
+    from OUT/runs/cores.rows, in run order."""
+    path = os.path.join(out, "runs", "cores.rows")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    for line in open(path):
+        parts = line.split()
+        if len(parts) == 5:
+            rows.append((parts[0], int(parts[1]), parts[2], parts[3], parts[4]))
+    return rows
+
+
+def cores_lines(runs, rows):
+    """Issue 18's per-core table: one row per worker-thread count and window, its deliveries
+    per server CPU-second, raw rate, cores used (server CPU-s per wall second) and efficiency
+    per core against the 1-thread row at the same window (target ≥ 0.80 from 4 threads)."""
+    if not rows:
+        return []
+    lines = [
+        "| window | --worker-threads | server CPUs | generator and Redis CPUs | deliveries/s "
+        "| per server CPU-s | cores used | per core ÷ 1 thread | generator CPU-s per s | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    base = {}
+    for scenario, threads, window, srv, others in rows:
+        r = runs.get((scenario, "lightrelay"))
+        if threads == 1 and counted(r):
+            base[window] = r.get("per_server_cpu_s")
+    for scenario, threads, window, srv, others in rows:
+        r = runs.get((scenario, "lightrelay"))
+        shown = "fanout-1k's (100)" if window == "default" else window
+        if r is None:
+            lines.append(f"| {shown} | {threads} | {srv} | {others} | failed | | | | | |")
+            continue
+        per = r.get("per_server_cpu_s") if counted(r) else None
+        elapsed = r.get("elapsed_s") or 0
+        used = r["server_cpu_s"] / elapsed if elapsed else None
+        gen = r["client_cpu_s"] / elapsed if elapsed else None
+        eff = ratio(per, base.get(window))
+        note = "OK" if r.get("ok") else "NOT COUNTED: " + "; ".join(r.get("problems", []))[:80]
+        if threads >= 4 and eff is not None:
+            note += f"; target ≥ 0.80: {'met' if eff >= 0.8 else 'NOT met'}"
+        steal = r.get("host_steal_pct")
+        if steal is not None and steal >= STEAL_WARN:
+            note += f"; host stole {steal:.0f}% (disturbed)"
+        lines.append(
+            f"| {shown} | {threads} | {srv} | {others} | {num(r['per_s'])} | {num(per)} | "
+            f"{num(used, 2)} | {fmt_ratio(eff)} | {num(gen, 2)} | {note} |")
+    return lines
+
+
 def main(out):
     machine, runs, errors, ceiling = load(out)
 
@@ -322,6 +375,20 @@ def main(out):
                 add(f"| {title} | XREVRANGE calls for {clients:,} clients on {channels} channels | "
                     f"{x:,} ({x / max(channels, 1):.1f} per channel, {x / max(clients, 1):.3f} per client) | "
                     f"one per channel per batch of arrivals | — |")
+
+    # ---- cores (issue 18) -----------------------------------------------------------------------
+    table = cores_lines(runs, cores_rows(out))
+    if table:
+        add("")
+        add("## Cores (issue 18, lightrelay only): fan-out 1 × 1,000, 100 B, by --worker-threads")
+        add("")
+        add("The subscribe server pinned with taskset to as many CPUs as it has worker threads "
+            "(plus the hub's own thread, on the same CPUs); Redis and the load generator on the "
+            "other CPUs, or unpinned when the server has them all. *Cores used* is the server's "
+            "CPU-seconds per second of the run; *per core ÷ 1 thread* is its deliveries per "
+            "server CPU-second over the 1-thread row's at the same window.")
+        add("")
+        lines.extend(table)
 
     # ---- every run ------------------------------------------------------------------------------
     add("")

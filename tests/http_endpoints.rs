@@ -863,7 +863,7 @@ async fn a_bad_flag_or_value_exits_2_with_the_problem_on_the_first_line() {
 #[tokio::test]
 async fn every_number_and_duration_outside_its_range_exits_2_naming_the_flag_and_the_range() {
     // (flag, a value outside its range, the range as the first line gives it)
-    let cases: [(&str, &str, &str); 17] = [
+    let cases: [(&str, &str, &str); 19] = [
         ("--ping-interval", "0", "100ms to 1h"),
         ("--ping-interval", "99ms", "100ms to 1h"),
         ("--ping-interval", "2h", "100ms to 1h"),
@@ -881,6 +881,8 @@ async fn every_number_and_duration_outside_its_range_exits_2_naming_the_flag_and
         ("--max-connections", "0", "1 to 1000000"),
         ("--max-connections", "1000001", "1 to 1000000"),
         ("--max-connections", "18446744073709551615", "1 to 1000000"),
+        ("--worker-threads", "0", "1 to 1024"),
+        ("--worker-threads", "1025", "1 to 1024"),
     ];
     for (i, (flag, value, range)) in cases.into_iter().enumerate() {
         let kind = if i % 2 == 0 {
@@ -941,6 +943,9 @@ async fn every_number_and_duration_outside_its_range_exits_2_naming_the_flag_and
             "8192",
             "--max-connections",
             "1000000",
+            // (1024 worker threads is allowed too: config's unit test, without starting them.)
+            "--worker-threads",
+            "1",
         ],
     )
     .await;

@@ -139,6 +139,62 @@ async fn with_stderr_a_closed_pipe_sigterm_still_stops_the_server_with_exit_0() 
     }
 }
 
+/// `--worker-threads` (or its variable) sets how many threads serve connections, and unset it
+/// is the CPUs the process may run on: one under `taskset -c 0`. The listening line says what
+/// the runtime has.
+#[tokio::test]
+async fn the_listening_line_gives_the_worker_threads_set_or_the_cpus_allowed() {
+    let redis = Redis::start().await;
+    let listening_with = |n: usize| {
+        let field = format!("worker_threads={n}");
+        move |lines: &[String]| {
+            lines
+                .iter()
+                .any(|l| l.contains("listening") && l.contains(&field))
+        }
+    };
+    let mut server = start_logged(
+        Kind::Publish,
+        &redis.url(),
+        "info",
+        &["--worker-threads", "3"],
+    );
+    let stderr = StderrLines::read(server.child());
+    stderr.wait_for("worker_threads=3", listening_with(3)).await;
+
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut by_variable = command(Kind::Subscribe, addr, &redis.url(), "info", &[]);
+    by_variable.env("LIGHTRELAY_WORKER_THREADS", "2");
+    let mut server = Server::adopt(by_variable.spawn().unwrap(), addr);
+    let stderr = StderrLines::read(server.child());
+    stderr.wait_for("worker_threads=2", listening_with(2)).await;
+
+    // Pinned to one CPU, with no flag: one worker.
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let pinned = command(Kind::Subscribe, addr, &redis.url(), "info", &[]);
+    let mut taskset = Command::new("taskset");
+    taskset
+        .args(["-c", "0"])
+        .arg(pinned.get_program())
+        .args(pinned.get_args())
+        .envs(
+            pinned
+                .get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .env_remove("NO_COLOR")
+        .env_remove("LIGHTRELAY_LOG_FORMAT")
+        .env_remove("LIGHTRELAY_WORKER_THREADS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut server = Server::adopt(taskset.spawn().unwrap(), addr);
+    let stderr = StderrLines::read(server.child());
+    stderr.wait_for("worker_threads=1", listening_with(1)).await;
+}
+
 #[tokio::test]
 async fn logs_to_a_pipe_carry_no_colour_codes() {
     let redis = Redis::start().await;

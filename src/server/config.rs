@@ -80,6 +80,14 @@ pub struct CommonArgs {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub redis_connections: u32,
 
+    /// Threads that serve connections (the runtime's workers), 1 to 1024; default: the CPUs
+    /// this process may run on (taskset and cgroup limits count). Plus the hub's own thread,
+    /// which subscribes to Redis and fans out.
+    /// (An empty value, as an environment file may hold, means the default.)
+    // Kept as 0 when empty: `listener` reads 0 as the default (the flag itself refuses 0).
+    #[arg(long, env = "LIGHTRELAY_WORKER_THREADS", value_name = "N", value_parser = worker_threads)]
+    pub worker_threads: Option<usize>,
+
     /// How long SIGTERM/SIGINT waits for clients to be closed and publishes to finish.
     #[arg(long, env = "LIGHTRELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = shutdown_timeout)]
     pub shutdown_timeout: Duration,
@@ -509,6 +517,9 @@ pub(crate) const LOG_SUMMARY_INTERVAL: (Duration, Duration) = (ms(100), secs(86_
 pub(crate) const MAX_MESSAGE_BYTES: (usize, usize) = (1, 256 << 20);
 /// `--max-path-bytes`: a request line must fit in 8 KiB (nginx's and our header buffer).
 pub(crate) const MAX_PATH_BYTES: (usize, usize) = (1, 8_192);
+/// `--worker-threads`: at least one; past 1024, threads would only wait on each other (and
+/// each costs a stack).
+pub(crate) const WORKER_THREADS: (usize, usize) = (1, 1_024);
 /// `--max-connections`: a million is past what one process serves (and its file descriptors).
 pub(crate) const MAX_CONNECTIONS: (usize, usize) = (1, 1_000_000);
 
@@ -613,6 +624,14 @@ fn max_path_bytes(s: &str) -> Result<usize, String> {
 
 fn max_connections(s: &str) -> Result<usize, String> {
     within(parse_count(s)?, MAX_CONNECTIONS, |n| n.to_string())
+}
+
+/// `--worker-threads`: 1 to 1024, or empty (0, the default).
+fn worker_threads(s: &str) -> Result<usize, String> {
+    if s.trim().is_empty() {
+        return Ok(0);
+    }
+    within(parse_count(s)?, WORKER_THREADS, |n| n.to_string())
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {
@@ -730,6 +749,10 @@ mod tests {
         assert!(max_path_bytes("8193").is_err());
         assert!(max_connections("0").is_err());
         assert!(max_connections("18446744073709551616").is_err());
+        assert_eq!(worker_threads("0").unwrap_err(), "allowed: 1 to 1024");
+        assert!(worker_threads("1025").is_err());
+        assert_eq!(worker_threads("1024").unwrap(), 1024);
+        assert_eq!(worker_threads("").unwrap(), 0, "empty: the default");
     }
 
     #[test]

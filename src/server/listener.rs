@@ -1,7 +1,8 @@
 //! A server's life from bind to exit (SPEC §5): the accept loop and the graceful stop.
 //!
 //! Owns: the checks before start (the flag rule clap cannot see, the open-file limit raised
-//! to its hard limit), binding, sd_notify `READY=1` once bound, the accept loop (TCP_NODELAY,
+//! to its hard limit), the runtime (`--worker-threads` workers; the hub has its own thread),
+//! binding, sd_notify `READY=1` once bound, the accept loop (TCP_NODELAY,
 //! back-off on accept errors, `--max-connections`: every accepted connection takes a slot
 //! or is answered 503 on the socket and closed), one hyper connection per TCP connection
 //! with the handshake timeout and a bounded request head, the key files read at start (auth
@@ -57,6 +58,7 @@ where
     };
     raise_open_file_limit(common.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads(&common))
         .enable_all()
         .build()
     {
@@ -111,6 +113,15 @@ where
             }
         }
     })
+}
+
+/// `--worker-threads`, or (unset or empty) the CPUs this process may run on
+/// (`available_parallelism` honours taskset and cgroup quotas), as tokio would choose.
+fn worker_threads(common: &CommonArgs) -> usize {
+    common
+        .worker_threads
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 /// SIGHUP: re-read the key files. Connections stay as they are; a file that cannot be read
@@ -189,7 +200,9 @@ fn start_presence<R: Role>(
 pub(crate) async fn run<R: Role>(relay: Arc<Relay<R>>, listener: TcpListener) -> Result<(), Error> {
     let addr = listener.local_addr()?;
     let redis = relay.common.redis_url.display.clone();
-    tracing::info!(%addr, %redis, role = R::NAME, "listening");
+    // The runtime's own count, so the log shows what runs, whatever chose it.
+    let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(%addr, %redis, role = R::NAME, worker_threads, "listening");
     shutdown::notify_ready();
     let shutdown = relay.shutdown.clone();
     let reloading = relay.clone();
