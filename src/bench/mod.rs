@@ -10,7 +10,8 @@
 //! loss, order, latency), [`procstat`] (/proc sampling), [`report`] (table, JSON).
 //! Before a run that holds many connections, the open-file limit is raised to the hard one
 //! (a run it cannot hold is refused up front).
-//! A run that cannot go on is a [`BenchError`]: one line on stderr, exit 1.
+//! A run that cannot go on is a [`BenchError`]: one line on stderr, exit 1 (a bad `--ca`: 2).
+//! Fan-out and latency subscribers may be `wss://` (TLS with the client's roots plus `--ca`).
 //! Must not: use the server modules (it speaks only the wire protocols, like any client), or
 //! send load anywhere but loopback addresses; every loop ends by count and by time.
 
@@ -69,6 +70,11 @@ pub enum BenchError {
     BadRate,
     #[error("{0}: --subscribe takes a ws:// URL")]
     NotWs(String),
+    #[error("{0}: --subscribe takes a ws:// or wss:// URL")]
+    NotWsOrWss(String),
+    /// A bad `--ca` (exit 2, as a bad flag).
+    #[error(transparent)]
+    Ca(#[from] crate::client::connect::TlsError),
     #[error("ingest measures a server: --publish takes ws:// or http://")]
     IngestScheme,
     #[error("without --redis, only acks can be counted: add --ack or --redis")]
@@ -144,7 +150,11 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("lightrelay bench: {e}");
-            ExitCode::FAILURE
+            if matches!(e, BenchError::Ca(_)) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -213,18 +223,25 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
         .window
         .unwrap_or_else(|| (4 * 1024 * 1024 / a.size as u64).clamp(2, 100));
     let sub = wire::target(&a.subscribe).await?;
-    if sub.scheme != "ws" {
-        return Err(BenchError::NotWs(a.subscribe.clone()));
+    if sub.scheme != "ws" && sub.scheme != "wss" {
+        return Err(BenchError::NotWsOrWss(a.subscribe.clone()));
     }
     let mut also = Vec::with_capacity(a.also_subscribe.len());
     for url in &a.also_subscribe {
         needs_placeholder(url, a.channels, "--channels")?;
         let more = wire::target(url).await?;
-        if more.scheme != "ws" {
-            return Err(BenchError::NotWs(url.clone()));
+        if more.scheme != "ws" && more.scheme != "wss" {
+            return Err(BenchError::NotWsOrWss(url.clone()));
         }
         also.push(more);
     }
+    // wss:// subscribers: the client's TLS set-up (system roots plus --ca), made once.
+    let tls = if std::iter::once(&sub).chain(&also).any(|t| t.scheme == "wss") {
+        let config = crate::client::connect::Tls::new(a.ca.as_deref())?.config();
+        Some(tokio_rustls::TlsConnector::from(config))
+    } else {
+        None
+    };
     // `format=json` subscribers get envelopes: messages are then written as text, read from
     // the envelope's data field.
     let layout = Layout::for_subscribe_url(&a.subscribe);
@@ -251,6 +268,7 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
             until,
             token: None,
             layout,
+            tls: tls.as_ref(),
         },
         &shared,
     )
@@ -435,7 +453,7 @@ async fn ingest(a: IngestArgs) -> Result<Report, BenchError> {
     let publishers = a.publishers as usize;
     needs_placeholder(&a.publish, a.publishers, "--publishers")?;
     let publish = wire::target(&a.publish).await?;
-    if publish.scheme == "redis" {
+    if publish.scheme != "ws" && publish.scheme != "http" {
         return Err(BenchError::IngestScheme);
     }
     let counter = match &a.redis {
@@ -592,6 +610,7 @@ async fn idle(a: IdleArgs) -> Result<Report, BenchError> {
             until: Instant::now() + SETUP_ALLOWANCE + m.duration + m.drain,
             token: a.token.as_deref(),
             layout: Layout::Binary,
+            tls: None,
         },
         &shared,
     )
