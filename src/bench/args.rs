@@ -83,15 +83,11 @@ pub struct Measure {
 
 #[derive(Args, Debug, Clone)]
 pub struct FanoutArgs {
-    /// The subscribe URL: ws://HOST:PORT/PATH (or wss:// through a TLS terminator), `{i}`
-    /// standing for the channel number; a query (`?format=json`, `?last=N`) goes to the server
+    /// The subscribe URL: ws://HOST:PORT/PATH (or wss:// through a TLS terminator, trusting
+    /// the system's roots and --ca FILE), `{i}` standing for the channel number; a query (`?format=json`, `?last=N`) goes to the server
     /// as it is, and `format=json` makes the bench send text and read each envelope's data.
     #[arg(long, value_name = "URL")]
     pub subscribe: String,
-    /// For wss:// subscribers: trust the certificate(s) in this PEM file besides the system's
-    /// roots (a self-signed terminator's own certificate will do), as `lightrelay sub --ca`.
-    #[arg(long, value_name = "FILE")]
-    pub ca: Option<std::path::PathBuf>,
     /// More subscribe servers (SPEC §11, many instances on one Redis): each channel's
     /// subscribers are dealt in turn to --subscribe and these URLs (same form).
     #[arg(long, value_name = "URL")]

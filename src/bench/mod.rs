@@ -10,8 +10,9 @@
 //! loss, order, latency), [`procstat`] (/proc sampling), [`report`] (table, JSON).
 //! Before a run that holds many connections, the open-file limit is raised to the hard one
 //! (a run it cannot hold is refused up front).
-//! A run that cannot go on is a [`BenchError`]: one line on stderr, exit 1 (a bad `--ca`: 2).
-//! Fan-out and latency subscribers may be `wss://` (TLS with the client's roots plus `--ca`).
+//! A run that cannot go on is a [`BenchError`]: one line on stderr, exit 1.
+//! Fan-out and latency subscribers may be `wss://`, with the client's TLS set-up (system roots
+//! plus the global `--ca FILE`, which the client checked before the run: a bad one exits 2).
 //! Must not: use the server modules (it speaks only the wire protocols, like any client), or
 //! send load anywhere but loopback addresses; every loop ends by count and by time.
 
@@ -39,6 +40,8 @@ use publishers::{Lane, Pace, PublishError, Setup};
 use report::Report;
 use stats::{ConnectionFailure, Layout, Shared};
 use wire::WireError;
+
+use crate::client::connect::Tls;
 
 /// Exit code of a run that finished but does not count (loss, a connection ended).
 const NOT_COUNTED: u8 = 3;
@@ -72,9 +75,6 @@ pub enum BenchError {
     NotWs(String),
     #[error("{0}: --subscribe takes a ws:// or wss:// URL")]
     NotWsOrWss(String),
-    /// A bad `--ca` (exit 2, as a bad flag).
-    #[error(transparent)]
-    Ca(#[from] crate::client::connect::TlsError),
     #[error("ingest measures a server: --publish takes ws:// or http://")]
     IngestScheme,
     #[error("without --redis, only acks can be counted: add --ack or --redis")]
@@ -119,10 +119,10 @@ fn open_file_room(connections: usize) -> Result<(), BenchError> {
 }
 
 /// Run one bench subcommand on a multi-threaded runtime (the caller made it).
-pub async fn run(args: BenchArgs) -> ExitCode {
+pub async fn run(args: BenchArgs, tls: Tls) -> ExitCode {
     let (json, result) = match args.command {
-        BenchCommand::Fanout(a) => (a.measure.json, fanout(a, "fanout").await),
-        BenchCommand::Latency(a) => (a.measure.json, fanout(a, "latency").await),
+        BenchCommand::Fanout(a) => (a.measure.json, fanout(a, "fanout", &tls).await),
+        BenchCommand::Latency(a) => (a.measure.json, fanout(a, "latency", &tls).await),
         BenchCommand::Ingest(a) => (a.measure.json, ingest(a).await),
         BenchCommand::Idle(a) => (a.measure.json, idle(a).await),
         BenchCommand::Storm(a) => (a.json, storm::run(a).await),
@@ -150,11 +150,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("lightrelay bench: {e}");
-            if matches!(e, BenchError::Ca(_)) {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::FAILURE
         }
     }
 }
@@ -207,7 +203,7 @@ impl Meter {
 }
 
 /// Fan-out and latency: subscribers on every channel, publishers, probes, then the run.
-async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchError> {
+async fn fanout(a: FanoutArgs, scenario: &'static str, tls: &Tls) -> Result<Report, BenchError> {
     let m = &a.measure;
     let channels = a.channels as usize;
     let per_channel = a.subscribers as usize;
@@ -235,13 +231,11 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
         }
         also.push(more);
     }
-    // wss:// subscribers: the client's TLS set-up (system roots plus --ca), made once.
-    let tls = if std::iter::once(&sub).chain(&also).any(|t| t.scheme == "wss") {
-        let config = crate::client::connect::Tls::new(a.ca.as_deref())?.config();
-        Some(tokio_rustls::TlsConnector::from(config))
-    } else {
-        None
-    };
+    // wss:// subscribers: the client's TLS set-up (system roots plus --ca).
+    let tls = std::iter::once(&sub)
+        .chain(&also)
+        .any(|t| t.scheme == "wss")
+        .then(|| tokio_rustls::TlsConnector::from(tls.config()));
     // `format=json` subscribers get envelopes: messages are then written as text, read from
     // the envelope's data field.
     let layout = Layout::for_subscribe_url(&a.subscribe);
