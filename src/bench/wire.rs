@@ -232,13 +232,10 @@ pub async fn wss_connect(
                 url: url.clone(),
                 source,
             })?;
-        let stream = tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| WireError::Tls {
-                url: url.clone(),
-                why: tls_sentence(&e),
-            })?;
+        let stream = tls.connect(name, tcp).await.map_err(|e| WireError::Tls {
+            url: url.clone(),
+            why: tls_sentence(&e),
+        })?;
         ws_handshake(stream, target, ask).await
     })
     .await
