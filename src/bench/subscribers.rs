@@ -81,10 +81,11 @@ pub struct Plan<'a> {
     pub tls: Option<&'a TlsConnector>,
 }
 
-/// A connection just opened, plain or over TLS.
+/// A connection just opened, plain or over TLS (boxed: a TLS stream is over a kilobyte, and
+/// the plain variant stays small).
 enum Opened {
     Plain(WsConn),
-    Tls(WsConn<TlsStream<TcpStream>>),
+    Tls(Box<WsConn<TlsStream<TcpStream>>>),
 }
 
 /// Open every connection, `concurrency` at a time; the first failure fails the run.
@@ -108,7 +109,7 @@ pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, W
                 let opened = match tls {
                     Some(tls) => wire::wss_connect(target, i, ask, tls)
                         .await
-                        .map(Opened::Tls),
+                        .map(|conn| Opened::Tls(Box::new(conn))),
                     None => wire::ws_connect(target, i, ask).await.map(Opened::Plain),
                 };
                 (i, opened)
@@ -130,8 +131,9 @@ pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, W
                     .await;
             }),
             Opened::Tls(conn) => tokio::spawn(async move {
-                let _ = tokio::time::timeout_at(until, receive(conn, order, keep, buffer, &shared))
-                    .await;
+                let _ =
+                    tokio::time::timeout_at(until, receive(*conn, order, keep, buffer, &shared))
+                        .await;
             }),
         });
     }

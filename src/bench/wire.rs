@@ -4,8 +4,8 @@
 //! loopback only), TCP connects spread over 127.0.0.x source addresses past 20,000 connections,
 //! the WebSocket client handshake (with an optional subprotocol and bearer token) over plain TCP
 //! ([`ws_connect`]) or over TLS ([`wss_connect`], tokio-rustls, for a subscriber behind a TLS
-//! terminator; the plain path's stream stays a bare `TcpStream`), a streaming frame reader that keeps only the first bytes of each
-//! message (so a 256 KiB frame is never buffered), masked client frames, and pipelined
+//! terminator; the plain path's stream stays a bare `TcpStream`), a streaming frame reader
+//! that keeps only the first bytes of each message (so a 256 KiB frame is never buffered), masked client frames, and pipelined
 //! HTTP/1.1 POST requests with a response parser.
 //! What can go wrong on the wire is a [`WireError`].
 //! Must not: keep statistics or decide when to send; callers do.
@@ -204,7 +204,7 @@ pub async fn ws_connect(target: &Target, index: usize, ask: Ask<'_>) -> Result<W
                 url: url.clone(),
                 source,
             })?;
-        ws_handshake(stream, target, ask).await
+        ws_handshake(stream, target, ask, &url).await
     })
     .await
     .map_err(|_| WireError::HandshakeTimeout { url: url.clone() })?
@@ -236,7 +236,7 @@ pub async fn wss_connect(
             url: url.clone(),
             why: tls_sentence(&e),
         })?;
-        ws_handshake(stream, target, ask).await
+        ws_handshake(stream, target, ask, &url).await
     })
     .await
     .map_err(|_| WireError::HandshakeTimeout { url: url.clone() })?
@@ -263,11 +263,11 @@ async fn ws_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     target: &Target,
     ask: Ask<'_>,
+    url: &str,
 ) -> Result<WsConn<S>, WireError> {
     let protocol = ask.protocol;
-    let url = target.url();
     let io = |source| WireError::Io {
-        url: url.clone(),
+        url: url.into(),
         source,
     };
     let mut request = format!(
@@ -290,14 +290,14 @@ async fn ws_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let end = loop {
         let n = stream.read(&mut chunk).await.map_err(io)?;
         if n == 0 {
-            return Err(WireError::HandshakeEnded { url });
+            return Err(WireError::HandshakeEnded { url: url.into() });
         }
         response.extend_from_slice(&chunk[..n]);
         if let Some(i) = find(&response, b"\r\n\r\n") {
             break i + 4;
         }
         if response.len() > 16 * 1024 {
-            return Err(WireError::HandshakeTooLong { url });
+            return Err(WireError::HandshakeTooLong { url: url.into() });
         }
     };
     let head = String::from_utf8_lossy(&response[..end]);
@@ -305,7 +305,7 @@ async fn ws_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     if status != "101" {
         let status_line = head.lines().next().unwrap_or("").to_string();
         return Err(WireError::Refused {
-            url,
+            url: url.into(),
             status: status.parse().unwrap_or(0),
             status_line,
         });
