@@ -51,6 +51,16 @@ HISTORY_SCENARIOS = [
     ("storm-last-base", "connection storm on 10 channels, history on, no replay"),
     ("storm-last", "connection storm on 10 channels, ?last=1"),
 ]
+# Issue 18, lightrelay and nchan: each stack as deployed, nginx's CPU (master and worker)
+# counted with the server's; lightrelay's runs list the relay's pid first.
+DEPLOYED_SCENARIOS = [
+    ("deployed-direct", "deployed: fan-out 1 × 1,000, 100 B, max rate, ws:// straight to the server"),
+    ("deployed-proxy", "deployed: the same, ws:// through nginx (nginx/lightrelay.conf)"),
+    ("deployed-tls", "deployed: the same, wss:// through nginx (nginx/lightrelay-tls.conf; nchan: TLS in its nginx)"),
+    ("deployed-direct-w10", "deployed: fan-out 1 × 1,000, 10 in flight, ws:// straight to the server"),
+    ("deployed-proxy-w10", "deployed: the same, 10 in flight, ws:// through nginx"),
+    ("deployed-tls-w10", "deployed: the same, 10 in flight, wss:// through nginx (nchan: TLS in its nginx)"),
+]
 
 
 def load(out):
@@ -389,6 +399,53 @@ def main(out):
             "server CPU-second over the 1-thread row's at the same window.")
         add("")
         lines.extend(table)
+    # ---- the deployed stack (issue 18) ---------------------------------------------------------
+    deployed_runs = [(sc, t) for sc, t in DEPLOYED_SCENARIOS
+                     if any(run(sc, p) is not None or (sc, p) in errors for p in ("lightrelay", "nchan"))]
+    if deployed_runs:
+        add("")
+        add("## The deployed stack (issue 18)")
+        add("")
+        add("Fan-out 1 × 1,000, 100 B, each stack as users run it: the server's CPU counts nginx's "
+            "master and worker with the relay's (lightrelay's proxy rows: relay + nginx; nchan runs "
+            "inside nginx). TLS is nginx's (the shipped site's settings, a self-signed P-256 "
+            "certificate); the generator's side of it is not counted. Messages go into Redis "
+            "directly (nchan: POSTed to it, as in fan-out 1 × 1,000), so only subscribers meet nginx.")
+        add("")
+        add("| run | lightrelay per stack CPU-s | relay CPU-s | nginx CPU-s | nginx share | nchan per CPU-s | ours ÷ nchan |")
+        add("| --- | --- | --- | --- | --- | --- | --- |")
+        for sc, title in deployed_runs:
+            ours = figure(sc, "lightrelay", "per_server_cpu_s")
+            theirs = figure(sc, "nchan", "per_server_cpu_s")
+            r = run(sc, "lightrelay")
+            relay = ngx = share = "—"
+            if counted(r) and len(r["servers"]) > 1:
+                cpu = r["server_cpu_s"]
+                relay_cpu = r["servers"][0]["cpu_s"]
+                relay, ngx = f"{relay_cpu:.2f}", f"{cpu - relay_cpu:.2f}"
+                share = f"{(cpu - relay_cpu) / cpu:.0%}" if cpu else "—"
+            elif counted(r):
+                relay, ngx = f"{r['server_cpu_s']:.2f}", "0"
+            add(f"| {title.removeprefix('deployed: ')} | {cell(ours, 'count', sc, 'lightrelay')} | {relay} | {ngx} | "
+                f"{share} | {cell(theirs, 'count', sc, 'nchan') if 'proxy' not in sc else ''} | "
+                f"{fmt_ratio(ratio(ours, theirs))} |")
+        for suffix, label in (("", "at fanout-1k's window"), ("-w10", "at 10 in flight")):
+            d = figure(f"deployed-direct{suffix}", "lightrelay", "per_server_cpu_s")
+            p = figure(f"deployed-proxy{suffix}", "lightrelay", "per_server_cpu_s")
+            t = figure(f"deployed-tls{suffix}", "lightrelay", "per_server_cpu_s")
+            nd = figure(f"deployed-direct{suffix}", "nchan", "per_server_cpu_s")
+            nt = figure(f"deployed-tls{suffix}", "nchan", "per_server_cpu_s")
+            said = []
+            if t and p:
+                said.append(f"terminating TLS elsewhere (nginx still proxying) saves {1 - t / p:.0%} of our "
+                            "stack's CPU per delivery")
+            if t and d:
+                said.append(f"with the proxy gone too (the relay alone) {1 - t / d:.0%}")
+            if nt and nd:
+                said.append(f"nchan's TLS costs it {1 - nt / nd:.0%}")
+            if said:
+                add("")
+                add(f"{label.capitalize()}: " + "; ".join(said) + ".")
 
     # ---- every run ------------------------------------------------------------------------------
     add("")
@@ -396,7 +453,7 @@ def main(out):
     add("")
     add("| scenario | server | delivered/s | lost | p50 | p99 | p99.9 | max | server CPU-s | per server CPU-s | server RSS peak | note |")
     add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for scenario, title in SCENARIOS + AUTH_SCENARIOS + HISTORY_SCENARIOS:
+    for scenario, title in SCENARIOS + AUTH_SCENARIOS + HISTORY_SCENARIOS + DEPLOYED_SCENARIOS:
         for peer in PEERS:
             r = run(scenario, peer)
             if r is None:
@@ -423,7 +480,7 @@ def main(out):
                 continue
             l = r["latency"]
             has_l = l["count"] > 0
-            if scenario.startswith("fanout") or scenario in ("channels", "frames-256k", "latency"):
+            if scenario.startswith(("fanout", "deployed")) or scenario in ("channels", "frames-256k", "latency"):
                 note = f"{r['connections']:,} subscribers; " + note
             add(f"| {title} | {PEER_NAMES[peer]} | {num(r['per_s'])} | {r['lost']:,} | "
                 + " | ".join(ms(l[k]) if has_l else "—" for k in ("p50_us", "p99_us", "p999_us", "max_us"))

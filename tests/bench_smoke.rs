@@ -8,6 +8,7 @@ mod common;
 
 use std::process::{Command, Output};
 
+use common::nginx::{Nginx, Site};
 use common::{Kind, Redis, Server};
 use serde_json::Value;
 
@@ -650,4 +651,87 @@ async fn idle_with_a_token_under_auth() {
     assert_eq!(u(&report, "connections"), 40);
     assert_eq!(report["token"], true);
     assert!(report["kib_per_connection"].as_f64().is_some());
+}
+
+/// Issue 18's deployed stack: `bench fanout` over wss:// through the shipped TLS site (a real
+/// nginx terminating TLS in front of a real lightrelay-subscribe), trusting the site's
+/// self-signed certificate with --ca; nginx's master counts as server CPU beside the relay.
+#[tokio::test]
+async fn fanout_over_wss_through_the_shipped_tls_site_with_ca_delivers_everything() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let nginx = Nginx::start((sub.addr, sub.addr), &[Site::Tls], None).await;
+    let master = nginx.child.as_ref().unwrap().id();
+    let ca = nginx.dir.join("cert.pem");
+    let (output, report) = bench(strings(&[
+        "fanout",
+        "--subscribe",
+        &nginx.wss("/subscribe/smoke/{i}"),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--publish",
+        &format!("{}/lightlevel/smoke/{{i}}", redis.url()),
+        "--channels",
+        "2",
+        "--subscribers",
+        "5",
+        "--duration",
+        "1",
+        "--pid",
+        &sub.pid().to_string(),
+        "--pid",
+        &master.to_string(),
+    ]))
+    .await;
+    assert!(report["ok"].as_bool().unwrap(), "{}", report["problems"]);
+    assert_eq!(output.status.code(), Some(0));
+    assert_delivered_all(&report);
+    assert_eq!(u(&report, "connections"), 10);
+    let pids: Vec<u64> = report["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| u(s, "pid"))
+        .collect();
+    assert_eq!(pids, [u64::from(sub.pid()), u64::from(master)]);
+}
+
+/// The same site with a CA that did not sign its certificate: refused before any load, in
+/// one line that says what to do, exit 1 (the run could not be made).
+#[tokio::test]
+async fn fanout_over_wss_refuses_a_certificate_the_ca_did_not_sign_in_one_line() {
+    let redis = Redis::start().await;
+    let sub = Server::start(Kind::Subscribe, &redis.url(), &[]).await;
+    let nginx = Nginx::start((sub.addr, sub.addr), &[Site::Tls], None).await;
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let wrong = nginx.dir.join("other-ca.pem");
+    std::fs::write(&wrong, other.cert.pem()).unwrap();
+    let args = strings(&[
+        "bench",
+        "fanout",
+        "--subscribe",
+        &nginx.wss("/subscribe/smoke/{i}"),
+        "--ca",
+        wrong.to_str().unwrap(),
+        "--publish",
+        &format!("{}/lightlevel/smoke/{{i}}", redis.url()),
+        "--subscribers",
+        "3",
+        "--duration",
+        "1",
+    ]);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_lightrelay"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("certificate refused"), "{stderr}");
+    assert!(stderr.contains("--ca FILE"), "{stderr}");
+    assert!(stderr.contains(&nginx.wss("/subscribe/smoke/")), "{stderr}");
 }

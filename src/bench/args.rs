@@ -12,6 +12,8 @@ Examples (servers on loopback; the bench refuses any other address):
   lightrelay bench latency --subscribe 'ws://127.0.0.1:8767/bench/{i}' \\
       --publish 'redis://127.0.0.1:6379/lightlevel/bench/{i}' --rate 20 --subscribers 1000
   lightrelay bench fanout --subscribe 'ws://127.0.0.1:8080/sub/b{i}' --publish 'http://127.0.0.1:8080/pub/b{i}'
+  lightrelay bench fanout --subscribe 'wss://127.0.0.1:8443/subscribe/bench/{i}' --ca cert.pem \\
+      --publish 'redis://127.0.0.1:6379/lightlevel/bench/{i}' --pid 4242 --pid 4300 --pid 4301
   lightrelay bench ingest --publish 'ws://127.0.0.1:8765/in/{i}' --publishers 50 --ack \\
       --redis redis://127.0.0.1:6379 --pid 4241
   lightrelay bench idle --subscribe 'ws://127.0.0.1:8767/idle/{i}' --connections 10000 --pid 4242
@@ -81,9 +83,9 @@ pub struct Measure {
 
 #[derive(Args, Debug, Clone)]
 pub struct FanoutArgs {
-    /// The subscribe URL: ws://HOST:PORT/PATH, `{i}` standing for the channel number; a
-    /// query (`?format=json`, `?last=N`) goes to the server as it is, and `format=json` makes
-    /// the bench send text and read each envelope's data.
+    /// The subscribe URL: ws://HOST:PORT/PATH (or wss:// through a TLS terminator, trusting
+    /// the system's roots and --ca FILE), `{i}` standing for the channel number; a query (`?format=json`, `?last=N`) goes to the server
+    /// as it is, and `format=json` makes the bench send text and read each envelope's data.
     #[arg(long, value_name = "URL")]
     pub subscribe: String,
     /// More subscribe servers (SPEC §11, many instances on one Redis): each channel's

@@ -11,6 +11,8 @@
 //! Before a run that holds many connections, the open-file limit is raised to the hard one
 //! (a run it cannot hold is refused up front).
 //! A run that cannot go on is a [`BenchError`]: one line on stderr, exit 1.
+//! Fan-out and latency subscribers may be `wss://`, with the client's TLS set-up (system roots
+//! plus the global `--ca FILE`, which the client checked before the run: a bad one exits 2).
 //! Must not: use the server modules (it speaks only the wire protocols, like any client), or
 //! send load anywhere but loopback addresses; every loop ends by count and by time.
 
@@ -38,6 +40,8 @@ use publishers::{Lane, Pace, PublishError, Setup};
 use report::Report;
 use stats::{ConnectionFailure, Layout, Shared};
 use wire::WireError;
+
+use crate::client::connect::Tls;
 
 /// Exit code of a run that finished but does not count (loss, a connection ended).
 const NOT_COUNTED: u8 = 3;
@@ -69,6 +73,8 @@ pub enum BenchError {
     BadRate,
     #[error("{0}: --subscribe takes a ws:// URL")]
     NotWs(String),
+    #[error("{0}: --subscribe takes a ws:// or wss:// URL")]
+    NotWsOrWss(String),
     #[error("ingest measures a server: --publish takes ws:// or http://")]
     IngestScheme,
     #[error("without --redis, only acks can be counted: add --ack or --redis")]
@@ -113,10 +119,10 @@ fn open_file_room(connections: usize) -> Result<(), BenchError> {
 }
 
 /// Run one bench subcommand on a multi-threaded runtime (the caller made it).
-pub async fn run(args: BenchArgs) -> ExitCode {
+pub async fn run(args: BenchArgs, tls: Tls) -> ExitCode {
     let (json, result) = match args.command {
-        BenchCommand::Fanout(a) => (a.measure.json, fanout(a, "fanout").await),
-        BenchCommand::Latency(a) => (a.measure.json, fanout(a, "latency").await),
+        BenchCommand::Fanout(a) => (a.measure.json, fanout(a, "fanout", &tls).await),
+        BenchCommand::Latency(a) => (a.measure.json, fanout(a, "latency", &tls).await),
         BenchCommand::Ingest(a) => (a.measure.json, ingest(a).await),
         BenchCommand::Idle(a) => (a.measure.json, idle(a).await),
         BenchCommand::Storm(a) => (a.json, storm::run(a).await),
@@ -197,7 +203,7 @@ impl Meter {
 }
 
 /// Fan-out and latency: subscribers on every channel, publishers, probes, then the run.
-async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchError> {
+async fn fanout(a: FanoutArgs, scenario: &'static str, tls: &Tls) -> Result<Report, BenchError> {
     let m = &a.measure;
     let channels = a.channels as usize;
     let per_channel = a.subscribers as usize;
@@ -213,18 +219,23 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
         .window
         .unwrap_or_else(|| (4 * 1024 * 1024 / a.size as u64).clamp(2, 100));
     let sub = wire::target(&a.subscribe).await?;
-    if sub.scheme != "ws" {
-        return Err(BenchError::NotWs(a.subscribe.clone()));
+    if sub.scheme != "ws" && sub.scheme != "wss" {
+        return Err(BenchError::NotWsOrWss(a.subscribe.clone()));
     }
     let mut also = Vec::with_capacity(a.also_subscribe.len());
     for url in &a.also_subscribe {
         needs_placeholder(url, a.channels, "--channels")?;
         let more = wire::target(url).await?;
-        if more.scheme != "ws" {
-            return Err(BenchError::NotWs(url.clone()));
+        if more.scheme != "ws" && more.scheme != "wss" {
+            return Err(BenchError::NotWsOrWss(url.clone()));
         }
         also.push(more);
     }
+    // wss:// subscribers: the client's TLS set-up (system roots plus --ca).
+    let tls = std::iter::once(&sub)
+        .chain(&also)
+        .any(|t| t.scheme == "wss")
+        .then(|| tokio_rustls::TlsConnector::from(tls.config()));
     // `format=json` subscribers get envelopes: messages are then written as text, read from
     // the envelope's data field.
     let layout = Layout::for_subscribe_url(&a.subscribe);
@@ -251,6 +262,7 @@ async fn fanout(a: FanoutArgs, scenario: &'static str) -> Result<Report, BenchEr
             until,
             token: None,
             layout,
+            tls: tls.as_ref(),
         },
         &shared,
     )
@@ -435,7 +447,7 @@ async fn ingest(a: IngestArgs) -> Result<Report, BenchError> {
     let publishers = a.publishers as usize;
     needs_placeholder(&a.publish, a.publishers, "--publishers")?;
     let publish = wire::target(&a.publish).await?;
-    if publish.scheme == "redis" {
+    if publish.scheme != "ws" && publish.scheme != "http" {
         return Err(BenchError::IngestScheme);
     }
     let counter = match &a.redis {
@@ -592,6 +604,7 @@ async fn idle(a: IdleArgs) -> Result<Report, BenchError> {
             until: Instant::now() + SETUP_ALLOWANCE + m.duration + m.drain,
             token: a.token.as_deref(),
             layout: Layout::Binary,
+            tls: None,
         },
         &shared,
     )

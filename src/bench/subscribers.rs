@@ -4,16 +4,21 @@
 //! listens to channel `i % channels`, on subscribe server `(i / channels) % servers`), and each connection's receive loop: one reusable read
 //! buffer, the streaming [`FrameReader`] (keeping a `format=json` envelope's head when the
 //! plan's layout is [`Layout::Envelope`]), pongs for pings, and one flush of counts and
-//! latencies per read into [`Shared`]. No allocation per message.
+//! latencies per read into [`Shared`]. No allocation per message. Over `wss://` (a plan with
+//! [`Plan::tls`]) the same loop runs on a TLS stream: the loop is generic over the stream, so
+//! a ws:// connection's task is what it was, a bare `TcpStream` with no indirection.
 //! Must not: publish, or decide when a run ends (the run aborts these tasks).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use super::stats::{now_ns, Batch, ConnectionFailure, Layout, Order, Shared};
 use super::wire::{self, Event, FrameReader, Target, WireError, WsConn};
@@ -72,6 +77,15 @@ pub struct Plan<'a> {
     pub token: Option<&'a str>,
     /// Where each message's sequence number and send time are found.
     pub layout: Layout,
+    /// For `wss://` targets: the TLS client (`--ca`). `None`: every target is `ws://`.
+    pub tls: Option<&'a TlsConnector>,
+}
+
+/// A connection just opened, plain or over TLS (boxed: a TLS stream is over a kilobyte, and
+/// the plain variant stays small).
+enum Opened {
+    Plain(WsConn),
+    Tls(Box<WsConn<TlsStream<TcpStream>>>),
 }
 
 /// Open every connection, `concurrency` at a time; the first failure fails the run.
@@ -90,11 +104,20 @@ pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, W
                 protocol: None,
                 token: plan.token,
             };
-            async move { (i, wire::ws_connect(target, i, ask).await) }
+            let tls = plan.tls.filter(|_| target.scheme == "wss");
+            async move {
+                let opened = match tls {
+                    Some(tls) => wire::wss_connect(target, i, ask, tls)
+                        .await
+                        .map(|conn| Opened::Tls(Box::new(conn))),
+                    None => wire::ws_connect(target, i, ask).await.map(Opened::Plain),
+                };
+                (i, opened)
+            }
         })
         .buffer_unordered(plan.concurrency.max(1));
     while let Some((i, connected)) = opening.next().await {
-        let conn = connected?;
+        let opened = connected?;
         let order = Order::with_layout(i % plan.channels, i, plan.layout);
         let shared = Arc::clone(shared);
         let (buffer, until) = (plan.buffer, plan.until);
@@ -102,16 +125,29 @@ pub async fn open(plan: Plan<'_>, shared: &Arc<Shared>) -> Result<Subscribers, W
             Layout::Binary => wire::PREFIX,
             Layout::Envelope => wire::ENVELOPE_PREFIX,
         };
-        subscribers.tasks.push(tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout_at(until, receive(conn, order, keep, buffer, &shared)).await;
-        }));
+        subscribers.tasks.push(match opened {
+            Opened::Plain(conn) => tokio::spawn(async move {
+                let _ = tokio::time::timeout_at(until, receive(conn, order, keep, buffer, &shared))
+                    .await;
+            }),
+            Opened::Tls(conn) => tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout_at(until, receive(*conn, order, keep, buffer, &shared))
+                        .await;
+            }),
+        });
     }
     Ok(subscribers)
 }
 
 /// One connection's receive loop, until the server closes it or the run aborts it.
-async fn receive(conn: WsConn, mut order: Order, keep: usize, buffer: usize, shared: &Shared) {
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: WsConn<S>,
+    mut order: Order,
+    keep: usize,
+    buffer: usize,
+    shared: &Shared,
+) {
     let WsConn {
         mut stream,
         leftover,
@@ -154,11 +190,13 @@ async fn receive(conn: WsConn, mut order: Order, keep: usize, buffer: usize, sha
                 &code.unwrap_or(1000).to_be_bytes(),
             );
             let _ = stream.write_all(&reply).await;
+            let _ = stream.flush().await;
             ended(shared, order.channel, Ended::Closed(code));
             return;
         }
         if !reply.is_empty() {
-            if stream.write_all(&reply).await.is_err() {
+            // flush: a no-op on TCP; TLS may hold the record until flushed.
+            if stream.write_all(&reply).await.is_err() || stream.flush().await.is_err() {
                 ended(shared, order.channel, Ended::Broke);
                 return;
             }

@@ -1,9 +1,11 @@
 //! The bytes on the wire, written by hand so the load generator stays cheap and allocation-free.
 //!
-//! Owns: target URLs (`ws://`, `http://`, `redis://` with a `{i}` channel placeholder, loopback
-//! only), TCP connects spread over 127.0.0.x source addresses past 20,000 connections, the
-//! WebSocket client handshake (with an optional subprotocol and bearer token), a streaming frame reader that keeps only the first bytes of each
-//! message (so a 256 KiB frame is never buffered), masked client frames, and pipelined
+//! Owns: target URLs (`ws://`, `wss://`, `http://`, `redis://` with a `{i}` channel placeholder,
+//! loopback only), TCP connects spread over 127.0.0.x source addresses past 20,000 connections,
+//! the WebSocket client handshake (with an optional subprotocol and bearer token) over plain TCP
+//! ([`ws_connect`]) or over TLS ([`wss_connect`], tokio-rustls, for a subscriber behind a TLS
+//! terminator; the plain path's stream stays a bare `TcpStream`), a streaming frame reader
+//! that keeps only the first bytes of each message (so a 256 KiB frame is never buffered), masked client frames, and pipelined
 //! HTTP/1.1 POST requests with a response parser.
 //! What can go wrong on the wire is a [`WireError`].
 //! Must not: keep statistics or decide when to send; callers do.
@@ -12,8 +14,11 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 /// How long a connect plus handshake may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -25,7 +30,7 @@ const PER_SOURCE: usize = 20_000;
 pub enum WireError {
     #[error("{url}: not a URL")]
     NotAUrl { url: String },
-    #[error("{url}: the bench speaks ws://, http:// and redis://, not {scheme}://")]
+    #[error("{url}: the bench speaks ws://, wss://, http:// and redis://, not {scheme}://")]
     Scheme { url: String, scheme: String },
     #[error("{url}: {source}")]
     Io { url: String, source: io::Error },
@@ -33,6 +38,11 @@ pub enum WireError {
     NoAddress { url: String },
     #[error("{url}: {ip} is not a loopback address; the bench loads only this machine")]
     NotLoopback { url: String, ip: IpAddr },
+    #[error("{url}: not a TLS server name: {host}")]
+    ServerName { url: String, host: String },
+    /// The TLS handshake failed: `why` is one sentence (a refused certificate says what to do).
+    #[error("{url}: {why}")]
+    Tls { url: String, why: String },
     #[error("{url}: no handshake within {CONNECT_TIMEOUT:?}")]
     HandshakeTimeout { url: String },
     #[error("{url}: the connection ended during the handshake")]
@@ -83,6 +93,7 @@ pub async fn target(url: &str) -> Result<Target, WireError> {
     };
     let default_port = match scheme {
         "ws" | "http" => 80,
+        "wss" => 443,
         "redis" => 6379,
         other => {
             return Err(WireError::Scheme {
@@ -127,6 +138,20 @@ pub async fn target(url: &str) -> Result<Target, WireError> {
 }
 
 impl Target {
+    /// This target as a URL (for messages).
+    pub fn url(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, self.path)
+    }
+
+    /// The host as written, without the port or an IPv6 address's brackets (the TLS server name).
+    pub fn host(&self) -> &str {
+        let host = match self.authority.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => &self.authority,
+        };
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+
     /// This target with `{i}` in its path replaced by `n`.
     pub fn for_channel(&self, n: usize) -> Target {
         let mut t = self.clone();
@@ -151,10 +176,11 @@ pub async fn connect_tcp(addr: SocketAddr, index: usize) -> io::Result<TcpStream
     Ok(stream)
 }
 
-/// A connected WebSocket: the stream, the bytes that arrived after the 101 response, and
-/// whether the server selected the subprotocol asked for.
-pub struct WsConn {
-    pub stream: TcpStream,
+/// A connected WebSocket: the stream (a bare `TcpStream` for ws://, a [`TlsStream`] for
+/// wss://), the bytes that arrived after the 101 response, and whether the server selected the
+/// subprotocol asked for.
+pub struct WsConn<S = TcpStream> {
+    pub stream: S,
     pub leftover: Vec<u8>,
     pub protocol_selected: bool,
 }
@@ -170,21 +196,80 @@ pub struct Ask<'a> {
 
 /// Connect and do the client handshake (RFC 6455 §4.1), within [`CONNECT_TIMEOUT`].
 pub async fn ws_connect(target: &Target, index: usize, ask: Ask<'_>) -> Result<WsConn, WireError> {
-    tokio::time::timeout(CONNECT_TIMEOUT, ws_handshake(target, index, ask))
-        .await
-        .map_err(|_| WireError::HandshakeTimeout {
-            url: format!("ws://{}{}", target.authority, target.path),
-        })?
+    let url = target.url();
+    tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let stream = connect_tcp(target.addr, index)
+            .await
+            .map_err(|source| WireError::Io {
+                url: url.clone(),
+                source,
+            })?;
+        ws_handshake(stream, target, ask, &url).await
+    })
+    .await
+    .map_err(|_| WireError::HandshakeTimeout { url: url.clone() })?
 }
 
-async fn ws_handshake(target: &Target, index: usize, ask: Ask<'_>) -> Result<WsConn, WireError> {
-    let protocol = ask.protocol;
-    let url = format!("ws://{}{}", target.authority, target.path);
-    let io = |source| WireError::Io {
+/// As [`ws_connect`], over TLS (`wss://`): the TCP connect, the TLS handshake with `tls`
+/// (verifying the certificate against the target's host), then the WebSocket handshake, all
+/// within [`CONNECT_TIMEOUT`].
+pub async fn wss_connect(
+    target: &Target,
+    index: usize,
+    ask: Ask<'_>,
+    tls: &TlsConnector,
+) -> Result<WsConn<TlsStream<TcpStream>>, WireError> {
+    let url = target.url();
+    let host = target.host();
+    let name = ServerName::try_from(host.to_string()).map_err(|_| WireError::ServerName {
         url: url.clone(),
+        host: host.into(),
+    })?;
+    tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let tcp = connect_tcp(target.addr, index)
+            .await
+            .map_err(|source| WireError::Io {
+                url: url.clone(),
+                source,
+            })?;
+        let stream = tls.connect(name, tcp).await.map_err(|e| WireError::Tls {
+            url: url.clone(),
+            why: tls_sentence(&e),
+        })?;
+        ws_handshake(stream, target, ask, &url).await
+    })
+    .await
+    .map_err(|_| WireError::HandshakeTimeout { url: url.clone() })?
+}
+
+/// One sentence for a failed TLS handshake: a refused certificate in the client's words.
+fn tls_sentence(error: &io::Error) -> String {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(why)) => {
+            crate::client::connect::certificate_sentence(why)
+        }
+        Some(rustls::Error::InvalidMessage(_)) => {
+            "the server did not answer in TLS: is this a plain ws:// port?".into()
+        }
+        Some(other) => format!("TLS: {other}"),
+        None => format!("TLS: {error}"),
+    }
+}
+
+async fn ws_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    target: &Target,
+    ask: Ask<'_>,
+    url: &str,
+) -> Result<WsConn<S>, WireError> {
+    let protocol = ask.protocol;
+    let io = |source| WireError::Io {
+        url: url.into(),
         source,
     };
-    let mut stream = connect_tcp(target.addr, index).await.map_err(io)?;
     let mut request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
@@ -198,19 +283,21 @@ async fn ws_handshake(target: &Target, index: usize, ask: Ask<'_>) -> Result<WsC
     }
     request.push_str("\r\n");
     stream.write_all(request.as_bytes()).await.map_err(io)?;
+    // A no-op on TCP; TLS may hold the record until flushed.
+    stream.flush().await.map_err(io)?;
     let mut response = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     let end = loop {
         let n = stream.read(&mut chunk).await.map_err(io)?;
         if n == 0 {
-            return Err(WireError::HandshakeEnded { url });
+            return Err(WireError::HandshakeEnded { url: url.into() });
         }
         response.extend_from_slice(&chunk[..n]);
         if let Some(i) = find(&response, b"\r\n\r\n") {
             break i + 4;
         }
         if response.len() > 16 * 1024 {
-            return Err(WireError::HandshakeTooLong { url });
+            return Err(WireError::HandshakeTooLong { url: url.into() });
         }
     };
     let head = String::from_utf8_lossy(&response[..end]);
@@ -218,7 +305,7 @@ async fn ws_handshake(target: &Target, index: usize, ask: Ask<'_>) -> Result<WsC
     if status != "101" {
         let status_line = head.lines().next().unwrap_or("").to_string();
         return Err(WireError::Refused {
-            url,
+            url: url.into(),
             status: status.parse().unwrap_or(0),
             status_line,
         });

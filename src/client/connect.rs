@@ -9,7 +9,8 @@
 //! refuses, TLS to a plain port, a refused subprotocol; the rest is retried), why a
 //! connection ended ([`Lost`], final for 1009/1003/1002: [`Lost::is_final`]), [`Backoff`] (exponential with jitter, every wait under 30 s;
 //! the `backon` crate computes it) and [`shown`] (a URL as printed, any `token=` in it
-//! hidden). Must not: read input or write output, or put a token in anything it returns.
+//! hidden); `lightrelay bench`'s wss:// subscribers reuse [`Tls`] and the certificate
+//! sentences. Must not: read input or write output, or put a token in anything it returns.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,7 +95,7 @@ pub enum ConnectError {
 }
 
 /// One sentence for a refused certificate, saying what to do about it.
-fn certificate_sentence(error: &CertificateError) -> String {
+pub(crate) fn certificate_sentence(error: &CertificateError) -> String {
     use CertificateError::*;
     match error {
         UnknownIssuer => "certificate refused: the server's certificate is not signed by an \
@@ -322,6 +323,11 @@ impl Tls {
                 .with_no_client_auth()
         };
         Ok(Tls(Arc::new(config)))
+    }
+
+    /// The rustls configuration (also `lightrelay bench fanout --ca`'s, for wss:// subscribers).
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.0)
     }
 }
 

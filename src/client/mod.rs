@@ -61,7 +61,7 @@ pub fn main(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Pub(args) => publisher::run(args, tls).await,
             Command::Sub(args) => subscriber::run(args, tls).await,
-            Command::Bench(args) => bench::run(args).await,
+            Command::Bench(args) => bench::run(args, tls).await,
             Command::Token(args) => token::run(args),
         }
     });
