@@ -97,8 +97,8 @@ impl Socket {
         // thousand sockets that miss was 4% of the server's CPU per delivery (`perf`). A
         // `WouldBlock` here leaves tokio's readiness set: the session's next write then finds
         // the socket full itself, and waits for it.
-        let n = socket2::SockRef::from(&self.0.stream)
-            .send_with_flags(frame.as_bytes(), SEND_FLAGS)?;
+        let n =
+            socket2::SockRef::from(&self.0.stream).send_with_flags(frame.as_bytes(), SEND_FLAGS)?;
         if n == frame.len() {
             return Ok(true);
         }
@@ -126,6 +126,12 @@ impl Socket {
     /// Whether part of a frame waits to be sent.
     pub fn has_tail(&self) -> bool {
         self.tail().is_some()
+    }
+
+    /// Ready once the socket may have bytes to read (or an error); `Pending` registers the
+    /// task to be woken when it does. For the session that reads this socket only.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.stream.poll_read_ready(cx)
     }
 
     /// Send the tail, if any; ready once none is left.
