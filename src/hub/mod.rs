@@ -70,6 +70,7 @@ use bytes::Bytes;
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::ClientLike;
 use fred::interfaces::{ClusterInterface, EventInterface, PubsubInterface};
+use fred::types::cluster::ClusterRouting;
 use fred::types::config::Server;
 use fred::types::{MessageKind, Value};
 use slab::Slab;
@@ -1160,22 +1161,25 @@ impl Hub {
         let Some(reader) = self.slot_reader.get().filter(|_| !owners.is_empty()) else {
             return HashSet::new();
         };
-        let map =
+        // fred's own parser of the answer; a host it leaves empty means "the node asked",
+        // which matches whatever host a channel was subscribed on.
+        let routing =
             match tokio::time::timeout(Duration::from_secs(2), reader.cluster_slots::<Value>())
                 .await
             {
-                Ok(Ok(map)) => slot_map(map),
+                Ok(Ok(map)) => match ClusterRouting::from_cluster_slots(map, "") {
+                    Ok(routing) => routing,
+                    Err(_) => return HashSet::new(),
+                },
                 _ => return HashSet::new(),
             };
         let moved: HashSet<Topic> = owners
             .iter()
             .filter(|(topic, node)| {
                 let slot = crate::redis::slot(&topic.name().to_bytes());
-                map.iter()
-                    .find(|(first, last, _, _)| (*first..=*last).contains(&slot))
-                    .is_some_and(|(_, _, host, port)| {
-                        *port != node.port || (!host.is_empty() && **host != *node.host)
-                    })
+                routing.get_server(slot).is_some_and(|owner| {
+                    owner.port != node.port || (!owner.host.is_empty() && owner.host != node.host)
+                })
             })
             .map(|(topic, _)| topic.clone())
             .collect();
@@ -1359,29 +1363,6 @@ impl Hub {
         // Every update under this lock is a single insert/remove; a poisoned lock is consistent.
         crate::lock(&self.state)
     }
-}
-
-/// `CLUSTER SLOTS`'s answer as (first slot, last slot, primary's host, primary's port).
-fn slot_map(value: Value) -> Vec<(u16, u16, String, u16)> {
-    let Value::Array(ranges) = value else {
-        return Vec::new();
-    };
-    ranges
-        .into_iter()
-        .filter_map(|range| {
-            let Value::Array(range) = range else {
-                return None;
-            };
-            let first = u16::try_from(range.first()?.as_i64()?).ok()?;
-            let last = u16::try_from(range.get(1)?.as_i64()?).ok()?;
-            let Value::Array(primary) = range.get(2)? else {
-                return None;
-            };
-            let host = primary.first()?.as_string().unwrap_or_default();
-            let port = u16::try_from(primary.get(1)?.as_i64()?).ok()?;
-            Some((first, last, host, port))
-        })
-        .collect()
 }
 
 /// What a resumption read found.

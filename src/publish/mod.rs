@@ -31,7 +31,7 @@ use crate::server::status::{Channels, RoleStatus};
 use crate::server::write::outbox::{Limits, Outbox};
 use crate::server::{Relay, Role, Upgraded};
 use crate::Error;
-pub(crate) use window::{publish_once, Publisher, Windows};
+pub(crate) use window::{Publisher, Windows};
 
 /// Run `lightrelay-publish` until SIGTERM/SIGINT. This is all its binary calls.
 pub fn main(args: PublishArgs) -> ExitCode {
@@ -40,8 +40,8 @@ pub fn main(args: PublishArgs) -> ExitCode {
 
 /// What the publish server shares between its connections.
 pub(crate) struct PublishRole {
-    publisher: Publisher,
-    /// Each connection's publish window is made from this when it has messages.
+    /// Each connection's publish window is made from this when it has messages; POSTs
+    /// publish through it too.
     windows: Arc<Windows>,
     /// The downlink's hub: publishers join it on their downlink channel.
     hub: Arc<Hub>,
@@ -75,9 +75,8 @@ impl PublishRole {
         }
         hub::thread::spawn(hub.clone(), subscriber, shutdown.clone())?;
         let presence = presence_client(common)?;
-        let windows = Windows::new(publisher.clone(), common, metrics);
+        let windows = Windows::new(publisher, common, metrics);
         Ok(PublishRole {
-            publisher,
             windows,
             hub,
             health,
@@ -122,19 +121,6 @@ pub(crate) fn presence_client(common: &CommonArgs) -> Result<Option<fred::client
     Ok(Some(connect_reader(common)?))
 }
 
-/// Publish one `POST` body on `channel` within `--redis-timeout`.
-pub(crate) async fn post<R>(
-    relay: &Relay<R>,
-    publisher: &Publisher,
-    channel: ChannelName,
-    body: Bytes,
-) -> Result<i64, String> {
-    let timeout = relay.common.redis_timeout;
-    publish_once(publisher, &channel, body, timeout, &relay.metrics)
-        .await
-        .map_err(|e| e.to_string())
-}
-
 impl Role for PublishRole {
     const NAME: &'static str = "publish";
     const GRANT: Grant = Grant::Publish;
@@ -148,7 +134,7 @@ impl Role for PublishRole {
         channel: ChannelName,
         body: Bytes,
     ) -> Result<i64, String> {
-        post(relay, &relay.role.publisher, channel, body).await
+        relay.role.windows.post(channel, body).await
     }
 
     fn health(&self) -> Result<(), String> {

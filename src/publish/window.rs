@@ -561,8 +561,8 @@ impl PublishWindow {
     }
 }
 
-/// What every client window of a process shares: the PUBLISH connections, the window's
-/// size and `--redis-timeout`.
+/// What every client window (and every `POST`) of a process shares: the PUBLISH connections,
+/// the window's size and `--redis-timeout`.
 pub(crate) struct Windows {
     publisher: Publisher,
     capacity: usize,
@@ -583,6 +583,13 @@ impl Windows {
             timeout: common.redis_timeout,
             metrics: metrics.clone(),
         })
+    }
+
+    /// Publish one `POST` body on `channel` within `--redis-timeout`.
+    pub async fn post(&self, channel: ChannelName, body: Bytes) -> Result<i64, String> {
+        publish_once(&self.publisher, &channel, body, self.timeout, &self.metrics)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// A client's window on `channel`, counting what it publishes on `seat` (the publish
@@ -673,7 +680,7 @@ fn internal_error(what: &'static str) -> fred::error::Error {
 }
 
 /// Publish one message outside any WebSocket (HTTP POST), within `timeout`.
-pub(crate) async fn publish_once(
+async fn publish_once(
     publisher: &Publisher,
     channel: &ChannelName,
     payload: Bytes,

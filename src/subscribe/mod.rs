@@ -68,9 +68,8 @@ pub(crate) struct SubscribeRole {
     hub: Arc<Hub>,
     limits: Limits,
     slow_consumer: SlowConsumer,
-    /// `--accept-publish`: the PUBLISH pool subscribers' frames go through.
-    publisher: Option<Publisher>,
-    /// With `--accept-publish`: each subscriber's publish window is made from this.
+    /// `--accept-publish`: the PUBLISH pool subscribers' frames (and POSTs) go through, each
+    /// subscriber's publish window made from it.
     windows: Option<Arc<publish::Windows>>,
     /// `POST /down/PATH`'s connection: its PUBLISH and the presence read.
     downlink: fred::clients::Client,
@@ -130,16 +129,13 @@ impl SubscribeRole {
         // Not one of /healthz's checks: subscribers do not need it, and a POST /down it
         // cannot serve is answered 503 within --redis-timeout.
         let downlink = connect_reader(common)?;
-        let windows = publisher
-            .as_ref()
-            .map(|publisher| publish::Windows::new(publisher.clone(), common, metrics));
+        let windows = publisher.map(|publisher| publish::Windows::new(publisher, common, metrics));
         Ok(SubscribeRole {
             windows,
             presence,
             hub,
             limits,
             slow_consumer,
-            publisher,
             downlink,
             health,
         })
@@ -151,7 +147,7 @@ impl Role for SubscribeRole {
     const GRANT: Grant = Grant::Subscribe;
 
     fn publishes(&self) -> bool {
-        self.publisher.is_some()
+        self.windows.is_some()
     }
 
     async fn publish_once(
@@ -159,8 +155,8 @@ impl Role for SubscribeRole {
         channel: ChannelName,
         body: Bytes,
     ) -> Result<i64, String> {
-        match &relay.role.publisher {
-            Some(publisher) => publish::post(relay, publisher, channel, body).await,
+        match &relay.role.windows {
+            Some(windows) => windows.post(channel, body).await,
             None => Err("this server does not publish (--accept-publish is off)".into()),
         }
     }
@@ -308,7 +304,7 @@ impl Role for SubscribeRole {
         // With --accept-publish, what a subscriber sends is published only when its token
         // allows it; otherwise its first data frame closes it with 1008 (never dropped
         // unseen).
-        settings.refuse_data = role.publisher.is_some() && !connection.may_publish;
+        settings.refuse_data = role.windows.is_some() && !connection.may_publish;
         let inbound = role
             .windows
             .as_ref()
