@@ -481,16 +481,11 @@ async fn ping_loop<C>(
             // fred does not apply `options.timeout` to every command on every kind of
             // connection (a PING on a subscriber waiting on a deaf Redis was seen to hang),
             // so the deadline is enforced here too.
-            let with_options = client.with_options(&options);
             match probe {
                 Probe::Ping if sharded() => ping_every_primary(&client, &options, timeout).await,
-                Probe::Ping => {
-                    match tokio::time::timeout(timeout, with_options.ping::<Value>(None)).await {
-                        Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
-                        Err(_) => Err(format!("no answer to PING within {timeout:?}")),
-                    }
-                }
+                Probe::Ping => ping_within(&client, &options, timeout).await,
                 Probe::Role => {
+                    let with_options = client.with_options(&options);
                     let role =
                         with_options.custom::<Value, _>(fred::cmd!("ROLE"), Vec::<Value>::new());
                     match tokio::time::timeout(timeout, role).await {
@@ -598,6 +593,18 @@ fn replica_reason<C: ClientLike>(role: &Value, client: &C) -> String {
     )
 }
 
+/// One PING with `options`, answered within `timeout`.
+async fn ping_within<C: ClientLike>(
+    client: &C,
+    options: &Options,
+    timeout: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, client.with_options(options).ping::<Value>(None)).await {
+        Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+    }
+}
+
 /// PING every primary of `client`'s cluster routing table, each on its own connection: `Ok`
 /// when all answer, else the first that did not, named. When one fails, the routing table is
 /// read again (CLUSTER SLOTS), so a failed-over shard is judged on its new primary next time.
@@ -621,14 +628,9 @@ where
             cluster_node: Some(node.clone()),
             ..options.clone()
         };
-        let answer =
-            match tokio::time::timeout(timeout, client.with_options(&options).ping::<Value>(None))
-                .await
-            {
-                Ok(answer) => answer.map(drop).map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer to PING within {timeout:?}")),
-            };
-        answer.map_err(|reason| format!("cluster node {node}: {reason}"))
+        ping_within(client, &options, timeout)
+            .await
+            .map_err(|reason| format!("cluster node {node}: {reason}"))
     });
     let answer = futures_util::future::join_all(pings)
         .await
