@@ -90,6 +90,7 @@ use crate::server::history::{self, StreamId};
 use crate::server::metrics::{DropReason, Metrics};
 use crate::server::status::ChannelCount;
 use crate::server::write::outbox::{Outbox, Pushed};
+use crate::server::write::pages;
 use crate::server::write::socket::EncodedFrame;
 
 /// What a client listens to: one channel, or a pattern of channels (SPEC §9).
@@ -570,6 +571,10 @@ impl Hub {
             let binary = (!entry.binary.is_empty()).then(|| entry.binary.clone());
             (entry.raw.clone(), json, binary, floors)
         };
+        // A large payload to many sockets goes from a memory file, whose pages each session's
+        // send takes instead of copying the payload again: raw and binary clients share it.
+        let readers = raw.len() + binary.as_ref().map_or(0, |binary| binary.len());
+        let frame = pages::share_frame(frame, readers);
         let mut reached = 0;
         if !raw.is_empty() {
             reached += self
@@ -586,6 +591,7 @@ impl Hub {
         }
         if let Some(json) = json {
             let envelope = envelope::envelope(&channel.to_bytes(), id, &frame);
+            let envelope = pages::share_frame(envelope, json.len());
             reached += self
                 .fan_out_to(
                     &json,
@@ -1714,6 +1720,37 @@ mod tests {
         assert!(subscribed.is_empty());
         assert_eq!(dirty(&hub), vec![topic("t")]);
         assert!(!hub.wait_active(&topic("t"), patience).await);
+    }
+
+    /// A large message to enough raw and binary clients goes out from one shared memory file
+    /// (their frames carry the shared payload); to fewer, from memory.
+    #[tokio::test]
+    async fn a_large_message_to_many_clients_shares_a_memory_file() {
+        let hub = Hub::new(Metrics::new(), None);
+        let t = topic("t");
+        let channel = ChannelName::from_redis(Bytes::from_static(b"t"));
+        let mut members = Vec::new();
+        let mut outboxes = Vec::new();
+        for n in 0..pages::MIN_READERS {
+            let outbox = outbox();
+            let format = if n == 0 { Format::Binary } else { Format::Raw };
+            members.push(hub.join(t.clone(), format, outbox.clone(), false));
+            outboxes.push(outbox);
+            let large = Message::binary(vec![n as u8; pages::MIN_BYTES]);
+            hub.deliver(&t, &channel, None, large, false, None, false)
+                .await;
+        }
+        for (n, outbox) in outboxes.iter().enumerate() {
+            let mut frames = std::collections::VecDeque::new();
+            outbox.take_now(&mut frames);
+            let last = frames.pop_back().expect("a frame").into_data();
+            assert_eq!(last.len(), pages::MIN_BYTES);
+            // Only the last message went to as many clients as a file needs.
+            assert!(pages::file_of(&last).is_some(), "client {n}, last message");
+            for earlier in frames {
+                assert!(pages::file_of(&earlier.into_data()).is_none(), "client {n}");
+            }
+        }
     }
 
     /// A client waiting for its topic is woken by the activation, not by its patience.

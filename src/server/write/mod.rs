@@ -2,8 +2,9 @@
 //!
 //! Owns: the per-client bounded queue and the slow-consumer judgement ([`outbox`]), the
 //! client's `TcpStream` shared between its session and the hub, with the tail of a partly
-//! written frame and frames encoded once ([`socket`]), and the one limit they share
-//! ([`socket::WRITE_BUFFER`]). The direct write (the hub writing a frame straight into an idle
+//! written frame and frames encoded once ([`socket`]), the one limit they share
+//! ([`socket::WRITE_BUFFER`]), and the memory files a large payload to many sockets is sent
+//! from without a copy per socket ([`pages`]). The direct write (the hub writing a frame straight into an idle
 //! subscriber's socket, counted in `lightrelay_direct_writes_total`) lives here and nowhere
 //! else: it spares a task wake-up and poll per delivery, 27% of the server's CPU per delivery
 //! at 20 messages/s to 1,000 subscribers (`bin/bench --only latency`: 132,159 deliveries per
@@ -23,4 +24,5 @@
 //! Must not: await, block on a socket, or know about channels or Redis.
 
 pub(crate) mod outbox;
+pub(crate) mod pages;
 pub(crate) mod socket;

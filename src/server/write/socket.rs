@@ -19,11 +19,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::Message;
+
+use super::pages;
 
 /// The one write-path limit: tungstenite gathers queued frames up to this many bytes before a
 /// write (`http::ws_config`), the hub writes frames up to this size straight into idle
@@ -41,14 +43,31 @@ struct Inner {
 }
 
 /// Bytes to send before anything else: a frame's header (or a partly sent frame) and the
-/// payload that follows it, each shared, never copied.
+/// payload that follows it, each shared, never copied. With `file`, the payload's sealed
+/// memory file ([`super::pages`]): the body is sent from it, at the body's offset in the
+/// payload, so the kernel takes the file's pages instead of copying the body.
 #[derive(Debug)]
 struct Tail {
     head: Bytes,
     body: Bytes,
+    file: Option<PayloadFile>,
+}
+
+/// A payload's file and the payload's length, which the file holds exactly.
+#[derive(Debug)]
+struct PayloadFile {
+    fd: Arc<pages::PageFile>,
+    len: usize,
 }
 
 impl Tail {
+    /// Where the unsent body starts in the payload's file.
+    fn file_offset(&self) -> u64 {
+        self.file
+            .as_ref()
+            .map_or(0, |file| (file.len - self.body.len()) as u64)
+    }
+
     fn advance(&mut self, n: usize) {
         let from_head = n.min(self.head.len());
         self.head.advance(from_head);
@@ -74,6 +93,12 @@ pub const SEND_BUFFER: usize = 64 * 1024;
 const SEND_FLAGS: std::ffi::c_int = libc::MSG_NOSIGNAL;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const SEND_FLAGS: std::ffi::c_int = 0;
+
+/// More of the frame follows at once: the kernel holds a header back for its body.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const MORE_FLAG: std::ffi::c_int = libc::MSG_MORE;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const MORE_FLAG: std::ffi::c_int = 0;
 
 impl Socket {
     pub fn new(stream: TcpStream) -> Self {
@@ -105,6 +130,7 @@ impl Socket {
         *self.tail() = Some(Tail {
             head: frame.rest(n),
             body: Bytes::new(),
+            file: None,
         });
         Ok(false)
     }
@@ -116,9 +142,14 @@ impl Socket {
         let Some((head, body)) = data_frame(message) else {
             return false;
         };
+        let file = pages::file_of(&body).map(|fd| PayloadFile {
+            fd,
+            len: body.len(),
+        });
         *self.tail() = Some(Tail {
             head: Bytes::from(head),
             body,
+            file,
         });
         true
     }
@@ -138,12 +169,27 @@ impl Socket {
     pub fn poll_write_tail(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut tail = self.tail();
         while let Some(rest) = tail.as_mut() {
-            let written = if rest.head.is_empty() {
-                ready!(self.poll_write_some(cx, &rest.body))
-            } else if rest.body.is_empty() {
-                ready!(self.poll_write_some(cx, &rest.head))
-            } else {
-                ready!(self.poll_write_two(cx, &rest.head, &rest.body))
+            let written = match &rest.file {
+                // The header alone, held back for the body (`MSG_MORE`): no segment of its own.
+                Some(_) if !rest.head.is_empty() => {
+                    ready!(self.poll_send(cx, &rest.head, SEND_FLAGS | MORE_FLAG))
+                }
+                Some(file) => {
+                    let offset = rest.file_offset();
+                    match ready!(self.poll_send_file(cx, &file.fd, offset, rest.body.len())) {
+                        Err(error) if error.kind() != io::ErrorKind::WriteZero => {
+                            // A file the kernel will not send from: the body goes from memory,
+                            // and the socket's own error, if that is what it was, comes again.
+                            tracing::debug!(%error, "sendfile refused; the payload goes from memory");
+                            rest.file = None;
+                            continue;
+                        }
+                        result => result,
+                    }
+                }
+                None if rest.head.is_empty() => ready!(self.poll_write_some(cx, &rest.body)),
+                None if rest.body.is_empty() => ready!(self.poll_write_some(cx, &rest.head)),
+                None => ready!(self.poll_write_two(cx, &rest.head, &rest.body)),
             };
             match written {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -168,6 +214,53 @@ impl Socket {
         loop {
             ready!(self.0.stream.poll_write_ready(cx))?;
             match self.0.stream.try_write_vectored(&parts) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    /// `send(2)` `buf` with `flags` once the socket can take some of it; returns how much it
+    /// took.
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        flags: std::ffi::c_int,
+    ) -> Poll<io::Result<usize>> {
+        let stream = &self.0.stream;
+        loop {
+            ready!(stream.poll_write_ready(cx))?;
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                socket2::SockRef::from(stream).send_with_flags(buf, flags)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    /// `sendfile(2)` up to `len` bytes of `file` from `offset` once the socket can take some;
+    /// returns how much it took (0 only if the file is shorter than it should be).
+    fn poll_send_file(
+        &self,
+        cx: &mut Context<'_>,
+        file: &pages::PageFile,
+        offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        let stream = &self.0.stream;
+        loop {
+            ready!(stream.poll_write_ready(cx))?;
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                let mut at = offset;
+                match rustix::fs::sendfile(stream, file, Some(&mut at), len) {
+                    Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                    result => result.map_err(io::Error::from),
+                }
+            });
+            match sent {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 result => return Poll::Ready(result),
             }
@@ -364,6 +457,36 @@ mod tests {
         assert!(socket.has_tail());
         assert!(!socket.set_tail_frame(&Message::Ping(Bytes::new())));
         tail_goes_before_a_later_write(&mut peer, &socket, expected.as_bytes()).await;
+    }
+
+    /// A payload shared into a memory file goes out from the file (the tail says so), byte
+    /// for byte as from memory, text and binary, before any later write; and the file
+    /// outlives every other handle on the payload for as long as the tail needs it.
+    #[tokio::test]
+    async fn a_shared_payload_goes_out_from_its_file_whole_before_later_writes() {
+        let (mut peer, socket) = loopback().await;
+        let bytes: Vec<u8> = (0..(4 << 20) + 3).map(|i| (i % 253) as u8).collect();
+        let text = "é".repeat(300_000);
+        for message in [Message::binary(bytes), Message::text(text)] {
+            let expected = EncodedFrame::of(&message).unwrap();
+            let shared = pages::share_frame(message, pages::MIN_READERS);
+            assert!(socket.set_tail_frame(&shared));
+            assert!(
+                socket
+                    .tail()
+                    .as_ref()
+                    .is_some_and(|tail| tail.file.is_some()),
+                "the tail does not send from the payload's file"
+            );
+            drop(shared);
+            tail_goes_before_a_later_write(&mut peer, &socket, expected.as_bytes()).await;
+        }
+        // A payload nobody shared is sent from memory.
+        assert!(socket.set_tail_frame(&Message::binary(vec![1u8; 1 << 20])));
+        assert!(socket
+            .tail()
+            .as_ref()
+            .is_some_and(|tail| tail.file.is_none()));
     }
 
     /// A frame the socket took only in part is finished before any later write, and a flush
