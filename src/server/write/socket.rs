@@ -177,14 +177,15 @@ impl Socket {
                 Some(file) => {
                     let offset = rest.file_offset();
                     match ready!(self.poll_send_file(cx, &file.fd, offset, rest.body.len())) {
-                        Err(error) if error.kind() != io::ErrorKind::WriteZero => {
-                            // A file the kernel will not send from: the body goes from memory,
-                            // and the socket's own error, if that is what it was, comes again.
+                        Err(error) => {
+                            // A file the kernel will not send from (or shorter than its
+                            // payload): the body goes from memory, and the socket's own error,
+                            // if that is what it was, comes again there.
                             tracing::debug!(%error, "sendfile refused; the payload goes from memory");
                             rest.file = None;
                             continue;
                         }
-                        result => result,
+                        sent => sent,
                     }
                 }
                 None if rest.head.is_empty() => ready!(self.poll_write_some(cx, &rest.body)),
@@ -242,7 +243,7 @@ impl Socket {
     }
 
     /// `sendfile(2)` up to `len` bytes of `file` from `offset` once the socket can take some;
-    /// returns how much it took (0 only if the file is shorter than it should be).
+    /// returns how much it took, never 0 (a file that ends early is a `WriteZero` error).
     fn poll_send_file(
         &self,
         cx: &mut Context<'_>,
