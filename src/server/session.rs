@@ -966,6 +966,43 @@ mod tests {
     const IDLE: Duration = Duration::from_secs(30);
     const HANDSHAKE: Duration = Duration::from_secs(5);
 
+    /// A small message kept for Redis no longer holds tungstenite's read buffer, which can
+    /// then be reused in place for the next frames; a large one is kept as it is (its frame
+    /// had a buffer of its own).
+    #[test]
+    fn a_small_message_kept_for_redis_leaves_the_read_buffer_free() {
+        // tungstenite's buffer after a read: a payload split off the front, the rest behind.
+        let mut read = BytesMut::with_capacity(256);
+        read.extend_from_slice(&[7; 250]);
+        let mut arena = BytesMut::new();
+        let mut kept = Vec::new();
+        for _ in 0..2 {
+            let payload = read.split_to(100).freeze();
+            kept.push(own(payload.clone(), &mut arena));
+            assert_eq!(kept.last(), Some(&payload));
+        }
+        // The next frame's header says 100 bytes: its 50 read so far move to the front.
+        assert!(
+            read.try_reclaim(100),
+            "the read buffer is shared with no payload: reused without an allocation"
+        );
+        let second = own(Bytes::from_static(&[1; 40]), &mut arena);
+        assert_eq!(&second[..], &[1; 40]);
+        assert_eq!(
+            &kept[1][..],
+            &[7; 100],
+            "the arena's earlier messages are intact"
+        );
+
+        let large = Bytes::from(vec![3; SMALL_MESSAGE + 1]);
+        let ptr = large.as_ptr();
+        assert_eq!(
+            own(large, &mut arena).as_ptr(),
+            ptr,
+            "a large message is not copied"
+        );
+    }
+
     fn settings(ping_interval: Duration) -> SessionSettings {
         SessionSettings {
             ping_interval,
