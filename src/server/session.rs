@@ -1,7 +1,9 @@
 //! One WebSocket client's life, on either server: read, write, keep alive, close (SPEC §3–5).
 //!
 //! Owns: the connection's single task, in phases ([`Phase`]): *open* (it reads frames, handing
-//! them to its [`Inbound`]: the publish side's window, or `None`: discarded; under
+//! them to its [`Inbound`]: the publish side's window, or `None`: discarded; small ones copied
+//! out of tungstenite's read buffer first, see [`SMALL_MESSAGE`]; at each ping the window may
+//! let go of what only a busy client needs; under
 //! `--max-publish-rate` its [`Throttle`] says when it may read again; pings every
 //! `--ping-interval`; closes a peer silent for `--idle-timeout`, or one that began a message and
 //! did not finish it within `--handshake-timeout`, and keeps all unfinished messages of the
