@@ -604,9 +604,11 @@ impl Windows {
     }
 }
 
-/// A client's publish window, made when its first message comes and dropped once all it
-/// took has completed (or failed): an idle publisher holds none (the box, its queues and its
-/// channel's name as fred wants it, ~400 bytes). A window made again later uses the same
+/// A client's publish window, made when its first message comes and dropped at the first ping
+/// that finds all it took completed (or failed): an idle publisher holds none (the box, its
+/// queues and its channel's name as fred wants it, ~400 bytes), and a bursty one does not
+/// make and drop a window (its channel's name, ids channel and slot computed again, its
+/// queues grown again) per burst. A window made again later uses the same
 /// connection as the one before ([`Publisher::client_for`]), so order holds across them.
 pub(crate) struct OnDemand {
     windows: Arc<Windows>,
@@ -627,12 +629,6 @@ impl OnDemand {
                 windows.metrics.clone(),
             ))
         })
-    }
-
-    fn release_if_idle(&mut self) {
-        if self.window.as_ref().is_some_and(|w| w.is_idle()) {
-            self.window = None;
-        }
     }
 }
 
@@ -659,11 +655,7 @@ impl Inbound for OnDemand {
         let Some(window) = &mut self.window else {
             return Poll::Pending;
         };
-        let next = window.poll_next(cx).map_err(|e| e.to_string());
-        if next.is_ready() {
-            self.release_if_idle();
-        }
-        next
+        window.poll_next(cx).map_err(|e| e.to_string())
     }
     fn deadline(&self) -> Option<Instant> {
         self.window.as_ref().and_then(|w| w.deadline())
@@ -672,6 +664,11 @@ impl Inbound for OnDemand {
         let why = self.window().time_out().to_string();
         self.release_if_idle();
         why
+    }
+    fn release_if_idle(&mut self) {
+        if self.window.as_ref().is_some_and(|w| w.is_idle()) {
+            self.window = None;
+        }
     }
 }
 

@@ -727,7 +727,7 @@ super::write_through!(RequestLineGuard, stream);
 
 /// tungstenite's read buffer, and the most it asks for per read: 256 bytes hold any control
 /// frame a client sends (at most 131 bytes with its mask), or two small messages.
-const READ_BUFFER: usize = 256;
+pub(crate) const READ_BUFFER: usize = 256;
 
 /// Buffer sizes, chosen on purpose: tungstenite's defaults (128 KiB to read, 128 KiB before a
 /// write) would cost 100+ KiB per idle connection. tungstenite keeps its read buffer for the

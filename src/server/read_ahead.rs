@@ -5,15 +5,16 @@
 //! tungstenite asks for at most its `read_buffer_size` per read (it also keeps a buffer of that
 //! size for as long as the connection lives), so a small size keeps idle connections small
 //! (SPEC §7) but would cost a syscall per small message. Here one read takes up to
-//! [`BURST`] bytes into a per-thread scratch buffer; what tungstenite did not take is kept
-//! in a buffer of exactly its size, handed out on the next reads, and freed once drained.
+//! [`BURST`] bytes into a per-thread scratch buffer; when tungstenite did not take it all, the
+//! buffer itself (not a copy of its rest) is kept by the stream, handed out on the next
+//! reads, and given back to the thread (or freed) once drained.
 //! Bytes a client sent behind its upgrade request (read by hyper) start there too.
 //! Must not: change, drop or reorder a byte, or interpret frames ([`super::frames`] does).
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -23,8 +24,10 @@ use tokio::io::{AsyncRead, ReadBuf};
 pub(crate) const BURST: usize = 16 * 1024;
 
 thread_local! {
-    /// Where each read lands first; a thread serves one poll at a time.
-    static SCRATCH: RefCell<Box<[u8; BURST]>> = RefCell::new(Box::new([0; BURST]));
+    /// Where each read lands first; a thread serves one poll at a time. A read that brings
+    /// more than tungstenite takes moves this buffer into the stream's [`ReadAhead`] (no
+    /// copy), which gives it back once drained; the next read meanwhile allocates another.
+    static SCRATCH: Cell<Option<Box<[u8; BURST]>>> = const { Cell::new(None) };
 }
 
 /// A client's stream with what was read ahead of its reader.
@@ -32,33 +35,75 @@ thread_local! {
 pub(crate) struct ReadAhead<S> {
     io: S,
     /// Read from the socket, not yet handed on; holds no allocation while empty.
-    ahead: BytesMut,
+    ahead: Ahead,
+}
+
+/// Bytes read ahead: hyper's (behind the upgrade request) or a burst's rest.
+#[derive(Debug)]
+enum Ahead {
+    Empty,
+    /// What hyper read behind the request.
+    Copied(BytesMut),
+    /// A burst's buffer and where its unread part starts and ends.
+    Burst(Box<[u8; BURST]>, usize, usize),
 }
 
 impl<S> ReadAhead<S> {
     /// A stream whose first bytes, `read`, were read before (by hyper, behind the request).
     pub fn after(io: S, read: &[u8]) -> Self {
-        ReadAhead {
-            io,
-            ahead: BytesMut::from(read),
-        }
+        let ahead = if read.is_empty() {
+            Ahead::Empty
+        } else {
+            Ahead::Copied(BytesMut::from(read))
+        };
+        ReadAhead { io, ahead }
     }
 
     /// Bytes read and not yet handed on (tests).
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.ahead.capacity()
-    }
-
-    /// Hand on what was read ahead, as much as `buf` takes; the buffer is freed once empty.
-    fn hand_on(&mut self, buf: &mut ReadBuf<'_>) {
-        let n = self.ahead.len().min(buf.remaining());
-        buf.put_slice(&self.ahead[..n]);
-        self.ahead.advance(n);
-        if self.ahead.is_empty() {
-            self.ahead = BytesMut::new();
+        match &self.ahead {
+            Ahead::Empty => 0,
+            Ahead::Copied(bytes) => bytes.capacity(),
+            Ahead::Burst(buffer, _, _) => buffer.len(),
         }
     }
+
+    /// Hand on what was read ahead, as much as `buf` takes; the buffer is freed (or given
+    /// back to the thread) once empty.
+    fn hand_on(&mut self, buf: &mut ReadBuf<'_>) {
+        match &mut self.ahead {
+            Ahead::Empty => {}
+            Ahead::Copied(bytes) => {
+                let n = bytes.len().min(buf.remaining());
+                buf.put_slice(&bytes[..n]);
+                bytes.advance(n);
+                if bytes.is_empty() {
+                    self.ahead = Ahead::Empty;
+                }
+            }
+            Ahead::Burst(buffer, start, end) => {
+                let n = (*end - *start).min(buf.remaining());
+                buf.put_slice(&buffer[*start..*start + n]);
+                *start += n;
+                if start == end {
+                    if let Ahead::Burst(buffer, _, _) =
+                        std::mem::replace(&mut self.ahead, Ahead::Empty)
+                    {
+                        give_back(buffer);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A drained burst buffer goes back to the thread's scratch slot if that is empty.
+fn give_back(buffer: Box<[u8; BURST]>) {
+    SCRATCH.with(|slot| {
+        let kept = slot.take();
+        slot.set(Some(kept.unwrap_or(buffer)));
+    });
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
@@ -68,25 +113,31 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.ahead.is_empty() || buf.remaining() == 0 {
+        if !matches!(this.ahead, Ahead::Empty) || buf.remaining() == 0 {
             this.hand_on(buf);
             return Poll::Ready(Ok(()));
         }
         if buf.remaining() >= BURST {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let mut burst = ReadBuf::new(&mut scratch[..]);
-            ready!(Pin::new(&mut this.io).poll_read(cx, &mut burst))?;
-            let read = burst.filled();
-            let n = read.len().min(buf.remaining());
-            buf.put_slice(&read[..n]);
-            if n < read.len() {
-                this.ahead = BytesMut::from(&read[n..]);
-            }
-            Poll::Ready(Ok(()))
-        })
+        let mut scratch = SCRATCH
+            .with(Cell::take)
+            .unwrap_or_else(|| Box::new([0; BURST]));
+        let mut burst = ReadBuf::new(&mut scratch[..]);
+        let polled = Pin::new(&mut this.io).poll_read(cx, &mut burst);
+        let read = burst.filled().len();
+        if !matches!(polled, Poll::Ready(Ok(()))) {
+            give_back(scratch);
+            return polled;
+        }
+        let n = read.min(buf.remaining());
+        buf.put_slice(&scratch[..n]);
+        if n < read {
+            this.ahead = Ahead::Burst(scratch, n, read);
+        } else {
+            give_back(scratch);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

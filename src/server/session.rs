@@ -1,7 +1,9 @@
 //! One WebSocket client's life, on either server: read, write, keep alive, close (SPEC §3–5).
 //!
 //! Owns: the connection's single task, in phases ([`Phase`]): *open* (it reads frames, handing
-//! them to its [`Inbound`]: the publish side's window, or `None`: discarded; under
+//! them to its [`Inbound`]: the publish side's window, or `None`: discarded; small ones copied
+//! out of tungstenite's read buffer first, see [`SMALL_MESSAGE`]; at each ping the window may
+//! let go of what only a busy client needs; under
 //! `--max-publish-rate` its [`Throttle`] says when it may read again; pings every
 //! `--ping-interval`; closes a peer silent for `--idle-timeout`, or one that began a message and
 //! did not finish it within `--handshake-timeout`, and keeps all unfinished messages of the
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
@@ -196,6 +198,8 @@ pub(crate) trait Inbound {
     fn deadline(&self) -> Option<Instant>;
     /// Give up on everything waiting; the reason of the 1013.
     fn time_out(&mut self) -> String;
+    /// Free what only a busy client needs, if nothing is waiting (called at each ping).
+    fn release_if_idle(&mut self);
 }
 
 /// `Some(window)` publishes, `None` discards: one session type for a subscribe server with or
@@ -228,6 +232,11 @@ impl<I: Inbound> Inbound for Option<I> {
     }
     fn time_out(&mut self) -> String {
         self.as_mut().map(I::time_out).unwrap_or_default()
+    }
+    fn release_if_idle(&mut self) {
+        if let Some(inbound) = self {
+            inbound.release_if_idle();
+        }
     }
 }
 
@@ -357,6 +366,33 @@ pub(crate) const UNFINISHED_BUDGET: usize = 64 << 20;
 /// much, and a publisher's reads end mid-frame all the time (no shared counter to touch).
 const UNFINISHED_FROM: usize = 16 << 10;
 
+/// Messages up to this size are copied out of tungstenite's read buffer into one arena per
+/// read before they are published. tungstenite's buffer is small ([`READ_BUFFER`], 256
+/// bytes, for idle connections' sake) and a payload it hands out still shares it: while the
+/// payload waits for Redis, tungstenite cannot reuse the buffer and allocates one exactly as
+/// large as the next frame (under 1 KiB, `bytes` keeps no larger size in mind), so it read
+/// one frame per read call and allocated twice (buffer, shared header) per message. Copied
+/// out, each payload is dropped at once, the buffer is reused in place, reads stay 256
+/// bytes, and one allocation serves a whole read's small messages.
+///
+/// [`READ_BUFFER`]: super::http::READ_BUFFER
+const SMALL_MESSAGE: usize = 1024;
+
+/// The arena's size: a read's small messages in one or a few allocations.
+const ARENA: usize = 8 * 1024;
+
+/// `payload` as the window keeps it: a small one copied into `arena` (see [`SMALL_MESSAGE`]).
+fn own(payload: Bytes, arena: &mut BytesMut) -> Bytes {
+    if payload.len() > SMALL_MESSAGE {
+        return payload;
+    }
+    if arena.capacity() - arena.len() < payload.len() {
+        *arena = BytesMut::with_capacity(ARENA);
+    }
+    arena.extend_from_slice(&payload);
+    arena.split().freeze()
+}
+
 /// How long, and how much, a failed connection is read after its close frame.
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 const DRAIN_BYTES: usize = 1 << 20;
@@ -444,6 +480,9 @@ where
                     continue;
                 }
                 if now >= open.next_ping {
+                    // A window kept since the last ping and idle now goes (an idle publisher
+                    // holds none); a busy publisher keeps one across its bursts.
+                    self.inbound.release_if_idle();
                     open.ping_due = true;
                     open.next_ping = now + self.settings.ping_interval;
                     progress = true;
@@ -729,6 +768,9 @@ where
 
     fn read_frames(&mut self, cx: &mut Context<'_>) -> Result<bool, Ending> {
         let mut progress = false;
+        // Where this read's small messages are copied to (see [`SMALL_MESSAGE`]); dropped at
+        // the end of the read, so a quiet connection holds none of it.
+        let mut arena = BytesMut::new();
         if self.read_idle {
             // Registers the task for the socket's readability, as the read did.
             let quiet = self
@@ -766,8 +808,8 @@ where
                 Message::Text(_) | Message::Binary(_) if self.settings.refuse_data => {
                     return Err(Ending::NotAllowed)
                 }
-                Message::Text(text) => self.accept(Bytes::from(text)),
-                Message::Binary(data) => self.accept(data),
+                Message::Text(text) => self.accept(own(Bytes::from(text), &mut arena)),
+                Message::Binary(data) => self.accept(own(data, &mut arena)),
                 Message::Close(_) => return Err(Ending::ClientClosed),
                 // tungstenite queued a pong: make sure a flush sends it.
                 Message::Ping(_) => self.unflushed = true,
@@ -926,6 +968,43 @@ mod tests {
     const IDLE: Duration = Duration::from_secs(30);
     const HANDSHAKE: Duration = Duration::from_secs(5);
 
+    /// A small message kept for Redis no longer holds tungstenite's read buffer, which can
+    /// then be reused in place for the next frames; a large one is kept as it is (its frame
+    /// had a buffer of its own).
+    #[test]
+    fn a_small_message_kept_for_redis_leaves_the_read_buffer_free() {
+        // tungstenite's buffer after a read: a payload split off the front, the rest behind.
+        let mut read = BytesMut::with_capacity(256);
+        read.extend_from_slice(&[7; 250]);
+        let mut arena = BytesMut::new();
+        let mut kept = Vec::new();
+        for _ in 0..2 {
+            let payload = read.split_to(100).freeze();
+            kept.push(own(payload.clone(), &mut arena));
+            assert_eq!(kept.last(), Some(&payload));
+        }
+        // The next frame's header says 100 bytes: its 50 read so far move to the front.
+        assert!(
+            read.try_reclaim(100),
+            "the read buffer is shared with no payload: reused without an allocation"
+        );
+        let second = own(Bytes::from_static(&[1; 40]), &mut arena);
+        assert_eq!(&second[..], &[1; 40]);
+        assert_eq!(
+            &kept[1][..],
+            &[7; 100],
+            "the arena's earlier messages are intact"
+        );
+
+        let large = Bytes::from(vec![3; SMALL_MESSAGE + 1]);
+        let ptr = large.as_ptr();
+        assert_eq!(
+            own(large, &mut arena).as_ptr(),
+            ptr,
+            "a large message is not copied"
+        );
+    }
+
     fn settings(ping_interval: Duration) -> SessionSettings {
         SessionSettings {
             ping_interval,
@@ -1075,6 +1154,7 @@ mod tests {
         fn time_out(&mut self) -> String {
             "redis stalled".into()
         }
+        fn release_if_idle(&mut self) {}
     }
 
     /// Once the open phase ended (idle timeout), only the publishes' deadline is left: the
