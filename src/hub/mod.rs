@@ -1246,18 +1246,10 @@ impl Hub {
                 }
                 next_check = Instant::now() + OWNERS_CHECK;
             }
-            let work: Vec<(Topic, bool)> = {
-                let mut state = self.lock();
-                let dirty: Vec<Topic> = state.dirty.drain().collect();
-                dirty
-                    .into_iter()
-                    .map(|t| {
-                        let wanted = state.topics.contains_key(&t);
-                        (t, wanted)
-                    })
-                    .filter(|(t, wanted)| *wanted != subscribed.contains(t))
-                    .collect()
-            };
+            let (work, still) = self.plan(&subscribed);
+            if !still.is_empty() && self.history.is_some() {
+                let _ = self.requests.send(Request::Activated(still)).await;
+            }
             if work.is_empty() {
                 self.metrics.channels.set(subscribed.len() as i64);
                 recovery.done(&self.metrics, self.history.is_some());
@@ -1363,6 +1355,35 @@ impl Hub {
             }
             self.metrics.channels.set(subscribed.len() as i64);
         }
+    }
+
+    /// What the reconciler must do for the dirty topics: each to (un)subscribe, with whether
+    /// it is wanted. A topic left and joined again before the reconciler saw it is wanted and
+    /// still subscribed (no UNSUBSCRIBE was sent): it needs no command, but its entry is new
+    /// and inactive, so it is activated here and returned second, or its clients would wait
+    /// for an activation no command would bring (seen in CI: a handshake hung for 10 s).
+    fn plan(&self, subscribed: &HashSet<Topic>) -> (Vec<(Topic, bool)>, Vec<Topic>) {
+        let mut work = Vec::new();
+        let mut still = Vec::new();
+        let mut state = self.lock();
+        let dirty: Vec<Topic> = state.dirty.drain().collect();
+        for topic in dirty {
+            let entry = state.topics.get_mut(&topic);
+            let wanted = entry.is_some();
+            match entry {
+                Some(entry) if subscribed.contains(&topic) && !entry.active => {
+                    entry.active = true;
+                    still.push(topic);
+                }
+                _ if wanted != subscribed.contains(&topic) => work.push((topic, wanted)),
+                _ => {}
+            }
+        }
+        drop(state);
+        if !still.is_empty() {
+            self.activated.notify_waiters();
+        }
+        (work, still)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -1751,6 +1772,32 @@ mod tests {
                 assert!(pages::file_of(&earlier.into_data()).is_none(), "client {n}");
             }
         }
+    }
+
+    /// A topic left and joined again before the reconciler ran is still subscribed in Redis:
+    /// no command is due, and the new client is let in at once, not left waiting for an
+    /// activation that no command would bring.
+    #[tokio::test]
+    async fn a_topic_left_and_joined_again_before_the_reconciler_ran_is_active_at_once() {
+        let hub = Hub::new(Metrics::new(), None);
+        let first = hub.join(topic("t"), Format::Raw, outbox(), false);
+        let (work, _) = hub.plan(&HashSet::new());
+        assert_eq!(work, vec![(topic("t"), true)]);
+        hub.activate(&[topic("t")]);
+        let subscribed = HashSet::from([topic("t")]);
+
+        drop(first);
+        let _again = hub.join(topic("t"), Format::Raw, outbox(), false);
+        let (work, still) = hub.plan(&subscribed);
+        assert!(
+            work.is_empty(),
+            "nothing to send: it was never unsubscribed"
+        );
+        assert_eq!(still, vec![topic("t")]);
+        assert!(
+            hub.wait_active(&topic("t"), Duration::from_millis(20))
+                .await
+        );
     }
 
     /// A client waiting for its topic is woken by the activation, not by its patience.
