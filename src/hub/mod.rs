@@ -1247,8 +1247,8 @@ impl Hub {
                 next_check = Instant::now() + OWNERS_CHECK;
             }
             let (work, still) = self.plan(&subscribed);
-            if !still.is_empty() && self.history.is_some() {
-                let _ = self.requests.send(Request::Activated(still)).await;
+            if !still.is_empty() {
+                self.confirmed(still).await;
             }
             if work.is_empty() {
                 self.metrics.channels.set(subscribed.len() as i64);
@@ -1329,13 +1329,7 @@ impl Hub {
                     match result {
                         Ok(()) => {
                             if subscribe {
-                                self.activate(&topics);
-                                if self.history.is_some() {
-                                    let _ = self
-                                        .requests
-                                        .send(Request::Activated(topics.clone()))
-                                        .await;
-                                }
+                                self.confirmed(topics.clone()).await;
                             }
                             for t in topics {
                                 if subscribe {
@@ -1358,32 +1352,36 @@ impl Hub {
     }
 
     /// What the reconciler must do for the dirty topics: each to (un)subscribe, with whether
-    /// it is wanted. A topic left and joined again before the reconciler saw it is wanted and
-    /// still subscribed (no UNSUBSCRIBE was sent): it needs no command, but its entry is new
-    /// and inactive, so it is activated here and returned second, or its clients would wait
-    /// for an activation no command would bring (seen in CI: a handshake hung for 10 s).
+    /// it is wanted; and, second, those still subscribed whose entry is inactive. A topic left
+    /// and joined again before the reconciler saw it is wanted and still subscribed (no
+    /// UNSUBSCRIBE was sent): it needs no command, but its entry is new, and its clients would
+    /// wait for an activation no command would bring (seen in CI: a handshake hung for 10 s).
     fn plan(&self, subscribed: &HashSet<Topic>) -> (Vec<(Topic, bool)>, Vec<Topic>) {
         let mut work = Vec::new();
         let mut still = Vec::new();
         let mut state = self.lock();
         let dirty: Vec<Topic> = state.dirty.drain().collect();
         for topic in dirty {
-            let entry = state.topics.get_mut(&topic);
-            let wanted = entry.is_some();
-            match entry {
-                Some(entry) if subscribed.contains(&topic) && !entry.active => {
-                    entry.active = true;
-                    still.push(topic);
-                }
-                _ if wanted != subscribed.contains(&topic) => work.push((topic, wanted)),
+            let (wanted, active) = state
+                .topics
+                .get(&topic)
+                .map_or((false, false), |entry| (true, entry.active));
+            match (wanted, subscribed.contains(&topic)) {
+                (true, true) if !active => still.push(topic),
+                (wanted, subscribed) if wanted != subscribed => work.push((topic, wanted)),
                 _ => {}
             }
         }
-        drop(state);
-        if !still.is_empty() {
-            self.activated.notify_waiters();
-        }
         (work, still)
+    }
+
+    /// Redis has `topics` subscribed: wake their waiting clients and, with history, have the
+    /// reader note where each stream stands (or resume it after a loss).
+    async fn confirmed(&self, topics: Vec<Topic>) {
+        self.activate(&topics);
+        if self.history.is_some() {
+            let _ = self.requests.send(Request::Activated(topics)).await;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -1794,6 +1792,7 @@ mod tests {
             "nothing to send: it was never unsubscribed"
         );
         assert_eq!(still, vec![topic("t")]);
+        hub.confirmed(still).await;
         assert!(
             hub.wait_active(&topic("t"), Duration::from_millis(20))
                 .await
