@@ -188,8 +188,8 @@ impl Socket {
                         sent => sent,
                     }
                 }
-                None if rest.head.is_empty() => ready!(self.poll_write_some(cx, &rest.body)),
-                None if rest.body.is_empty() => ready!(self.poll_write_some(cx, &rest.head)),
+                None if rest.head.is_empty() => ready!(self.poll_send(cx, &rest.body, SEND_FLAGS)),
+                None if rest.body.is_empty() => ready!(self.poll_send(cx, &rest.head, SEND_FLAGS)),
                 None => ready!(self.poll_write_two(cx, &rest.head, &rest.body)),
             };
             match written {
@@ -268,17 +268,6 @@ impl Socket {
         }
     }
 
-    /// Write `buf` once the socket can take some of it; returns how much it took.
-    fn poll_write_some(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.0.stream.poll_write_ready(cx))?;
-            match self.0.stream.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
-            }
-        }
-    }
-
     fn tail(&self) -> MutexGuard<'_, Option<Tail>> {
         // Every update under this lock is a single assignment or advance.
         crate::lock(&self.0.tail)
@@ -313,7 +302,7 @@ impl AsyncWrite for Socket {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         ready!(self.poll_write_tail(cx))?;
-        self.poll_write_some(cx, buf)
+        self.poll_send(cx, buf, SEND_FLAGS)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
