@@ -89,7 +89,7 @@ use crate::server::channel::ChannelName;
 use crate::server::history::{self, StreamId};
 use crate::server::metrics::{DropReason, Metrics};
 use crate::server::status::ChannelCount;
-use crate::server::write::outbox::{Outbox, Pushed};
+use crate::server::write::outbox::{DirectWrites, Outbox, Pushed};
 use crate::server::write::pages;
 use crate::server::write::socket::EncodedFrame;
 
@@ -1601,6 +1601,7 @@ impl std::ops::Add for Tally {
 }
 
 /// Push (or write, given `encoded`) `frame` to the subscribers whose key `mine` accepts.
+/// The direct writes go in batches, one system call each where the thread has a ring.
 fn fan_out(
     subscribers: &Slab<Arc<Outbox>>,
     frame: &Message,
@@ -1608,17 +1609,21 @@ fn fan_out(
     mine: impl Fn(usize) -> bool,
 ) -> Tally {
     let mut tally = Tally::default();
+    let mut count = |pushed| match pushed {
+        Pushed::Queued | Pushed::Closed => {}
+        Pushed::Written => tally.written += 1,
+        Pushed::Skipped(n) => tally.skipped += n as u64,
+        Pushed::Overflowed(n) => tally.discarded += n as u64 + 1,
+    };
+    let mut direct = encoded.map(|encoded| DirectWrites::new(frame, encoded));
     for (_, outbox) in subscribers.iter().filter(|(key, _)| mine(*key)) {
-        let pushed = match encoded {
-            Some(encoded) => outbox.push_or_write(frame, encoded),
-            None => outbox.push(frame.clone()),
-        };
-        match pushed {
-            Pushed::Queued | Pushed::Closed => {}
-            Pushed::Written => tally.written += 1,
-            Pushed::Skipped(n) => tally.skipped += n as u64,
-            Pushed::Overflowed(n) => tally.discarded += n as u64 + 1,
+        match direct.as_mut() {
+            Some(direct) => direct.push(outbox, &mut count),
+            None => count(outbox.push(frame.clone())),
         }
+    }
+    if let Some(direct) = direct.as_mut() {
+        direct.flush(&mut count);
     }
     tally
 }

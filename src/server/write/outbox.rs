@@ -22,6 +22,7 @@
 //! session takes.
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::task::Waker;
@@ -30,6 +31,7 @@ use std::time::{Duration, Instant};
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::batch;
 use super::socket::{EncodedFrame, Socket};
 use crate::server::config::SlowConsumer;
 
@@ -43,7 +45,7 @@ pub enum Pushed {
     Overflowed(usize),
     /// The outbox was already closed; the frame was not queued.
     Closed,
-    /// Written straight into the idle client's socket (see [`Outbox::push_or_write`]).
+    /// Written straight into the idle client's socket (see [`DirectWrites`]).
     Written,
 }
 
@@ -158,31 +160,25 @@ impl Outbox {
         }
     }
 
-    /// Write `frame` (whose wire form is `encoded`) into the client's socket if the session
-    /// lent it and nothing is queued; otherwise (or if the socket takes none of it) queue it
-    /// like [`Outbox::push`]. A partial write leaves its tail in the socket and wakes the
-    /// session to send it.
-    pub fn push_or_write(&self, frame: &Message, encoded: &EncodedFrame) -> Pushed {
-        let mut state = self.lock();
-        if let (true, Some(socket)) = (state.lent, self.socket.get()) {
-            // `lent` implies an empty queue and no tail: the frame goes out in order.
-            debug_assert!(
-                state.frames.is_empty() && !socket.has_tail(),
-                "a lent socket with frames queued or a tail"
-            );
-            match socket.try_write_frame(encoded) {
-                Ok(true) => return Pushed::Written,
-                Ok(false) => {
-                    state.lent = false;
-                    drop(state);
-                    self.waker.wake();
-                    return Pushed::Written;
-                }
-                // Full (or broken: the session finds out when it reads): queue it.
-                Err(_) => {}
+    /// The lent socket, held (this outbox locked) for one direct write of `frame`; if the
+    /// session did not lend it, `frame` is queued like [`Outbox::push`] instead.
+    fn hold_lent(&self, frame: &Message) -> Result<Lent<'_>, Pushed> {
+        let state = self.lock();
+        match (state.lent, self.socket.get()) {
+            (true, Some(socket)) => {
+                // `lent` implies an empty queue and no tail: the frame goes out in order.
+                debug_assert!(
+                    state.frames.is_empty() && !socket.has_tail(),
+                    "a lent socket with frames queued or a tail"
+                );
+                Ok(Lent {
+                    outbox: self,
+                    state,
+                    socket,
+                })
             }
+            _ => Err(self.push_locked(state, frame.clone())),
         }
-        self.push_locked(state, frame.clone())
     }
 
     /// The socket this outbox may write to directly, if any.
@@ -322,6 +318,100 @@ impl Outbox {
     }
 }
 
+/// A lent socket held for one direct write: its outbox stays locked (no session can take
+/// the socket back, no push can queue behind the write) until [`Lent::sent`].
+struct Lent<'a> {
+    outbox: &'a Outbox,
+    state: MutexGuard<'a, State>,
+    socket: &'a Socket,
+}
+
+impl Lent<'_> {
+    /// What the socket's `send` of `frame` returned: written whole, written in part (the rest
+    /// becomes the socket's tail and the session is woken to send it), or not at all (full,
+    /// or broken: the session finds out when it reads), and then it is queued.
+    fn sent(self, frame: &Message, encoded: &EncodedFrame, sent: io::Result<usize>) -> Pushed {
+        let Lent {
+            outbox,
+            mut state,
+            socket,
+        } = self;
+        match sent {
+            Ok(n) if socket.keep_rest(encoded, n) => Pushed::Written,
+            Ok(_) => {
+                state.lent = false;
+                drop(state);
+                outbox.waker.wake();
+                Pushed::Written
+            }
+            Err(_) => outbox.push_locked(state, frame.clone()),
+        }
+    }
+}
+
+/// One frame written straight into many lent sockets: up to [`batch::BATCH`] of them are
+/// held at once and sent to in one system call ([`batch::send_all`]), or one `send` each
+/// where the thread has no ring. An outbox whose socket is not lent gets the frame queued.
+/// A frame is written only into a socket that is lent, so it never overtakes a queued one;
+/// one the socket does not take whole is queued or left as the socket's tail, and the
+/// session is woken to finish it. The outboxes held are released by [`DirectWrites::flush`]
+/// (or the drop).
+pub(crate) struct DirectWrites<'a> {
+    frame: &'a Message,
+    encoded: &'a EncodedFrame,
+    held: Vec<Lent<'a>>,
+    sent: Vec<io::Result<usize>>,
+}
+
+impl<'a> DirectWrites<'a> {
+    pub(crate) fn new(frame: &'a Message, encoded: &'a EncodedFrame) -> Self {
+        DirectWrites {
+            frame,
+            encoded,
+            held: Vec::new(),
+            sent: Vec::new(),
+        }
+    }
+
+    /// Write the frame to `outbox`'s client (in this batch) or queue it; `done` hears what
+    /// each push did, now for a queued frame, at the batch's flush for a written one.
+    pub(crate) fn push(&mut self, outbox: &'a Outbox, done: &mut impl FnMut(Pushed)) {
+        match outbox.hold_lent(self.frame) {
+            Ok(lent) => {
+                self.held.push(lent);
+                if self.held.len() == batch::BATCH {
+                    self.flush(done);
+                }
+            }
+            Err(pushed) => done(pushed),
+        }
+    }
+
+    /// Send to every socket held, then release their outboxes.
+    pub(crate) fn flush(&mut self, done: &mut impl FnMut(Pushed)) {
+        if self.held.is_empty() {
+            return;
+        }
+        let fds: Vec<_> = self.held.iter().map(|lent| lent.socket.fd()).collect();
+        let batched = fds.len() > 1 && batch::send_all(self.encoded.bytes(), &fds, &mut self.sent);
+        drop(fds);
+        for (i, lent) in self.held.drain(..).enumerate() {
+            let sent = match batched {
+                true => std::mem::replace(&mut self.sent[i], Ok(0)),
+                false => lent.socket.send_frame(self.encoded),
+            };
+            done(lent.sent(self.frame, self.encoded, sent));
+        }
+    }
+}
+
+impl Drop for DirectWrites<'_> {
+    /// A batch is always flushed by its owner; if it were not (a panic), its frames still go.
+    fn drop(&mut self) {
+        self.flush(&mut |_| {});
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +501,77 @@ mod tests {
             assert_eq!(outbox.push(frame()), Pushed::Queued);
         }
         assert_eq!(outbox.push(frame()), Pushed::Overflowed(24));
+    }
+
+    /// A connected pair: the relay's side as a client [`Socket`], and the reader's side.
+    async fn socket_pair(listener: &tokio::net::TcpListener) -> (Socket, tokio::net::TcpStream) {
+        let reader = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        (Socket::new(stream), reader)
+    }
+
+    /// More lent sockets than one batch holds: each gets the frame once and whole; a socket
+    /// not lent, or full, gets it queued instead, and then its session takes over; a written
+    /// frame is counted once per socket.
+    #[tokio::test]
+    async fn direct_writes_in_batches_reach_every_lent_socket_and_queue_the_rest() {
+        use tokio::io::AsyncReadExt;
+        const CLIENTS: usize = 2 * batch::BATCH + 7;
+        const NOT_LENT: usize = 5;
+        const FULL: usize = batch::BATCH + 1;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut outboxes = Vec::new();
+        let mut readers = Vec::new();
+        for i in 0..CLIENTS {
+            let (socket, reader) = socket_pair(&listener).await;
+            if i == FULL {
+                // Filled until it takes nothing, also once what was in flight has landed.
+                let filler = EncodedFrame::of(&Message::binary(vec![0u8; 1 << 16])).unwrap();
+                for _ in 0..2 {
+                    while socket.send_frame(&filler).is_ok() {}
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            let outbox = Outbox::new(Limits::messages(16), SlowConsumer::Close);
+            outbox.set_socket(socket);
+            if i != NOT_LENT {
+                assert!(outbox.lend());
+            }
+            outboxes.push(outbox);
+            readers.push(reader);
+        }
+        let message = Message::text("x".repeat(300));
+        let encoded = EncodedFrame::of(&message).unwrap();
+        let mut pushed = Vec::new();
+        let mut writes = DirectWrites::new(&message, &encoded);
+        for outbox in &outboxes {
+            writes.push(outbox, &mut |p| pushed.push(p));
+        }
+        writes.flush(&mut |p| pushed.push(p));
+        drop(writes);
+        assert_eq!(pushed.len(), CLIENTS);
+        let written = pushed.iter().filter(|p| **p == Pushed::Written).count();
+        assert_eq!(written, CLIENTS - 2);
+        for (i, (outbox, reader)) in outboxes.iter().zip(&mut readers).enumerate() {
+            if i == NOT_LENT || i == FULL {
+                assert_eq!(outbox.queued(), (1, 300), "client {i}");
+                continue;
+            }
+            assert_eq!(outbox.queued(), (0, 0), "client {i}");
+            let mut got = vec![0u8; encoded.len()];
+            reader.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, encoded.as_bytes(), "client {i}");
+            // Nothing more: the frame went once.
+            let mut more = [0u8; 1];
+            assert!(
+                tokio::time::timeout(Duration::from_millis(20), reader.read(&mut more))
+                    .await
+                    .is_err(),
+                "client {i} got more"
+            );
+        }
     }
 
     /// Taking the queue is catching up: the grace starts again.

@@ -114,25 +114,44 @@ impl Socket {
     /// not take becomes the tail, sent before anything else. Returns `Ok(true)` when all of
     /// it went out, `Ok(false)` when a tail is left; `WouldBlock` when none could go (nothing
     /// was kept). Only for a socket nobody else writes to at the moment, with no tail.
+    #[cfg(test)]
     pub fn try_write_frame(&self, frame: &EncodedFrame) -> io::Result<bool> {
+        let n = self.send_frame(frame)?;
+        Ok(self.keep_rest(frame, n))
+    }
+
+    /// One non-blocking `send` of `frame`: how much of it the socket took. Only for a socket
+    /// nobody else writes to at the moment, with no tail; then [`Self::keep_rest`].
+    pub fn send_frame(&self, frame: &EncodedFrame) -> io::Result<usize> {
         // One `send` per socket: cheaper in the kernel than `writev`, which goes through the
         // file layer (its position lock included) before reaching the socket. Straight on the
         // descriptor, not through tokio's `try_write`: that first reads the socket's readiness
         // from its registration, a cache line of its own per subscriber, and in a fan-out to a
         // thousand sockets that miss was 4% of the server's CPU per delivery (`perf`). A
         // `WouldBlock` here leaves tokio's readiness set: the session's next write then finds
-        // the socket full itself, and waits for it.
-        let n =
-            socket2::SockRef::from(&self.0.stream).send_with_flags(frame.as_bytes(), SEND_FLAGS)?;
-        if n == frame.len() {
-            return Ok(true);
+        // the socket full itself, and waits for it. (`batch::send_all` sends the same way,
+        // `MSG_DONTWAIT` on the descriptor, for many sockets at once.)
+        socket2::SockRef::from(&self.0.stream).send_with_flags(frame.as_bytes(), SEND_FLAGS)
+    }
+
+    /// After a direct write of `frame` took its first `written` bytes: `true` if that was all
+    /// of it, else its rest becomes the tail, sent before anything else (`false`).
+    pub fn keep_rest(&self, frame: &EncodedFrame, written: usize) -> bool {
+        if written >= frame.len() {
+            return true;
         }
         *self.tail() = Some(Tail {
-            head: frame.rest(n),
+            head: frame.rest(written),
             body: Bytes::new(),
             file: None,
         });
-        Ok(false)
+        false
+    }
+
+    /// The socket's descriptor, for a batch of direct writes ([`super::batch`]).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.0.stream.as_fd()
     }
 
     /// Make a text or binary `message` the tail, to be written by [`Self::poll_write_tail`]
@@ -336,6 +355,11 @@ impl EncodedFrame {
     }
 
     pub fn as_bytes(&self) -> &[u8] {
+        &self.wire
+    }
+
+    /// The wire form, shared.
+    pub fn bytes(&self) -> &Bytes {
         &self.wire
     }
 
