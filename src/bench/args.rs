@@ -107,7 +107,9 @@ pub struct FanoutArgs {
     /// Messages per second in all; 0: as fast as they are delivered. [default: 0; latency: 20]
     #[arg(long)]
     pub rate: Option<f64>,
-    /// At rate 0: messages per channel published but not yet delivered to every subscriber.
+    /// At rate 0: messages in flight per subscriber of a channel, on average: the channel
+    /// publishes while its deliveries still to come are fewer than this × its subscribers
+    /// (one subscriber may fall further behind while the others keep up).
     /// [default: 100, or 4 MiB / --size when smaller, at least 2]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub window: Option<u64>,

@@ -597,7 +597,8 @@ pub struct Pace {
     pub total_channels: usize,
     /// Subscribers per channel (0: nobody listens, no window).
     pub subscribers: u64,
-    /// Messages per channel not yet delivered to all its subscribers.
+    /// Messages in flight per subscriber of a channel, on average (deliveries still to come
+    /// over subscribers).
     pub window: u64,
     pub size: usize,
     /// How each message carries its sequence number and send time.
