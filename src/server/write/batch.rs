@@ -6,15 +6,17 @@
 //! so [`send_all`] returns only once every send it submitted has completed. Every send is
 //! `MSG_DONTWAIT`, so a full socket completes at once with `EAGAIN` (io_uring does not wait
 //! for it) and nothing is left in the ring between batches. Where the kernel or a seccomp
-//! filter refuses io_uring, the thread says so once ([`send_all`] returns `false`) and the
+//! filter refuses io_uring (the process logs it once), [`send_all`] returns `false` and the
 //! caller sends with one `send(2)` per socket, as it would without this module.
 //!
 //! Why: a fan-out of a small frame to a thousand idle subscribers is a thousand `send`s, and
 //! each one's entry into and exit from the kernel is a part of its cost that a ring submits
 //! once per batch (README, "Performance").
 //!
-//! Must not: keep a buffer or a descriptor past [`send_all`]'s return, wait for a socket, or
-//! decide who may write a socket (the outbox lends it; the caller holds the loan).
+//! Must not: let the kernel use a buffer after [`send_all`]'s return (if the ring ever fails
+//! mid-batch, the ring and the bytes are leaked, and a send whose outcome is unknown is
+//! reported as [`Unknown`]: the caller ends that connection rather than guess), wait for a
+//! socket, or decide who may write a socket (the outbox lends it; the caller holds the loan).
 
 #[cfg(target_os = "linux")]
 use std::cell::RefCell;
@@ -30,6 +32,37 @@ use io_uring::{opcode, types, IoUring};
 /// Sends per system call: each one holds its outbox's lock until the batch completes (a few
 /// microseconds each), and more than this saves little more of the entry cost.
 pub(crate) const BATCH: usize = 32;
+
+/// A send the ring may or may not have made (it failed mid-batch): the socket's stream can
+/// no longer be trusted, and its connection must end.
+#[derive(Debug)]
+pub(crate) struct Unknown;
+
+impl std::fmt::Display for Unknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("io_uring failed with this send in flight")
+    }
+}
+
+impl std::error::Error for Unknown {}
+
+/// Whether `error` is [`Unknown`].
+pub(crate) fn is_unknown(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<Unknown>())
+}
+
+/// Make this thread's ring now, if it has none yet: before a batch takes any outbox lock, so
+/// that no session waits on the ring's set-up.
+pub(crate) fn prepare() {
+    #[cfg(target_os = "linux")]
+    RING.with(|ring| {
+        if let Ok(mut ring) = ring.try_borrow_mut() {
+            if matches!(*ring, Ring::Unmade) {
+                *ring = make().map_or(Ring::Off, |made| Ring::Made(Box::new(made)));
+            }
+        }
+    });
+}
 
 #[cfg(target_os = "linux")]
 /// How many times one batch enters the kernel before it is given up on (the kernel may take
@@ -61,6 +94,21 @@ pub(crate) fn available() -> bool {
 
 #[cfg(target_os = "linux")]
 fn make() -> Option<IoUring> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let ring = make_ring();
+    if ring.is_none() {
+        SAID.call_once(|| {
+            tracing::info!(
+                "io_uring is not available here (kernel, sysctl or seccomp): direct writes go \
+                 one send per socket"
+            );
+        });
+    }
+    ring
+}
+
+#[cfg(target_os = "linux")]
+fn make_ring() -> Option<IoUring> {
     let entries = BATCH as u32;
     // Submitted from this thread only, completions posted at once, and a send that fails at
     // submission (a closed socket) does not stop the ones after it. Older kernels refuse the
@@ -88,6 +136,9 @@ pub(crate) fn send_all(
     sent: &mut Vec<io::Result<usize>>,
 ) -> bool {
     debug_assert!(fds.len() <= BATCH);
+    if u32::try_from(bytes.len()).is_err() {
+        return false;
+    }
     RING.with(|ring| {
         let Ok(mut ring) = ring.try_borrow_mut() else {
             return false;
@@ -119,8 +170,10 @@ pub(crate) fn send_all(_: &Bytes, _: &[BorrowedFd<'_>], _: &mut Vec<io::Result<u
 }
 
 #[cfg(target_os = "linux")]
-/// Submit one send per descriptor and reap them all; `false` if the ring failed (the sends
-/// not reaped are then reported as errors, and the caller queues their frames).
+/// Submit one send per descriptor and reap them all; `false` if the ring failed: a send
+/// never submitted is then reported as `WouldBlock` (it can never run: nobody enters this
+/// ring again, and the caller queues its frame), one submitted but not reaped as
+/// [`Unknown`].
 fn submit(
     ring: &mut IoUring,
     bytes: &Bytes,
@@ -128,11 +181,9 @@ fn submit(
     sent: &mut Vec<io::Result<usize>>,
 ) -> bool {
     sent.clear();
-    sent.resize_with(fds.len(), || Err(io::Error::other("not sent")));
-    // A frame sent directly is at most `WRITE_BUFFER` bytes.
-    let Ok(len) = u32::try_from(bytes.len()) else {
-        return true;
-    };
+    sent.resize_with(fds.len(), || Err(io::Error::other(Unknown)));
+    // A frame sent directly is at most `WRITE_BUFFER` bytes (checked by `send_all`).
+    let len = bytes.len() as u32;
     {
         let mut queue = ring.submission();
         for (i, fd) in fds.iter().enumerate() {
@@ -156,7 +207,7 @@ fn submit(
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {}
-            Err(_) => return false,
+            Err(_) => break,
         }
         for completion in ring.completion() {
             let Some(slot) = sent.get_mut(completion.user_data() as usize) else {
@@ -171,6 +222,11 @@ fn submit(
         if done == fds.len() {
             return true;
         }
+    }
+    // Failed: the entries still queued (the last ones pushed) were never submitted.
+    let unsubmitted = ring.submission().len().min(fds.len());
+    for slot in &mut sent[fds.len() - unsubmitted..] {
+        *slot = Err(io::ErrorKind::WouldBlock.into());
     }
     false
 }

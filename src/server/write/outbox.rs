@@ -329,7 +329,10 @@ struct Lent<'a> {
 impl Lent<'_> {
     /// What the socket's `send` of `frame` returned: written whole, written in part (the rest
     /// becomes the socket's tail and the session is woken to send it), or not at all (full,
-    /// or broken: the session finds out when it reads), and then it is queued.
+    /// or broken: the session finds out when it reads), and then it is queued. A send whose
+    /// outcome is unknown ([`batch::Unknown`]: the ring failed with it in flight) may still
+    /// land in the stream: the socket is shut down instead, and the session ends the
+    /// connection as broken, so the client reconnects rather than read a frame twice or cut.
     fn sent(self, frame: &Message, encoded: &EncodedFrame, sent: io::Result<usize>) -> Pushed {
         let Lent {
             outbox,
@@ -343,6 +346,13 @@ impl Lent<'_> {
                 drop(state);
                 outbox.waker.wake();
                 Pushed::Written
+            }
+            Err(e) if batch::is_unknown(&e) => {
+                socket.shut();
+                state.lent = false;
+                drop(state);
+                outbox.waker.wake();
+                Pushed::Closed
             }
             Err(_) => outbox.push_locked(state, frame.clone()),
         }
@@ -360,15 +370,23 @@ pub(crate) struct DirectWrites<'a> {
     frame: &'a Message,
     encoded: &'a EncodedFrame,
     held: Vec<Lent<'a>>,
+    /// Outboxes pushed to since the first one held: a batch is sent after [`VISITS`] of them
+    /// even if it is not full, so that an outbox is held for a bounded number of pushes.
+    visited: usize,
     sent: Vec<io::Result<usize>>,
 }
 
+/// At most this many outboxes are pushed to while one is held for a batch.
+const VISITS: usize = 2 * batch::BATCH;
+
 impl<'a> DirectWrites<'a> {
     pub(crate) fn new(frame: &'a Message, encoded: &'a EncodedFrame) -> Self {
+        batch::prepare();
         DirectWrites {
             frame,
             encoded,
             held: Vec::new(),
+            visited: 0,
             sent: Vec::new(),
         }
     }
@@ -377,18 +395,20 @@ impl<'a> DirectWrites<'a> {
     /// each push did, now for a queued frame, at the batch's flush for a written one.
     pub(crate) fn push(&mut self, outbox: &'a Outbox, done: &mut impl FnMut(Pushed)) {
         match outbox.hold_lent(self.frame) {
-            Ok(lent) => {
-                self.held.push(lent);
-                if self.held.len() == batch::BATCH {
-                    self.flush(done);
-                }
-            }
+            Ok(lent) => self.held.push(lent),
             Err(pushed) => done(pushed),
+        }
+        if !self.held.is_empty() {
+            self.visited += 1;
+            if self.held.len() == batch::BATCH || self.visited == VISITS {
+                self.flush(done);
+            }
         }
     }
 
     /// Send to every socket held, then release their outboxes.
     pub(crate) fn flush(&mut self, done: &mut impl FnMut(Pushed)) {
+        self.visited = 0;
         if self.held.is_empty() {
             return;
         }
@@ -406,7 +426,8 @@ impl<'a> DirectWrites<'a> {
 }
 
 impl Drop for DirectWrites<'_> {
-    /// A batch is always flushed by its owner; if it were not (a panic), its frames still go.
+    /// A batch is always flushed by its owner; one dropped unflushed (a panic in the
+    /// owner's loop) still sends what it holds, uncounted.
     fn drop(&mut self) {
         self.flush(&mut |_| {});
     }
@@ -572,6 +593,60 @@ mod tests {
                 "client {i} got more"
             );
         }
+    }
+
+    /// A send whose outcome the ring lost may still land: the socket is shut down (the client
+    /// sees its connection end) and the frame is not queued to go a second time.
+    #[tokio::test]
+    async fn a_send_of_unknown_outcome_ends_the_connection_instead_of_queueing_the_frame() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (socket, mut reader) = socket_pair(&listener).await;
+        let outbox = Outbox::new(Limits::messages(16), SlowConsumer::Close);
+        outbox.set_socket(socket);
+        assert!(outbox.lend());
+        let message = Message::text("lost track");
+        let encoded = EncodedFrame::of(&message).unwrap();
+        let lent = outbox.hold_lent(&message).ok().unwrap();
+        let pushed = lent.sent(&message, &encoded, Err(io::Error::other(batch::Unknown)));
+        assert_eq!(pushed, Pushed::Closed);
+        assert_eq!(outbox.queued(), (0, 0));
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut rest))
+            .await
+            .expect("the connection was not ended");
+        assert!(read.is_ok() && rest.is_empty(), "{read:?} {rest:?}");
+    }
+
+    /// A lent socket is not held for the whole of a long fan-out in which few sockets are
+    /// lent: its batch goes out after 64 outboxes, full or not.
+    #[tokio::test]
+    async fn a_batch_goes_out_after_a_bounded_number_of_outboxes() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (socket, mut reader) = socket_pair(&listener).await;
+        let lent = Outbox::new(Limits::messages(16), SlowConsumer::Close);
+        lent.set_socket(socket);
+        assert!(lent.lend());
+        let busy: Vec<_> = (0..VISITS)
+            .map(|_| Outbox::new(Limits::messages(16), SlowConsumer::Close))
+            .collect();
+        let message = Message::text("soon");
+        let encoded = EncodedFrame::of(&message).unwrap();
+        let mut pushed = Vec::new();
+        let mut writes = DirectWrites::new(&message, &encoded);
+        writes.push(&lent, &mut |p| pushed.push(p));
+        for outbox in &busy[..VISITS - 1] {
+            writes.push(outbox, &mut |p| pushed.push(p));
+        }
+        // Not flushed by hand: the 64th outbox sent the batch.
+        assert!(pushed.contains(&Pushed::Written), "{pushed:?}");
+        let mut got = vec![0u8; encoded.len()];
+        reader.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, encoded.as_bytes());
+        writes.push(&busy[VISITS - 1], &mut |p| pushed.push(p));
+        writes.flush(&mut |p| pushed.push(p));
+        assert_eq!(pushed.len(), VISITS + 1);
     }
 
     /// Taking the queue is catching up: the grace starts again.

@@ -129,8 +129,8 @@ impl Socket {
         // from its registration, a cache line of its own per subscriber, and in a fan-out to a
         // thousand sockets that miss was 4% of the server's CPU per delivery (`perf`). A
         // `WouldBlock` here leaves tokio's readiness set: the session's next write then finds
-        // the socket full itself, and waits for it. (`batch::send_all` sends the same way,
-        // `MSG_DONTWAIT` on the descriptor, for many sockets at once.)
+        // the socket full itself, and waits for it. (`batch::send_all` sends to many sockets
+        // at once, non-blocking too: `MSG_DONTWAIT` there, the socket's `O_NONBLOCK` here.)
         socket2::SockRef::from(&self.0.stream).send_with_flags(frame.as_bytes(), SEND_FLAGS)
     }
 
@@ -146,6 +146,12 @@ impl Socket {
             file: None,
         });
         false
+    }
+
+    /// End the connection's stream both ways at once (a direct write's outcome is unknown):
+    /// the session's next read or write fails, and it ends the connection as broken.
+    pub fn shut(&self) {
+        let _ = socket2::SockRef::from(&self.0.stream).shutdown(std::net::Shutdown::Both);
     }
 
     /// The socket's descriptor, for a batch of direct writes ([`super::batch`]).
