@@ -108,8 +108,8 @@ pub struct FanoutArgs {
     #[arg(long)]
     pub rate: Option<f64>,
     /// At rate 0: messages in flight per subscriber of a channel, on average: the channel
-    /// publishes while its deliveries still to come are fewer than this × its subscribers
-    /// (one subscriber may fall further behind while the others keep up).
+    /// publishes while its deliveries still to come are fewer than this × its subscribers,
+    /// and none of its subscribers is 4 × this behind.
     /// [default: 100, or 4 MiB / --size when smaller, at least 2]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub window: Option<u64>,

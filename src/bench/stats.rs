@@ -141,6 +141,31 @@ pub struct Channel {
     pub delivered: AtomicU64,
     /// The publishing lane that owns it, woken when deliveries free its window.
     pub lane: usize,
+    /// Each subscriber's next expected sequence number (`u64::MAX` once it ended), registered
+    /// at its first probe and stored at each flush: how far the slowest one is behind.
+    subscribers: Mutex<Vec<Arc<AtomicU64>>>,
+    /// The slowest subscriber's next sequence number when last looked at.
+    floor: AtomicU64,
+}
+
+impl Channel {
+    /// Whether a subscriber is `bound` or more messages behind the `sent` ones. The window is
+    /// an average over a channel's subscribers; this keeps one subscriber the generator
+    /// starves of CPU from falling without limit behind the others (and being closed by a
+    /// relay's slow-consumer rule for the generator's doing). Looks at every subscriber only
+    /// when the last look does not already clear it.
+    pub fn lagging(&self, sent: u64, bound: u64) -> bool {
+        if sent < self.floor.load(Ordering::Relaxed).saturating_add(bound) {
+            return false;
+        }
+        let floor = crate::lock(&self.subscribers)
+            .iter()
+            .map(|next| next.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(u64::MAX);
+        self.floor.store(floor, Ordering::Relaxed);
+        sent >= floor.saturating_add(bound)
+    }
 }
 
 /// A publishing lane's wake-up: set `waiting` before sleeping on `notify`.
@@ -187,6 +212,8 @@ impl Shared {
                     sent: AtomicU64::new(0),
                     delivered: AtomicU64::new(0),
                     lane: c % lanes,
+                    subscribers: Mutex::new(Vec::new()),
+                    floor: AtomicU64::new(0),
                 })
                 .collect(),
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
@@ -327,6 +354,8 @@ pub struct Order {
     ready: bool,
     /// One past the highest sequence number seen.
     next: u64,
+    /// `next` as the channel's publisher sees it (see [`Channel::lagging`]).
+    slot: Option<Arc<AtomicU64>>,
 }
 
 /// What one read's messages added up to, flushed to [`Shared`] once per read.
@@ -358,6 +387,7 @@ impl Order {
             layout,
             ready: false,
             next: 0,
+            slot: None,
         }
     }
 
@@ -371,6 +401,9 @@ impl Order {
             if !self.ready {
                 self.ready = true;
                 shared.ready.fetch_add(1, Ordering::Relaxed);
+                let slot = Arc::new(AtomicU64::new(self.next));
+                crate::lock(&shared.channels[self.channel].subscribers).push(slot.clone());
+                self.slot = Some(slot);
             }
             return;
         }
@@ -390,6 +423,9 @@ impl Order {
     /// Add the batch to the shared counts and wake the channel's publisher if it waits.
     pub fn flush(&self, batch: &mut Batch, shared: &Shared) {
         if batch.delivered > 0 {
+            if let Some(slot) = &self.slot {
+                slot.store(self.next, Ordering::Relaxed);
+            }
             let channel = &shared.channels[self.channel];
             channel
                 .delivered
@@ -402,6 +438,15 @@ impl Order {
     }
 }
 
+impl Drop for Order {
+    /// An ended subscriber holds no publisher back.
+    fn drop(&mut self) {
+        if let Some(slot) = &self.slot {
+            slot.store(u64::MAX, Ordering::Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +456,39 @@ mod tests {
         m[..8].copy_from_slice(&seq.to_le_bytes());
         m[8..].copy_from_slice(&sent.to_le_bytes());
         m
+    }
+
+    /// The slowest subscriber holds its channel back once `bound` behind; one that ended
+    /// does not.
+    #[test]
+    fn a_subscriber_far_behind_holds_its_channel_back_until_it_catches_up_or_ends() {
+        let shared = Shared::new(1, 1);
+        let (mut fast, mut slow) = (Order::new(0, 0), Order::new(0, 1));
+        let mut batch = Batch::default();
+        for order in [&mut fast, &mut slow] {
+            order.on_message(&message(PROBE, 0), 0, &mut batch, &shared);
+        }
+        let channel = &shared.channels[0];
+        for seq in 0..10 {
+            fast.on_message(&message(seq, 0), 0, &mut batch, &shared);
+        }
+        fast.flush(&mut batch, &shared);
+        slow.on_message(&message(0, 0), 0, &mut batch, &shared);
+        slow.flush(&mut batch, &shared);
+        assert!(!channel.lagging(4, 4), "1 behind of 4");
+        assert!(channel.lagging(10, 4), "9 behind of 4");
+        for seq in 1..8 {
+            slow.on_message(&message(seq, 0), 0, &mut batch, &shared);
+        }
+        slow.flush(&mut batch, &shared);
+        assert!(!channel.lagging(10, 4), "2 behind of 4");
+        assert!(channel.lagging(12, 4));
+        drop(slow);
+        assert!(
+            !channel.lagging(12, 4),
+            "an ended subscriber held the channel back"
+        );
+        assert!(channel.lagging(14, 4), "the fast one is 4 behind");
     }
 
     #[test]
