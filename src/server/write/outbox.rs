@@ -595,16 +595,22 @@ mod tests {
         }
     }
 
+    /// An outbox whose session lent it its socket, and the reader's side of that socket.
+    async fn lent_outbox() -> (Outbox, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (socket, reader) = socket_pair(&listener).await;
+        let outbox = Outbox::new(Limits::messages(16), SlowConsumer::Close);
+        outbox.set_socket(socket);
+        assert!(outbox.lend());
+        (outbox, reader)
+    }
+
     /// A send whose outcome the ring lost may still land: the socket is shut down (the client
     /// sees its connection end) and the frame is not queued to go a second time.
     #[tokio::test]
     async fn a_send_of_unknown_outcome_ends_the_connection_instead_of_queueing_the_frame() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (socket, mut reader) = socket_pair(&listener).await;
-        let outbox = Outbox::new(Limits::messages(16), SlowConsumer::Close);
-        outbox.set_socket(socket);
-        assert!(outbox.lend());
+        let (outbox, mut reader) = lent_outbox().await;
         let message = Message::text("lost track");
         let encoded = EncodedFrame::of(&message).unwrap();
         let lent = outbox.hold_lent(&message).ok().unwrap();
@@ -623,11 +629,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_goes_out_after_a_bounded_number_of_outboxes() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (socket, mut reader) = socket_pair(&listener).await;
-        let lent = Outbox::new(Limits::messages(16), SlowConsumer::Close);
-        lent.set_socket(socket);
-        assert!(lent.lend());
+        let (lent, mut reader) = lent_outbox().await;
         let busy: Vec<_> = (0..VISITS)
             .map(|_| Outbox::new(Limits::messages(16), SlowConsumer::Close))
             .collect();
