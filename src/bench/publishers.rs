@@ -692,13 +692,14 @@ pub async fn run(
     Ok(lane)
 }
 
-/// The next channel (round robin from `cursor`) whose window has room.
 /// No subscriber of a channel may be this many windows behind its publisher: the window is
 /// an average, and one subscriber the generator starves of CPU must not fall behind without
 /// limit while the others keep up (a relay's slow-consumer rule would close it for the
 /// generator's doing: 256 KiB frames, 128 behind, are 32 MiB).
 const LAG_BOUND: u64 = 4;
 
+/// The next channel (round robin from `cursor`) whose window has room and none of whose
+/// subscribers is [`LAG_BOUND`] windows behind.
 fn next_with_room(
     channels: &[usize],
     cursor: &mut usize,
@@ -717,9 +718,9 @@ fn next_with_room(
         let c = channels[*cursor % channels.len()];
         *cursor += 1;
         let counts = &shared.channels[c];
-        let in_flight = (counts.sent.load(Ordering::Relaxed) * pace.subscribers)
-            .saturating_sub(counts.delivered.load(Ordering::Relaxed));
         let sent = counts.sent.load(Ordering::Relaxed);
+        let in_flight =
+            (sent * pace.subscribers).saturating_sub(counts.delivered.load(Ordering::Relaxed));
         if in_flight < pace.window * pace.subscribers
             && !counts.lagging(sent, LAG_BOUND * pace.window)
         {
